@@ -1,0 +1,78 @@
+"""Helpers shared by the benchmarks: process-tree memory sampling and result rows."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def _tree_pids(root: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as handle:
+                parent = int(handle.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(parent, []).append(int(entry))
+    pids, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        pids.append(pid)
+        todo.extend(children.get(pid, []))
+    return pids
+
+
+def _rss_mb(pid: int) -> float:
+    try:
+        with open(f"/proc/{pid}/status") as handle:
+            for line in handle:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
+def run_measured(command: list[str], env: dict[str, str] | None = None, interval: float = 0.1) -> dict:
+    """Run `command`, sampling the summed RSS of its whole process tree; returns wall time,
+    peak tree RSS, the main process's own peak, return code and output."""
+    start = time.perf_counter()
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    peak = {"tree": 0.0, "main": 0.0}
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            pids = _tree_pids(process.pid)
+            peak["tree"] = max(peak["tree"], sum(_rss_mb(p) for p in pids))
+            peak["main"] = max(peak["main"], _rss_mb(process.pid))
+            time.sleep(interval)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    stdout, stderr = process.communicate()
+    done.set()
+    sampler.join()
+    return {"wall_s": round(time.perf_counter() - start, 2), "peak_rss_mb": round(peak["tree"], 1),
+            "peak_rss_main_mb": round(peak["main"], 1), "returncode": process.returncode, "stdout": stdout, "stderr": stderr}
+
+
+def machine() -> str:
+    from layerquant.report import machine_description
+
+    return machine_description()
+
+
+def write_rows(name: str, rows: list[dict]) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    path.write_text(json.dumps(rows, indent=2) + "\n")
+    return path

@@ -1,0 +1,92 @@
+"""The quantize flow: calibration -> per block reconstruction -> validation -> export.
+
+Only wiring lives here: every stage is a task that reads and writes the artifact store and
+returns small references, so a re-run finds finished work in the store and skips it.
+"""
+from __future__ import annotations
+
+import resource
+import time
+from typing import Any
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_markdown_artifact, create_progress_artifact, create_table_artifact, update_progress_artifact
+
+from layerquant.config import RunConfig
+from layerquant.infra.checkpoint import CheckpointReader
+from layerquant.report import build_report
+from layerquant.specs import ArtifactRef
+from layerquant.tasks.blocks import quantize_block
+from layerquant.tasks.calibration import capture_calibration
+from layerquant.tasks.export import export_dequantized
+from layerquant.tasks.validation import evaluate
+
+
+def block_specs(config: RunConfig, reader: CheckpointReader, index: int) -> dict[str, dict]:
+    prefix = reader.block_prefix(index)
+    return {name: config.spec_for(prefix + name).to_dict() for name in reader.arch.linear_names}
+
+
+@flow(name="layerquant-quantize", flow_run_name="quantize {config[model]}", persist_result=False, log_prints=False)
+def quantize_flow(config: dict[str, Any]) -> dict[str, Any]:
+    started = time.perf_counter()
+    logger = get_run_logger()
+    run_config = RunConfig(**config)
+    config = run_config.model_dump()
+    reader = CheckpointReader(run_config.model)
+    n_blocks = reader.n_blocks
+    run_id = run_config.run_id()
+    logger.info("run %s: %d blocks of %s, store %s", run_id, n_blocks, reader.arch.model_type, run_config.store)
+    progress = create_progress_artifact(0.0, key=f"progress-{run_id}", description=f"blocks done of {n_blocks}")
+
+    inputs = capture_calibration(config)
+    blocks: list[dict] = []
+    for index in range(n_blocks):
+        result = quantize_block(config, index, inputs, block_specs(run_config, reader, index))
+        blocks.append(result)
+        inputs = result["outputs"]
+        update_progress_artifact(progress, 100.0 * (index + 1) / n_blocks)
+
+    ppl_fp = evaluate(config, "float", blocks)
+    ppl_quant = evaluate(config, "quant", blocks)
+    metas = [ArtifactRef.from_dict(b["block"]).meta for b in blocks]
+    report = build_report(
+        metas,
+        [reader.block_prefix(i) for i in range(n_blocks)],
+        ppl_fp,
+        ppl_quant,
+        {
+            "run_id": run_id,
+            "model": run_config.model,
+            "model_type": reader.arch.model_type,
+            "n_blocks": n_blocks,
+            "config": run_config.identity(),
+            "blocks_cached": sum(1 for b in blocks if b["cached"]),
+            "wall_s": round(time.perf_counter() - started, 2),
+            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        },
+    )
+    if run_config.out:
+        export_dequantized(config, blocks, report)
+    publish_summary(run_id, report)
+    return report
+
+
+def publish_summary(run_id: str, report: dict[str, Any]) -> None:
+    """What a person watching the Prefect UI wants: the plan and errors, and the headline."""
+    create_table_artifact(
+        key=f"layers-{run_id}",
+        table=[{k: layer[k] for k in ("name", "method", "bits", "group_size", "bits_per_weight", "error")} for layer in report["layers"]],
+        description="per-layer plan and relative Hessian-weighted error",
+    )
+    create_markdown_artifact(
+        key=f"summary-{run_id}",
+        markdown=(
+            f"# layerquant run {run_id}\n\n| | value |\n|---|---|\n"
+            f"| model | {report['model']} |\n| float perplexity | {report['ppl_fp']:.4f} |\n"
+            f"| quantized perplexity | {report['ppl_quant']:.4f} ({report['ppl_increase_pct']:+.2f}%) |\n"
+            f"| average bits / weight | {report['avg_bits']:.3f} |\n| quantized size | {report['quantized_mb']:.2f} MiB |\n"
+            f"| wall time | {report['wall_s']} s |\n| peak RSS | {report['peak_rss_mb']} MB |\n"
+        ),
+        description="float vs quantized",
+    )

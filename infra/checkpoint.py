@@ -1,0 +1,271 @@
+"""Lazy access to a Hugging Face model folder (single or sharded safetensors), and streaming
+writes of a new model folder, one tensor group at a time. The whole model is never in memory.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import struct
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from layerquant.errors import InvalidModel
+from layerquant.solvers.architectures import Architecture, architecture_for, load_config
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer.model",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "generation_config.json",
+    "chat_template.jinja",
+)
+
+
+def _header_length(path: Path) -> int:
+    with path.open("rb") as handle:
+        return struct.unpack("<Q", handle.read(8))[0]
+
+
+def _check_safetensors_file(path: Path) -> dict[str, Any]:
+    """Parse and sanity-check a safetensors header; catches truncated and garbage files early."""
+    size = path.stat().st_size
+    try:
+        with path.open("rb") as handle:
+            (header_len,) = struct.unpack("<Q", handle.read(8))
+            if header_len > size - 8:
+                raise ValueError("header longer than file")
+            header = json.loads(handle.read(header_len))
+    except (struct.error, ValueError, UnicodeDecodeError) as exc:
+        raise InvalidModel(f"{path} is not a valid safetensors file ({exc})", "re-download or re-save the model") from None
+    end = max((info["data_offsets"][1] for name, info in header.items() if name != "__metadata__"), default=0)
+    if 8 + header_len + end != size:
+        raise InvalidModel(
+            f"{path} is truncated or corrupt ({size} bytes, header says {8 + header_len + end})",
+            "re-download or re-save the model",
+        )
+    return header
+
+
+class CheckpointReader:
+    """Reads tensors by name from a model folder on demand."""
+
+    def __init__(self, model_dir: str | os.PathLike[str]):
+        self.model_dir = Path(model_dir)
+        if not self.model_dir.is_dir():
+            raise InvalidModel(f"model folder {self.model_dir} does not exist", "pass --model a Hugging Face model folder")
+        config_path = self.model_dir / "config.json"
+        if not config_path.is_file():
+            raise InvalidModel(f"{self.model_dir} has no config.json", "pass a Hugging Face model folder (config.json + *.safetensors)")
+        try:
+            self.config_dict: dict[str, Any] = json.loads(config_path.read_text())
+        except ValueError as exc:
+            raise InvalidModel(f"{config_path} is not valid JSON ({exc})", "fix or re-download config.json") from None
+        self.arch: Architecture = architecture_for(self.config_dict.get("model_type", "<missing>"))
+        self.config = load_config(self.config_dict)
+        self.weight_map = self._weight_map()
+        self.headers = {shard: _check_safetensors_file(self.model_dir / shard) for shard in sorted(set(self.weight_map.values()))}
+        # tensor data starts after the 8-byte length and the JSON header
+        self._data_start = {shard: 8 + _header_length(self.model_dir / shard) for shard in self.headers}
+
+    def _weight_map(self) -> dict[str, str]:
+        index = self.model_dir / INDEX_NAME
+        if index.is_file():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            for shard in set(weight_map.values()):
+                if not (self.model_dir / shard).is_file():
+                    raise InvalidModel(f"shard {shard} listed in {INDEX_NAME} is missing", "re-download the model")
+            return dict(weight_map)
+        single = self.model_dir / SINGLE_NAME
+        if single.is_file():
+            header = _check_safetensors_file(single)
+            return {name: SINGLE_NAME for name in header if name != "__metadata__"}
+        raise InvalidModel(
+            f"{self.model_dir} has no {SINGLE_NAME} or {INDEX_NAME}",
+            "layerquant reads safetensors checkpoints; convert .bin weights with save_pretrained(safe_serialization=True)",
+        )
+
+    @property
+    def n_blocks(self) -> int:
+        return int(self.config.num_hidden_layers)
+
+    def has(self, name: str) -> bool:
+        return name in self.weight_map
+
+    def tensor(self, name: str) -> torch.Tensor:
+        """One tensor, read with plain file reads.
+
+        Not mmap: pages of a memory-mapped checkpoint stay resident and count towards the
+        process's memory, which would grow to the model's size over a run.
+        """
+        shard = self.weight_map.get(name)
+        if shard is None:
+            raise InvalidModel(f"tensor {name} is not in {self.model_dir}", "the checkpoint does not match its config.json")
+        header = self.headers[shard]
+        info = header[name]
+        begin, end = info["data_offsets"]
+        data_start = self._data_start[shard]
+        dtype = _SAFETENSORS_DTYPES.get(info["dtype"])
+        if dtype is None:
+            raise InvalidModel(f"tensor {name} has unsupported dtype {info['dtype']}", "convert the checkpoint to F32/F16/BF16")
+        buffer = bytearray(end - begin)
+        with (self.model_dir / shard).open("rb") as handle:
+            handle.seek(data_start + begin)
+            if handle.readinto(buffer) != len(buffer):
+                raise InvalidModel(f"{self.model_dir / shard} ended early while reading {name}", "re-download the model")
+        if not buffer:
+            return torch.empty(info["shape"], dtype=dtype)
+        return torch.frombuffer(buffer, dtype=dtype).reshape(info["shape"])
+
+    def block_prefix(self, index: int) -> str:
+        return self.arch.block_prefix.format(index=index)
+
+    def block_tensor_names(self, index: int) -> list[str]:
+        prefix = self.block_prefix(index)
+        return sorted(name for name in self.weight_map if name.startswith(prefix))
+
+    def block_weights(self, index: int, dtype: torch.dtype | None = torch.float32) -> dict[str, torch.Tensor]:
+        """Block-relative names -> tensors (cast to `dtype` for computation)."""
+        prefix = self.block_prefix(index)
+        names = self.block_tensor_names(index)
+        if not names:
+            raise InvalidModel(f"block {index} has no weights under {prefix}", "the checkpoint does not match its config.json")
+        out = {}
+        for name in names:
+            t = self.tensor(name)
+            out[name[len(prefix) :]] = t.to(dtype) if dtype is not None else t
+        return out
+
+    def embed_weight(self) -> torch.Tensor:
+        return self.tensor(self.arch.embed_name).float()
+
+    def final_norm_weight(self) -> torch.Tensor:
+        return self.tensor(self.arch.final_norm_name).float()
+
+    def lm_head_weight(self) -> torch.Tensor:
+        if self.has(self.arch.lm_head_name):
+            return self.tensor(self.arch.lm_head_name).float()
+        return self.embed_weight()  # tied embeddings
+
+    def fingerprint(self, names: Iterable[str]) -> str:
+        """sha256 over the raw bytes (and dtype/shape) of the named tensors: a content address."""
+        digest = hashlib.sha256()
+        for name in sorted(names):
+            t = self.tensor(name)
+            digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+            digest.update(t.contiguous().view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        return digest.hexdigest()
+
+    def config_fingerprint(self) -> str:
+        return hashlib.sha256(json.dumps(self.config_dict, sort_keys=True).encode()).hexdigest()
+
+    def dtype_of(self, name: str) -> torch.dtype:
+        info = self.headers[self.weight_map[name]][name]
+        return _SAFETENSORS_DTYPES[info["dtype"]]
+
+
+_SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
+                       "I64": torch.int64, "I32": torch.int32, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+
+
+@contextmanager
+def atomic_output_dir(out_dir: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a sibling temp folder; on success it replaces `out_dir` in one rename, on any error it
+    is removed, so a failed run never leaves a half-written output folder behind."""
+    out_dir = Path(out_dir).resolve()
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp_dir = out_dir.with_name(f".{out_dir.name}.partial-{os.getpid()}")
+    shutil.rmtree(tmp_dir, ignore_errors=True)
+    tmp_dir.mkdir()
+    try:
+        yield tmp_dir
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(tmp_dir, out_dir)
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+
+
+_DTYPE_NAMES = {dtype: name for name, dtype in _SAFETENSORS_DTYPES.items()}
+
+
+def write_safetensors_streaming(path: Path, specs: list[tuple[str, torch.dtype, list[int]]], produce: Callable[[str], torch.Tensor]) -> int:
+    """Write a safetensors file whose tensors are produced one at a time.
+
+    The header is computed from (name, dtype, shape) up front, then each tensor's bytes are
+    appended, so memory holds one tensor, not the whole shard. Returns the bytes of tensor data.
+    """
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name, dtype, shape in specs:
+        size = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        header[name] = {"dtype": _DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)  # tensor data 8-byte aligned, as the format recommends
+    with path.open("wb") as handle:
+        handle.write(struct.pack("<Q", len(encoded)))
+        handle.write(encoded)
+        for name, dtype, shape in specs:
+            tensor = produce(name)
+            if tensor.dtype != dtype or list(tensor.shape) != list(shape):
+                raise ValueError(f"{name}: produced {tensor.dtype}{list(tensor.shape)}, header says {dtype}{list(shape)}")
+            if tensor.numel():
+                handle.write(tensor.contiguous().view(torch.uint8).numpy().tobytes())
+        handle.flush()
+        os.fsync(handle.fileno())
+    return offset
+
+
+def write_model_streaming(
+    reader: CheckpointReader,
+    target_dir: Path,
+    replace: Callable[[str], torch.Tensor | None],
+    extra_config: dict[str, Any] | None = None,
+    max_shard_bytes: int = 2 << 30,
+) -> None:
+    """Write a copy of `reader`'s model into `target_dir` with some tensors replaced.
+
+    replace(name) returns the new tensor (cast to the original dtype), or None to keep the
+    original. Memory holds one tensor at a time (use `atomic_output_dir` for all-or-nothing).
+    """
+    entries = []
+    for name in sorted(reader.weight_map):
+        info = reader.headers[reader.weight_map[name]][name]
+        entries.append((name, reader.dtype_of(name), info["shape"], info["data_offsets"][1] - info["data_offsets"][0]))
+    shard_groups: list[list[tuple[str, torch.dtype, list[int]]]] = [[]]
+    shard_bytes = 0
+    for name, dtype, shape, size in entries:
+        if shard_groups[-1] and shard_bytes + size > max_shard_bytes:
+            shard_groups.append([])
+            shard_bytes = 0
+        shard_groups[-1].append((name, dtype, shape))
+        shard_bytes += size
+
+    def produce(name: str) -> torch.Tensor:
+        new = replace(name)
+        return reader.tensor(name) if new is None else new.to(reader.dtype_of(name))
+
+    weight_map: dict[str, str] = {}
+    total = 0
+    for i, group in enumerate(shard_groups):
+        shard_name = SINGLE_NAME if len(shard_groups) == 1 else f"model-{i + 1:05d}-of-{len(shard_groups):05d}.safetensors"
+        total += write_safetensors_streaming(target_dir / shard_name, group, produce)
+        weight_map.update({name: shard_name for name, _, _ in group})
+    if len(shard_groups) > 1:
+        (target_dir / INDEX_NAME).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    config = dict(reader.config_dict)
+    config.update(extra_config or {})
+    (target_dir / "config.json").write_text(json.dumps(config, indent=2))
+    for fname in TOKENIZER_FILES:
+        if (reader.model_dir / fname).is_file():
+            shutil.copy2(reader.model_dir / fname, target_dir / fname)

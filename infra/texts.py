@@ -1,0 +1,56 @@
+"""Reading calibration / evaluation text and tokenizing it (file or `datasets` folder on disk)."""
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import torch
+
+from layerquant.errors import CalibrationError, InvalidModel
+
+
+def read_text(source: str | os.PathLike[str]) -> str:
+    """Text from a .txt file, or from the `text` column of a `datasets` dataset saved on disk."""
+    path = Path(source)
+    if path.is_file():
+        text = path.read_text(encoding="utf-8", errors="replace")
+    elif path.is_dir():
+        from datasets import load_from_disk
+
+        try:
+            dataset = load_from_disk(str(path))
+        except (FileNotFoundError, ValueError) as exc:
+            raise CalibrationError(f"{path} is not a datasets folder ({exc})", "pass a .txt file or a folder written by Dataset.save_to_disk") from None
+        if hasattr(dataset, "keys"):  # DatasetDict: take the first split
+            dataset = dataset[sorted(dataset.keys())[0]]
+        if "text" not in dataset.column_names:
+            raise CalibrationError(f"dataset {path} has no 'text' column", f"its columns are {dataset.column_names}")
+        text = "\n\n".join(row for row in dataset["text"] if row)
+    else:
+        raise CalibrationError(f"text source {path} does not exist", "pass a .txt file or a datasets folder")
+    if not text.strip():
+        raise CalibrationError(f"text source {path} is empty", "pass a file with real text in it")
+    return text
+
+
+def text_fingerprint(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def load_tokenizer(model_dir: str | os.PathLike[str]):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(model_dir))
+    except (OSError, ValueError) as exc:
+        raise InvalidModel(f"no usable tokenizer in {model_dir} ({exc})", "the model folder needs tokenizer.json or tokenizer.model") from None
+
+
+def tokenize(tokenizer, text: str) -> torch.Tensor:
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return torch.tensor(ids, dtype=torch.int64)
+
+
+def bos_id(tokenizer) -> int | None:
+    return tokenizer.bos_token_id

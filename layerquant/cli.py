@@ -1,0 +1,147 @@
+"""The `layerquant` command."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from layerquant.errors import LayerquantError
+
+log = logging.getLogger("layerquant")
+
+
+def prefect_environment() -> None:
+    """Defaults that make Prefect's ephemeral mode work offline on a small machine."""
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    # the ephemeral API server needs 13-20 s to start on 2 cores, past Prefect's 20 s default
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", help="Hugging Face model folder (default: the bundled stories260K)")
+    parser.add_argument("--recipe", help="YAML recipe; flags override it")
+    parser.add_argument("--calib", help="calibration text (.txt or datasets folder)")
+    parser.add_argument("--eval", dest="eval_text", help="evaluation text (.txt or datasets folder)")
+    parser.add_argument("--bits", type=int)
+    parser.add_argument("--group-size", type=int, help="0 = per-channel")
+    parser.add_argument("--asym", action="store_true", default=None, help="asymmetric grid (default symmetric)")
+    parser.add_argument("--act-order", action="store_true", default=None)
+    parser.add_argument("--method", choices=["rtn", "gptq", "pbllm"])
+    parser.add_argument("--nsamples", type=int)
+    parser.add_argument("--seqlen", type=int)
+    parser.add_argument("--calib-selection", choices=["first", "random"])
+    parser.add_argument("--seed", type=int)
+    parser.add_argument("--eval-windows", type=int)
+    parser.add_argument("--eval-seqlen", type=int)
+    parser.add_argument("--store", help="artifact store: a folder or s3://bucket/prefix (default .layerquant/store)")
+
+
+def config_from_args(args: argparse.Namespace):
+    from layerquant.config import RunConfig
+
+    return RunConfig.from_sources(
+        args.recipe,
+        model=args.model,
+        calib=args.calib,
+        eval=args.eval_text,
+        bits=args.bits,
+        group_size=args.group_size,
+        sym=False if args.asym else None,
+        act_order=args.act_order,
+        method=args.method,
+        nsamples=args.nsamples,
+        seqlen=args.seqlen,
+        calib_selection=args.calib_selection,
+        seed=args.seed,
+        eval_windows=args.eval_windows,
+        eval_seqlen=args.eval_seqlen,
+        store=args.store,
+        out=getattr(args, "out", None),
+    )
+
+
+def preflight(config) -> None:
+    """Cheap checks before Prefect starts, so bad input fails in a second with one clear line."""
+    from layerquant.infra.checkpoint import CheckpointReader
+    from layerquant.infra.texts import load_tokenizer, read_text, tokenize
+    from layerquant.solvers.windows import make_windows
+
+    CheckpointReader(config.model)
+    tokenizer = load_tokenizer(config.model)
+    calib = tokenize(tokenizer, read_text(config.calib))
+    make_windows(calib, config.nsamples, config.seqlen, tokenizer.bos_token_id, purpose="calibration")
+    evaluation = tokenize(tokenizer, read_text(config.eval))
+    make_windows(evaluation, config.eval_windows, config.eval_seqlen, tokenizer.bos_token_id, purpose="evaluation")
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    config = config_from_args(args)
+    preflight(config)
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()) and not args.overwrite:
+        raise LayerquantError(f"output folder {out} exists and is not empty", "pass --overwrite or choose another --out")
+    from layerquant.flows.quantize import quantize_flow
+
+    report = quantize_flow(config.model_dump())
+    summary = {k: report[k] for k in ("run_id", "ppl_fp", "ppl_quant", "avg_bits", "wall_s", "peak_rss_mb")}
+    print(json.dumps({**summary, "out": str(out)}, indent=2))
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from layerquant.config import RunConfig
+    from layerquant.tasks.context import RunContext
+    from layerquant.tasks.validation import eval_windows, model_perplexity
+
+    config = RunConfig.from_sources(None, model=args.model, eval=args.text, eval_windows=args.windows, eval_seqlen=args.seqlen, store=args.store)
+    ctx = RunContext.open(config.model_dump())
+    result = model_perplexity(ctx, eval_windows(ctx), None)
+    print(json.dumps({"model": args.model, "text": args.text, **result, "windows": args.windows, "seqlen": args.seqlen}))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="layerquant", description="Post-training LLM quantization, block by block, on Prefect.")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    quantize = sub.add_parser("quantize", help="quantize a model and report its perplexity")
+    add_run_arguments(quantize)
+    quantize.add_argument("--out", required=True, help="output model folder (written only if the run succeeds)")
+    quantize.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    quantize.set_defaults(func=cmd_quantize)
+
+    evaluate = sub.add_parser("eval", help="perplexity of a model folder on a text, as JSON")
+    evaluate.add_argument("--model", required=True)
+    evaluate.add_argument("--text", required=True)
+    evaluate.add_argument("--windows", type=int, default=40)
+    evaluate.add_argument("--seqlen", type=int, default=256)
+    evaluate.add_argument("--store", default=".layerquant/store")
+    evaluate.set_defaults(func=cmd_eval)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    prefect_environment()
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    # one line per HTTP call to the local Prefect API drowns the figures a person wants to see
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    try:
+        return args.func(args)
+    except LayerquantError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("interrupted: finished blocks are kept in the store; re-run the same command to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

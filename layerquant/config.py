@@ -1,0 +1,125 @@
+"""RunConfig: the validated recipe of one quantization run (YAML file + CLI overrides)."""
+from __future__ import annotations
+
+import hashlib
+import json
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from layerquant.errors import InvalidSpec
+from layerquant.specs import QuantSpec
+
+CODE_VERSION = "0.1.0"
+
+
+def asset_path(*parts: str) -> str:
+    """Path of a file shipped inside the package (the embedded default model and texts)."""
+    return str(resources.files("layerquant").joinpath("assets", *parts))
+
+
+def default_model() -> str:
+    return asset_path("models", "stories260K")
+
+
+def default_calib() -> str:
+    return asset_path("text", "tinystories_calib_190k.txt")
+
+
+def default_eval() -> str:
+    return asset_path("text", "tinystories_eval_600k.txt")
+
+
+class RunConfig(BaseModel):
+    """Everything that determines a run's result (and, separately, where things go)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model: str = Field(default_factory=default_model)
+    calib: str = Field(default_factory=default_calib)
+    eval: str = Field(default_factory=default_eval)
+    nsamples: int = Field(128, ge=1, le=100_000)
+    seqlen: int = Field(256, ge=2, le=131_072)
+    calib_selection: Literal["first", "random"] = "random"
+    seed: int = 0
+    eval_windows: int = Field(40, ge=1)
+    eval_seqlen: int = Field(256, ge=2, le=131_072)
+    # the default spec of every decoder linear layer
+    bits: int = 4
+    group_size: int = 128
+    sym: bool = True
+    method: Literal["rtn", "gptq", "pbllm"] = "gptq"
+    act_order: bool = False
+    salient_fraction: float = 0.1
+    damp_percent: float = Field(0.01, gt=0, le=1)
+    # per-layer overrides: full layer name (e.g. "model.layers.0.mlp.down_proj") -> spec fields
+    overrides: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    # where artifacts and results go (not part of the run's identity)
+    store: str = ".layerquant/store"
+    out: str | None = None
+
+    @field_validator("bits")
+    @classmethod
+    def _bits(cls, value: int) -> int:
+        if value not in (2, 3, 4, 8):
+            raise ValueError(f"bits={value} is not supported: use 2, 3, 4 or 8")
+        return value
+
+    @field_validator("group_size")
+    @classmethod
+    def _group(cls, value: int) -> int:
+        if value < 0 or 0 < value < 8:
+            raise ValueError(f"group_size={value} is out of range: use 0 (per-channel) or >= 8")
+        return value
+
+    def default_spec(self) -> QuantSpec:
+        return QuantSpec(
+            bits=self.bits,
+            group_size=self.group_size,
+            sym=self.sym,
+            method=self.method,
+            act_order=self.act_order,
+            salient_fraction=self.salient_fraction if self.method == "pbllm" else 0.0,
+        )
+
+    def spec_for(self, layer: str) -> QuantSpec:
+        base = self.default_spec()
+        if layer in self.overrides:
+            return QuantSpec.from_dict({**base.to_dict(), **self.overrides[layer]})
+        return base
+
+    def identity(self) -> dict[str, Any]:
+        """The fields that define the result; store/out only say where it goes."""
+        return self.model_dump(exclude={"store", "out"})
+
+    def run_id(self) -> str:
+        return hashlib.sha256(json.dumps(self.identity(), sort_keys=True).encode()).hexdigest()[:16]
+
+    @classmethod
+    def from_sources(cls, recipe: str | None = None, **overrides: Any) -> "RunConfig":
+        data: dict[str, Any] = {}
+        if recipe:
+            path = Path(recipe)
+            if not path.is_file():
+                raise InvalidSpec(f"recipe {recipe} does not exist", "pass --recipe a YAML file")
+            try:
+                loaded = yaml.safe_load(path.read_text()) or {}
+            except yaml.YAMLError as exc:
+                raise InvalidSpec(f"recipe {recipe} is not valid YAML ({exc})", "fix the YAML syntax") from None
+            if not isinstance(loaded, dict):
+                raise InvalidSpec(f"recipe {recipe} must be a mapping of settings", "see recipes/ for examples")
+            data.update(loaded)
+        data.update({k: v for k, v in overrides.items() if v is not None})
+        try:
+            config = cls(**data)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(p) for p in first["loc"]) or "recipe"
+            raise InvalidSpec(f"invalid setting {where}: {first['msg']}", "fix the flag or recipe value") from None
+        config.default_spec()  # validates the combination
+        for layer in config.overrides:
+            config.spec_for(layer)
+        return config

@@ -1,0 +1,61 @@
+"""The run report: what was done to every layer, what it costs, how good the result is."""
+from __future__ import annotations
+
+import platform
+import os
+from datetime import datetime, timezone
+from typing import Any
+
+
+def machine_description() -> str:
+    try:
+        import torch
+
+        gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    except Exception:  # torch missing or CUDA misconfigured: the report still gets written
+        gpu = "unknown GPU"
+    memory_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return f"{platform.machine()}, {os.cpu_count()} cores, {memory_gb:.0f} GiB, {gpu}"
+
+
+def build_report(
+    block_metas: list[dict[str, Any]],
+    block_prefixes: list[str],
+    ppl_fp: dict[str, Any],
+    ppl_quant: dict[str, Any],
+    run: dict[str, Any],
+) -> dict[str, Any]:
+    layers = []
+    for meta, prefix in zip(block_metas, block_prefixes):
+        for layer in meta["layers"]:
+            spec = layer["spec"]
+            layers.append({
+                "name": prefix + layer["name"],
+                "bits": spec["bits"] if spec["method"] != "pbllm" else None,
+                "group_size": spec["group_size"],
+                "sym": spec["sym"],
+                "method": spec["method"],
+                "error": layer["error"],
+                "bits_per_weight": layer["storage_bits"] / layer["n_weights"],
+                "n_weights": layer["n_weights"],
+                "damp": layer["damp"],
+            })
+    total_bits = sum(l["storage_bits"] for meta in block_metas for l in meta["layers"])
+    total_weights = sum(l["n_weights"] for meta in block_metas for l in meta["layers"])
+    return {
+        **run,
+        "ppl_fp": ppl_fp["ppl"],
+        "ppl_quant": ppl_quant["ppl"],
+        "ppl_increase_pct": 100.0 * (ppl_quant["ppl"] / ppl_fp["ppl"] - 1.0),
+        "eval_windows": ppl_fp["windows"],
+        "eval_seqlen": ppl_fp["seqlen"],
+        "avg_bits": total_bits / max(total_weights, 1),
+        "quantized_weights": total_weights,
+        "quantized_mb": total_bits / 8 / 2**20,
+        "blocks": [
+            {"index": meta["index"], "output_error": meta["output_error"], "seconds": meta["seconds"]} for meta in block_metas
+        ],
+        "layers": layers,
+        "machine": machine_description(),
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }

@@ -1,0 +1,213 @@
+"""One table of supported decoder families, and the pure-torch pieces that run a model one block
+at a time: embeddings, rotary tables, attention masks, a decoder block, the final norm + LM head.
+
+Blocks are the families' own transformers modules, so a streamed block computes exactly what the
+transformers model computes; only the wiring between blocks lives here.
+"""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from layerquant.errors import UnsupportedArchitecture
+
+ATTN_QKV = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
+ATTN_OUT = ("self_attn.o_proj",)
+MLP_IN = ("mlp.gate_proj", "mlp.up_proj")
+MLP_OUT = ("mlp.down_proj",)
+LLAMA_GROUPS = (ATTN_QKV, ATTN_OUT, MLP_IN, MLP_OUT)
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """How one family lays out a decoder: enough to stream it block by block."""
+
+    model_type: str
+    module: str  # transformers.models.<module>.modeling_<module>
+    class_prefix: str  # <Prefix>DecoderLayer, <Prefix>RotaryEmbedding, <Prefix>RMSNorm
+    # linear layers of a block in true-sequential order; layers in one group share one input
+    linear_groups: tuple[tuple[str, ...], ...] = LLAMA_GROUPS
+    norms: tuple[str, ...] = ("input_layernorm", "post_attention_layernorm")
+    norm_offset: float = 0.0  # Gemma's RMSNorm scales by (1 + w)
+    embed_scaled: bool = False  # Gemma multiplies embeddings by sqrt(hidden_size)
+    rotary_per_layer_type: bool = False  # Gemma 3 keeps local and global rope tables
+    block_prefix: str = "model.layers.{index}."
+    embed_name: str = "model.embed_tokens.weight"
+    final_norm_name: str = "model.norm.weight"
+    lm_head_name: str = "lm_head.weight"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def linear_names(self) -> tuple[str, ...]:
+        return tuple(name for group in self.linear_groups for name in group)
+
+    def modeling(self):
+        return importlib.import_module(f"transformers.models.{self.module}.modeling_{self.module}")
+
+
+_QK_NORMS = ("self_attn.q_norm", "self_attn.k_norm")
+ARCHITECTURES: dict[str, Architecture] = {
+    "llama": Architecture("llama", "llama", "Llama"),
+    "mistral": Architecture("mistral", "mistral", "Mistral"),
+    "qwen2": Architecture("qwen2", "qwen2", "Qwen2"),
+    "qwen3": Architecture("qwen3", "qwen3", "Qwen3", norms=("input_layernorm", "post_attention_layernorm") + _QK_NORMS),
+    "gemma3_text": Architecture(
+        "gemma3_text",
+        "gemma3",
+        "Gemma3",
+        norms=(
+            "input_layernorm",
+            "post_attention_layernorm",
+            "pre_feedforward_layernorm",
+            "post_feedforward_layernorm",
+        )
+        + _QK_NORMS,
+        norm_offset=1.0,
+        embed_scaled=True,
+        rotary_per_layer_type=True,
+    ),
+}
+
+
+def architecture_for(model_type: str) -> Architecture:
+    try:
+        return ARCHITECTURES[model_type]
+    except KeyError:
+        raise UnsupportedArchitecture(model_type, list(ARCHITECTURES)) from None
+
+
+def load_config(config_dict: dict[str, Any]):
+    """A transformers config object for the family named in `config_dict['model_type']`."""
+    from transformers import AutoConfig
+
+    model_type = config_dict.get("model_type", "<missing>")
+    architecture_for(model_type)
+    config = AutoConfig.for_model(**config_dict)
+    # sdpa with an explicit mask is exact and needs no extra package
+    config._attn_implementation = "sdpa"
+    return config
+
+
+def layer_types(config) -> list[str]:
+    types = getattr(config, "layer_types", None)
+    if types:
+        return list(types)
+    kind = "sliding_attention" if getattr(config, "sliding_window", None) and config.model_type == "mistral" else "full_attention"
+    return [kind] * config.num_hidden_layers
+
+
+class BlockContext:
+    """Per-sequence-length tables shared by every block: rotary cos/sin and attention masks."""
+
+    def __init__(self, arch: Architecture, config, seq_len: int, dtype: torch.dtype = torch.float32):
+        self.arch = arch
+        self.config = config
+        self.seq_len = seq_len
+        self.layer_types = layer_types(config)
+        rotary = getattr(arch.modeling(), f"{arch.class_prefix}RotaryEmbedding")(config)
+        positions = torch.arange(seq_len).unsqueeze(0)
+        probe = torch.zeros(1, seq_len, config.hidden_size, dtype=dtype)
+        self.position_ids = positions
+        self.position_embeddings: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        for kind in set(self.layer_types):
+            if arch.rotary_per_layer_type:
+                self.position_embeddings[kind] = rotary(probe, positions, kind)
+            else:
+                self.position_embeddings[kind] = rotary(probe, positions)
+        self.masks = {kind: self._mask(kind) for kind in set(self.layer_types)}
+
+    def _mask(self, kind: str) -> torch.Tensor | None:
+        window = getattr(self.config, "sliding_window", None)
+        if kind != "sliding_attention" or not window or self.seq_len <= window:
+            return None  # sdpa's own causal path, as transformers does for a plain causal mask
+        i = torch.arange(self.seq_len)[:, None]
+        j = torch.arange(self.seq_len)[None, :]
+        return ((j <= i) & (i - j < window))[None, None]
+
+    def block_kwargs(self, index: int) -> dict[str, Any]:
+        kind = self.layer_types[index]
+        return {
+            "attention_mask": self.masks[kind],
+            "position_embeddings": self.position_embeddings[kind],
+            "position_ids": self.position_ids,
+        }
+
+
+def build_block(arch: Architecture, config, index: int, weights: dict[str, torch.Tensor]) -> nn.Module:
+    """The family's decoder layer for block `index`, holding `weights` (block-relative names)."""
+    layer_cls = getattr(arch.modeling(), f"{arch.class_prefix}DecoderLayer")
+    with torch.device("meta"):
+        block = layer_cls(config, index)
+    missing = set(block.state_dict()) - set(weights)
+    if missing:
+        raise KeyError(f"block {index} is missing weights: {sorted(missing)}")
+    block.load_state_dict(weights, strict=True, assign=True)
+    # buffers that are not in the checkpoint (none today) would stay on meta: fail loudly
+    for name, buffer in block.named_buffers():
+        if buffer.is_meta:
+            raise RuntimeError(f"block {index} buffer {name} has no value")
+    return block.eval()
+
+
+@torch.no_grad()
+def run_block(block: nn.Module, context: BlockContext, index: int, hidden: torch.Tensor, batch_size: int = 8) -> torch.Tensor:
+    """Block outputs for hidden states [N, L, H], computed in batches of samples."""
+    kwargs = context.block_kwargs(index)
+    outputs = []
+    for start in range(0, hidden.shape[0], batch_size):
+        out = block(hidden[start : start + batch_size], **kwargs)
+        outputs.append(out[0] if isinstance(out, tuple) else out)
+    return torch.cat(outputs)
+
+
+def embed_tokens(arch: Architecture, config, embed_weight: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    hidden = nn.functional.embedding(tokens, embed_weight)
+    if arch.embed_scaled:
+        hidden = hidden * torch.tensor(config.hidden_size**0.5, dtype=hidden.dtype)
+    return hidden
+
+
+def final_norm(arch: Architecture, config, norm_weight: torch.Tensor) -> nn.Module:
+    norm = getattr(arch.modeling(), f"{arch.class_prefix}RMSNorm")(config.hidden_size, eps=config.rms_norm_eps)
+    norm.load_state_dict({"weight": norm_weight})
+    return norm.eval()
+
+
+@torch.no_grad()
+def token_nll(
+    hidden: torch.Tensor,
+    norm: nn.Module,
+    lm_head_weight: torch.Tensor,
+    targets: torch.Tensor,
+    softcap: float | None = None,
+    vocab_chunk: int = 32768,
+) -> torch.Tensor:
+    """Sum of next-token negative log-likelihoods for one sequence, never holding full logits.
+
+    hidden [L, H] are last-block outputs, targets [L] the next tokens (-100 = ignore). The LM head
+    runs in vocabulary chunks with a streaming log-sum-exp, so a 262k vocabulary costs
+    L x vocab_chunk floats, not L x 262k.
+    """
+    h = norm(hidden).float()
+    weight = lm_head_weight
+    running_max = torch.full((h.shape[0],), -float("inf"))
+    running_sum = torch.zeros(h.shape[0])
+    target_logit = torch.zeros(h.shape[0])
+    valid = targets >= 0
+    for start in range(0, weight.shape[0], vocab_chunk):
+        logits = h @ weight[start : start + vocab_chunk].float().T
+        if softcap:
+            logits = torch.tanh(logits / softcap) * softcap
+        chunk_max = logits.amax(dim=1)
+        new_max = torch.maximum(running_max, chunk_max)
+        running_sum = running_sum * torch.exp(running_max - new_max) + torch.exp(logits - new_max[:, None]).sum(dim=1)
+        running_max = new_max
+        in_chunk = valid & (targets >= start) & (targets < start + logits.shape[1])
+        rows = in_chunk.nonzero(as_tuple=True)[0]
+        target_logit[rows] = logits[rows, targets[rows] - start]
+    nll = running_max + torch.log(running_sum) - target_logit
+    return nll[valid].double().sum()

@@ -1,0 +1,30 @@
+"""Perplexity computed block by block: all windows go through block 0, then block 1, ...
+so only one block's weights and the windows' hidden states are in memory at a time."""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+
+import torch
+
+
+def stream_perplexity(
+    windows: torch.Tensor,
+    embed: Callable[[torch.Tensor], torch.Tensor],
+    blocks: Iterable[Callable[[torch.Tensor], torch.Tensor]],
+    nll: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+) -> dict[str, float]:
+    """Perplexity of `windows` [W, L]: every token after the first is predicted from its prefix.
+
+    `blocks` yields one callable per decoder block (hidden [W, L, H] -> hidden), created lazily
+    so weights are loaded block by block; `nll(hidden[L, H], targets[L])` is the summed NLL.
+    """
+    hidden = embed(windows)
+    for block in blocks:
+        hidden = block(hidden)
+    targets = torch.cat([windows[:, 1:], torch.full((windows.shape[0], 1), -100, dtype=windows.dtype)], dim=1)
+    total = 0.0
+    for row in range(windows.shape[0]):
+        total += float(nll(hidden[row], targets[row]))
+    count = int((targets >= 0).sum())
+    return {"ppl": math.exp(total / count), "nll": total / count, "tokens": count}

@@ -1,0 +1,109 @@
+"""Uniform integer grids: fitting scales/zeros, quantizing to codes, dequantizing.
+
+One convention everywhere (see `QuantSpec`): w_hat = scale * (q - zero), q in [0, 2**bits - 1],
+groups along input columns. Scales are rounded to fp16 values at fit time, so a checkpoint that
+stores fp16 scales reproduces the fake-quantized weights exactly.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from layerquant.specs import QuantSpec
+
+
+def max_code(bits: int) -> int:
+    return (1 << bits) - 1
+
+
+def group_bounds(in_features: int, group_size: int) -> list[tuple[int, int]]:
+    """[start, end) column ranges of the groups; the last one may be short (ragged)."""
+    size = group_size or in_features
+    return [(start, min(start + size, in_features)) for start in range(0, in_features, size)]
+
+
+def fit_grid(w: torch.Tensor, bits: int, sym: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row scale and zero for the columns in `w` ([rows, cols]); absmax (sym) or min-max.
+
+    Returns float32 scales (exactly representable in fp16) and float32 integer-valued zeros.
+    """
+    w = w.float()
+    maxq = max_code(bits)
+    if sym:
+        absmax = w.abs().amax(dim=1)
+        scale = absmax / (maxq / 2)
+        zero = torch.full_like(scale, (maxq + 1) / 2)
+    else:
+        lo = w.amin(dim=1).clamp(max=0)
+        hi = w.amax(dim=1).clamp(min=0)
+        scale = (hi - lo) / maxq
+        # a row of zeros gets scale 1 below; its zero point must stay on the grid
+        zero = torch.where(scale > 0, torch.round(-lo / scale.clamp(min=1e-30)), torch.zeros_like(scale))
+    # fp16 storage: round now so that what we evaluate is what we ship. A scale that underflows
+    # fp16 (an all-zero or vanishing row) becomes 1, which still maps 0 to exactly 0.
+    scale = scale.to(torch.float16).to(torch.float32)
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    if not sym:
+        zero = zero.clamp(0, maxq)
+    return scale, zero
+
+
+def quantize_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
+    """Integer codes (float tensor holding integers) for `w` on the grid; scale/zero broadcast."""
+    return torch.clamp(torch.round(w / scale) + zero, 0, max_code(bits))
+
+
+def dequantize_codes(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    return scale * (q - zero)
+
+
+@dataclass
+class QuantizedWeight:
+    """Integer codes plus group parameters of one matrix; exactly dequantizable.
+
+    codes: uint8 [out, in]; scales: float32 [out, n_groups] (fp16-exact); zeros: uint8 [out, n_groups].
+    """
+
+    codes: torch.Tensor
+    scales: torch.Tensor
+    zeros: torch.Tensor
+    spec: QuantSpec
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return dequantize_grouped(self.codes, self.scales, self.zeros, self.spec.group_size).to(dtype)
+
+    def to_tensors(self) -> dict[str, torch.Tensor]:
+        return {"codes": self.codes, "scales": self.scales, "zeros": self.zeros}
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor], spec: QuantSpec) -> "QuantizedWeight":
+        return cls(codes=tensors["codes"], scales=tensors["scales"], zeros=tensors["zeros"], spec=spec)
+
+
+def expand_groups(per_group: torch.Tensor, in_features: int, group_size: int) -> torch.Tensor:
+    """[out, n_groups] -> [out, in] by repeating each group's value over its columns."""
+    size = group_size or in_features
+    return per_group.repeat_interleave(size, dim=1)[:, :in_features]
+
+
+def dequantize_grouped(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int) -> torch.Tensor:
+    in_features = codes.shape[1]
+    scale = expand_groups(scales.float(), in_features, group_size)
+    zero = expand_groups(zeros.float(), in_features, group_size)
+    return dequantize_codes(codes.float(), scale, zero)
+
+
+def rtn_quantize(weight: torch.Tensor, spec: QuantSpec) -> QuantizedWeight:
+    """Round-to-nearest on the spec's grid, group by group."""
+    w = weight.float()
+    rows, cols = w.shape
+    bounds = group_bounds(cols, spec.group_size)
+    codes = torch.empty(rows, cols, dtype=torch.uint8)
+    scales = torch.empty(rows, len(bounds))
+    zeros = torch.empty(rows, len(bounds))
+    for g, (start, end) in enumerate(bounds):
+        scale, zero = fit_grid(w[:, start:end], spec.bits, spec.sym)
+        scales[:, g], zeros[:, g] = scale, zero
+        codes[:, start:end] = quantize_codes(w[:, start:end], scale[:, None], zero[:, None], spec.bits).to(torch.uint8)
+    return QuantizedWeight(codes=codes, scales=scales, zeros=zeros.to(torch.uint8), spec=spec)

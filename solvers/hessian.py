@@ -1,0 +1,47 @@
+"""Hessian of a linear layer's reconstruction loss, H = 2/n * sum x x^T, streamed over samples."""
+from __future__ import annotations
+
+import torch
+
+from layerquant.errors import HessianNotPositiveDefinite
+
+
+def accumulate_hessian(hessian: torch.Tensor | None, n_seen: int, inputs: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Fold one batch of layer inputs ([..., in_features]) into a running-mean Hessian.
+
+    Kept as a running mean (not a sum) in float64 so that long calibration runs neither
+    overflow nor lose small contributions.
+    """
+    x = inputs.reshape(-1, inputs.shape[-1]).to(torch.float64)
+    n_new = x.shape[0]
+    if hessian is None:
+        hessian = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64)
+    total = n_seen + n_new
+    hessian = hessian * (n_seen / total) + (2.0 / total) * (x.T @ x)
+    return hessian, total
+
+
+def damped_inverse_cholesky(
+    hessian: torch.Tensor, damp_percent: float, layer: str, max_attempts: int = 6
+) -> tuple[torch.Tensor, float]:
+    """Upper Cholesky factor of H^-1 after damping; damping grows x10 until H is positive definite.
+
+    Dead inputs (zero diagonal: a channel that never fires) get a unit diagonal so they cannot
+    make H singular; GPTQ zeroes their weight columns separately.
+    Returns the factor (float64) and the damping fraction that worked.
+    """
+    h = hessian.to(torch.float64).clone()
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1.0
+    mean_diag = torch.diag(h).mean().item()
+    damp = damp_percent
+    for _ in range(max_attempts):
+        damped = h + damp * mean_diag * torch.eye(h.shape[0], dtype=torch.float64)
+        chol, info = torch.linalg.cholesky_ex(damped)
+        if info.item() == 0:
+            inverse = torch.cholesky_inverse(chol)
+            upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
+            if info.item() == 0 and torch.isfinite(upper).all():
+                return upper, damp
+        damp *= 10
+    raise HessianNotPositiveDefinite(layer, damp / 10)

@@ -1,0 +1,46 @@
+"""Cutting a token stream into fixed-length windows, deterministically."""
+from __future__ import annotations
+
+import torch
+
+from layerquant.errors import CalibrationError
+
+
+def make_windows(
+    tokens: torch.Tensor,
+    n_windows: int,
+    seq_len: int,
+    bos: int | None,
+    selection: str = "first",
+    seed: int = 0,
+    purpose: str = "calibration",
+) -> torch.Tensor:
+    """[n_windows, seq_len] int64: non-overlapping windows, each `bos` + seq_len-1 text tokens
+    (or seq_len text tokens when the tokenizer has no BOS).
+
+    selection "first" takes the first windows in order (what evaluation and the peers' reference
+    runs use); "random" takes a seeded random subset of all non-overlapping windows.
+    """
+    if seq_len < 2:
+        raise CalibrationError(f"{purpose} seqlen {seq_len} is too short", "use a sequence length of at least 2 (typically 256-2048)")
+    if n_windows < 1:
+        raise CalibrationError(f"{purpose} needs at least one window, got {n_windows}", "raise the sample / window count")
+    body = seq_len - 1 if bos is not None else seq_len
+    available = tokens.numel() // body
+    if available < n_windows:
+        raise CalibrationError(
+            f"{purpose} text has {tokens.numel()} tokens: enough for {available} windows of {seq_len}, {n_windows} requested",
+            "give more text, or lower the number of samples/windows or the sequence length",
+        )
+    if selection == "first":
+        chosen = torch.arange(n_windows)
+    elif selection == "random":
+        generator = torch.Generator().manual_seed(seed)
+        chosen = torch.randperm(available, generator=generator)[:n_windows].sort().values
+    else:
+        raise CalibrationError(f"unknown window selection {selection!r}", "use 'first' or 'random'")
+    starts = chosen * body
+    rows = torch.stack([tokens[s : s + body] for s in starts.tolist()])
+    if bos is not None:
+        rows = torch.cat([torch.full((n_windows, 1), bos, dtype=torch.int64), rows], dim=1)
+    return rows

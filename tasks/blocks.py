@@ -1,0 +1,65 @@
+"""Per-block reconstruction: quantize one decoder block on its (quantized-propagated) inputs."""
+from __future__ import annotations
+
+import resource
+
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
+from layerquant.config import CODE_VERSION
+from layerquant.infra.store import artifact_key
+from layerquant.solvers.reconstruct import reconstruct_block
+from layerquant.specs import QuantSpec
+from layerquant.tasks.context import RunContext, cached, ref_of
+
+BLOCK_STAGE = "block"
+HIDDEN_STAGE = "hidden"
+
+
+def block_key(inputs_sha: str, weights_fp: str, specs: dict[str, dict], damp_percent: float) -> str:
+    return artifact_key(BLOCK_STAGE, CODE_VERSION, [inputs_sha, weights_fp], {"specs": specs, "damp": damp_percent})
+
+
+@task(name="reconstruct", task_run_name="block-{index:02d} / reconstruct", cache_policy=NO_CACHE,
+      persist_result=False, retries=2, retry_delay_seconds=[2, 10])
+def quantize_block(config: dict, index: int, inputs: dict, specs: dict[str, dict]) -> dict:
+    """Returns {"block": ref, "outputs": ref}; both reused if already in the store."""
+    logger = get_run_logger()
+    ctx = RunContext.open(config)
+    reader = ctx.reader
+    weights_fp = reader.fingerprint(reader.block_tensor_names(index))
+    inputs_ref = ref_of(inputs)
+    key = block_key(inputs_ref.sha256, weights_fp, specs, ctx.config.damp_percent)
+    block_hit = cached(ctx.store, BLOCK_STAGE, key, logger)
+    outputs_hit = cached(ctx.store, HIDDEN_STAGE, key, logger)
+    if block_hit is not None and outputs_hit is not None:
+        logger.info("block %02d: cached %s", index, key[:12])
+        return {"block": block_hit.to_dict(), "outputs": outputs_hit.to_dict(), "cached": True}
+
+    hidden, _ = ctx.store.get_tensors(inputs_ref)
+    result = reconstruct_block(
+        reader.arch, reader.config, index, reader.block_weights(index), hidden["hidden"],
+        {name: QuantSpec.from_dict(spec) for name, spec in specs.items()},
+        damp_percent=ctx.config.damp_percent, layer_prefix=reader.block_prefix(index),
+    )
+    tensors = {f"{o.name}.{part}": value for o in result.outcomes for part, value in o.tensors.items()}
+    layers = []
+    for o in result.outcomes:
+        out_features, in_features = o.weight_hat.shape
+        layers.append({
+            "name": o.name, "spec": o.spec.to_dict(), "error": o.error, "damp": o.damp_used,
+            "seconds": round(o.seconds, 3), "n_weights": out_features * in_features,
+            "storage_bits": o.spec.storage_bits(out_features, in_features),
+        })
+    meta = {"index": index, "weights_fp": weights_fp, "layers": layers, "output_error": result.output_error,
+            "seconds": round(result.seconds, 3), "stage": BLOCK_STAGE}
+    # outputs first: a block artifact is only trusted once the inputs of the next block exist
+    outputs_ref = ctx.store.put_tensors(HIDDEN_STAGE, key, {"hidden": result.outputs}, {"index": index + 1, "stage": HIDDEN_STAGE})
+    block_ref = ctx.store.put_tensors(BLOCK_STAGE, key, tensors, meta)
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    logger.info(
+        "block %02d: output error %.3e, worst layer %s %.3e, %.1fs, peak RSS %.0f MB",
+        index, result.output_error, max(layers, key=lambda l: l["error"])["name"] if layers else "-",
+        max((l["error"] for l in layers), default=0.0), result.seconds, peak_mb,
+    )
+    return {"block": block_ref.to_dict(), "outputs": outputs_ref.to_dict(), "cached": False}

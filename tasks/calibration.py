@@ -1,0 +1,38 @@
+"""Calibration capture: tokens of the calibration windows and block 0's inputs."""
+from __future__ import annotations
+
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
+from layerquant.config import CODE_VERSION
+from layerquant.infra.store import artifact_key, sha256_bytes
+from layerquant.infra.texts import load_tokenizer, read_text, tokenize
+from layerquant.solvers.architectures import embed_tokens
+from layerquant.solvers.windows import make_windows
+from layerquant.tasks.context import RunContext, cached
+
+STAGE = "calib"
+
+
+@task(name="calibrate", task_run_name="calibration / capture", cache_policy=NO_CACHE, persist_result=False,
+      retries=2, retry_delay_seconds=[2, 10])
+def capture_calibration(config: dict) -> dict:
+    logger = get_run_logger()
+    ctx = RunContext.open(config)
+    cfg, reader = ctx.config, ctx.reader
+    tokenizer = load_tokenizer(cfg.model)
+    tokens = tokenize(tokenizer, read_text(cfg.calib))
+    windows = make_windows(tokens, cfg.nsamples, cfg.seqlen, tokenizer.bos_token_id, cfg.calib_selection, cfg.seed)
+    embed_fp = reader.fingerprint([reader.arch.embed_name])
+    key = artifact_key(STAGE, CODE_VERSION, [sha256_bytes(windows.numpy().tobytes()), embed_fp, reader.config_fingerprint()], {})
+    hit = cached(ctx.store, STAGE, key, logger)
+    if hit is not None:
+        logger.info("calibration: cached %s", key[:12])
+        return hit.to_dict()
+    hidden = embed_tokens(reader.arch, reader.config, reader.embed_weight(), windows)
+    ref = ctx.store.put_tensors(
+        STAGE, key, {"tokens": windows, "hidden": hidden},
+        meta={"nsamples": cfg.nsamples, "seqlen": cfg.seqlen, "embed_fp": embed_fp, "stage": STAGE},
+    )
+    logger.info("calibration: %d x %d tokens captured (%s)", cfg.nsamples, cfg.seqlen, key[:12])
+    return ref.to_dict()

@@ -1,0 +1,41 @@
+"""Export: the quantized model as a normal transformers folder (dequantized weights) + report.json."""
+from __future__ import annotations
+
+import json
+
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
+from layerquant.infra.checkpoint import atomic_output_dir, write_model_streaming
+from layerquant.solvers.reconstruct import apply_block_artifact
+from layerquant.tasks.context import RunContext, ref_of
+
+
+@task(name="export", task_run_name="export / dequantized model", cache_policy=NO_CACHE, persist_result=False,
+      retries=1, retry_delay_seconds=[5])
+def export_dequantized(config: dict, blocks: list[dict], report: dict) -> str:
+    logger = get_run_logger()
+    ctx = RunContext.open(config)
+    reader = ctx.reader
+    current: dict = {"index": None, "weights": {}}
+
+    def block_weights(index: int) -> dict:
+        # tensor names arrive sorted, so each block's names are contiguous: keep one block in memory
+        if current["index"] != index:
+            tensors, meta = ctx.store.get_tensors(ref_of(blocks[index]["block"]))
+            current["index"], current["weights"] = index, apply_block_artifact(reader.block_weights(index), tensors, meta["layers"])
+        return current["weights"]
+
+    def replace(name: str):
+        for index in range(reader.n_blocks):
+            prefix = reader.block_prefix(index)
+            if name.startswith(prefix):
+                return block_weights(index)[name[len(prefix):]]
+        return None
+
+    out = ctx.config.out
+    with atomic_output_dir(out) as tmp:
+        write_model_streaming(reader, tmp, replace)
+        (tmp / "report.json").write_text(json.dumps(report, indent=2))
+    logger.info("wrote %s", out)
+    return str(out)

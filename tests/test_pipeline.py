@@ -1,0 +1,91 @@
+"""The core pipeline end to end, on the real stories260K model and real TinyStories text."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from layerquant.config import RunConfig
+from layerquant.flows.quantize import quantize_flow
+from layerquant.infra.store import LocalStore
+
+pytestmark = pytest.mark.usefixtures("prefect_server")
+
+# the llm-compressor reference protocol (shared/assets/README.md): first 128 x 256 calibration
+# tokens, group 32, first 200 BOS-prefixed 256-token evaluation windows
+REFERENCE = dict(nsamples=128, seqlen=256, calib_selection="first", group_size=32, eval_windows=200, eval_seqlen=256)
+
+
+def run(tmp_path, name: str, **settings) -> dict:
+    config = RunConfig(store=str(tmp_path / "store"), **{**REFERENCE, **settings})
+    return quantize_flow(config.model_dump())
+
+
+@pytest.fixture(scope="module")
+def store_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("stories-store")
+
+
+@pytest.mark.parametrize("bits", [4, 3, 2])
+def test_gptq_beats_rtn_at_same_group_size(store_dir, bits):
+    rtn = run(store_dir, "rtn", bits=bits, method="rtn")
+    gptq = run(store_dir, "gptq", bits=bits, method="gptq")
+    assert rtn["avg_bits"] == pytest.approx(gptq["avg_bits"])  # same size
+    assert rtn["ppl_fp"] == pytest.approx(4.5737, abs=1e-3)  # the reference's float figure
+    assert gptq["ppl_quant"] < rtn["ppl_quant"], (bits, gptq["ppl_quant"], rtn["ppl_quant"])
+    # llm-compressor's GPTQ on this protocol: 4.947 (4-bit), 7.662 (3-bit); at 2 bits both tools
+    # use other down_proj groups (43 there, a ragged 32 + 12 here), so bound by RTN instead
+    bound = {4: 5.0, 3: 7.7, 2: 0.5 * rtn["ppl_quant"]}[bits]
+    assert gptq["ppl_quant"] < bound
+
+
+def test_eight_bit_gptq_is_within_half_a_percent_of_float(store_dir):
+    report = run(store_dir, "gptq8", bits=8, method="gptq")
+    assert report["ppl_quant"] <= report["ppl_fp"] * 1.005
+    assert 8.0 < report["avg_bits"] < 8.6  # 8 bits + fp16 scale per 32 weights (ragged groups add a little)
+
+
+def test_same_inputs_give_bit_identical_weights(tmp_path):
+    settings = dict(bits=3, method="gptq", nsamples=32, eval_windows=4, calib_selection="random", seed=7)
+    first = RunConfig(store=str(tmp_path / "a"), out=str(tmp_path / "out_a"), **{**REFERENCE, **settings})
+    second = RunConfig(store=str(tmp_path / "b"), out=str(tmp_path / "out_b"), **{**REFERENCE, **settings})
+    report_a = quantize_flow(first.model_dump())
+    report_b = quantize_flow(second.model_dump())
+    assert report_a["ppl_quant"] == report_b["ppl_quant"]
+    a = LocalStore(tmp_path / "a").list_paths("cas/block")
+    b = LocalStore(tmp_path / "b").list_paths("cas/block")
+    assert a == b and a  # same content addresses
+    for path in a:
+        assert (tmp_path / "a" / path).read_bytes() == (tmp_path / "b" / path).read_bytes()
+    weights_a = load_file(tmp_path / "out_a" / "model.safetensors")
+    weights_b = load_file(tmp_path / "out_b" / "model.safetensors")
+    assert weights_a.keys() == weights_b.keys()
+    for name in weights_a:
+        assert torch.equal(weights_a[name], weights_b[name]), name
+    # and a different seed picks other calibration windows, so other weights
+    third = RunConfig(store=str(tmp_path / "a"), **{**REFERENCE, **settings, "seed": 8})
+    assert quantize_flow(third.model_dump())["ppl_quant"] != report_a["ppl_quant"]
+
+
+def test_output_folder_loads_in_transformers_with_the_reported_perplexity(tmp_path, eval_text):
+    from transformers import AutoModelForCausalLM
+
+    from layerquant.infra.texts import load_tokenizer, read_text, tokenize
+    from layerquant.solvers.windows import make_windows
+
+    out = tmp_path / "out"
+    report = run(tmp_path, "export", bits=4, method="gptq", nsamples=32, eval_windows=20, out=str(out))
+    saved = (out / "report.json").read_text()
+    assert '"ppl_quant"' in saved and '"layers"' in saved
+    for layer in report["layers"]:
+        assert {"name", "bits", "group_size", "method", "error"} <= set(layer)
+        assert 0 < layer["error"] < 0.2
+    model = AutoModelForCausalLM.from_pretrained(out).eval()
+    tokenizer = load_tokenizer(out)
+    windows = make_windows(tokenize(tokenizer, read_text(eval_text)), 20, 256, tokenizer.bos_token_id)
+    with torch.no_grad():
+        logits = model(windows).logits
+    nll = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), windows[:, 1:].reshape(-1))
+    assert math.exp(nll.item()) == pytest.approx(report["ppl_quant"], rel=1e-4)
