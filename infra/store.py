@@ -88,7 +88,9 @@ class ArtifactStore(ABC):
     def put_tensors(self, stage: str, key: str, tensors: dict[str, torch.Tensor], meta: dict[str, Any] | None = None) -> ArtifactRef:
         meta = dict(meta or {})
         contiguous = {name: t.detach().contiguous().cpu() for name, t in tensors.items()}
-        data = save_safetensors(contiguous, metadata={"meta": canonical_json(meta)})
+        # meta (which may hold timings) goes in the commit record, not the bytes: the same
+        # tensors always give the same bytes and the same sha256
+        data = save_safetensors(contiguous)
         return self._commit(stage, key, TENSORS, data, meta)
 
     def put_json(self, stage: str, key: str, obj: Any, meta: dict[str, Any] | None = None) -> ArtifactRef:

@@ -31,7 +31,10 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bits", type=int)
     parser.add_argument("--group-size", type=int, help="0 = per-channel")
     parser.add_argument("--asym", action="store_true", default=None, help="asymmetric grid (default symmetric)")
-    parser.add_argument("--act-order", action="store_true", default=None)
+    parser.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=None,
+                        help="GPTQ column order by Hessian diagonal, static groups (default on)")
+    parser.add_argument("--clip-search", action=argparse.BooleanOptionalAction, default=None,
+                        help="search a clipped grid range per group (default on)")
     parser.add_argument("--method", choices=["rtn", "gptq", "pbllm"])
     parser.add_argument("--nsamples", type=int)
     parser.add_argument("--seqlen", type=int)
@@ -54,6 +57,7 @@ def config_from_args(args: argparse.Namespace):
         group_size=args.group_size,
         sym=False if args.asym else None,
         act_order=args.act_order,
+        clip_search=args.clip_search,
         method=args.method,
         nsamples=args.nsamples,
         seqlen=args.seqlen,

@@ -34,6 +34,8 @@ class QuantSpec:
     sym: bool = True
     method: str = "gptq"
     act_order: bool = False
+    # search a shrunk (clipped) range per row/group instead of plain absmax/min-max
+    clip_search: bool = False
     # PB-LLM: fraction of weights kept at `salient_bits`, the rest binarized.
     salient_fraction: float = 0.0
     salient_bits: int = 8
@@ -100,7 +102,7 @@ class QuantSpec:
         if self.method == "pbllm":
             return f"pbllm-s{self.salient_fraction:g}-g{self.group_size}"
         side = "sym" if self.sym else "asym"
-        return f"{self.method}-w{self.bits}-g{self.group_size or 'ch'}-{side}{'-ao' if self.act_order else ''}"
+        return f"{self.method}-w{self.bits}-g{self.group_size or 'ch'}-{side}{'-ao' if self.act_order else ''}{'-clip' if self.clip_search else ''}"
 
 
 BitPlan = dict[str, QuantSpec]

@@ -64,7 +64,7 @@ def gptq_quantize(
     if spec.act_order:
         # static groups: fit every group's grid up front on the natural-order weights
         for g, (start, end) in enumerate(bounds):
-            scales[:, g], zeros[:, g] = fit_grid(w[:, start:end], spec.bits, spec.sym)
+            scales[:, g], zeros[:, g] = fit_grid(w[:, start:end], spec.bits, spec.sym, spec.clip_search)
         fitted[:] = True
         perm = torch.argsort(torch.diag(h), descending=True, stable=True)
     else:
@@ -89,7 +89,7 @@ def gptq_quantize(
             if not fitted[g]:
                 start, end = bounds[g]
                 # natural order == processing order here; the group starts at this column
-                scales[:, g], zeros[:, g] = fit_grid(w1[:, i : i + (end - start)], spec.bits, spec.sym)
+                scales[:, g], zeros[:, g] = fit_grid(w1[:, i : i + (end - start)], spec.bits, spec.sym, spec.clip_search)
                 fitted[g] = True
             col = w1[:, i]
             q = quantize_codes(col, scales[:, g], zeros[:, g], spec.bits)

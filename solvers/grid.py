@@ -23,20 +23,13 @@ def group_bounds(in_features: int, group_size: int) -> list[tuple[int, int]]:
     return [(start, min(start + size, in_features)) for start in range(0, in_features, size)]
 
 
-def fit_grid(w: torch.Tensor, bits: int, sym: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row scale and zero for the columns in `w` ([rows, cols]); absmax (sym) or min-max.
-
-    Returns float32 scales (exactly representable in fp16) and float32 integer-valued zeros.
-    """
-    w = w.float()
+def _grid_from_range(lo: torch.Tensor, hi: torch.Tensor, bits: int, sym: bool) -> tuple[torch.Tensor, torch.Tensor]:
     maxq = max_code(bits)
     if sym:
-        absmax = w.abs().amax(dim=1)
+        absmax = torch.maximum(lo.abs(), hi.abs())
         scale = absmax / (maxq / 2)
         zero = torch.full_like(scale, (maxq + 1) / 2)
     else:
-        lo = w.amin(dim=1).clamp(max=0)
-        hi = w.amax(dim=1).clamp(min=0)
         scale = (hi - lo) / maxq
         # a row of zeros gets scale 1 below; its zero point must stay on the grid
         zero = torch.where(scale > 0, torch.round(-lo / scale.clamp(min=1e-30)), torch.zeros_like(scale))
@@ -46,6 +39,37 @@ def fit_grid(w: torch.Tensor, bits: int, sym: bool) -> tuple[torch.Tensor, torch
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
     if not sym:
         zero = zero.clamp(0, maxq)
+    return scale, zero
+
+
+# shrink factors tried by the clipping search, and the error norm it minimises (the value
+# GPTQ/AutoGPTQ use for their MSE grid search; >2 weighs large errors a little more)
+CLIP_SHRINKS = tuple(1.0 - 0.05 * i for i in range(10))
+CLIP_NORM = 2.4
+
+
+def fit_grid(w: torch.Tensor, bits: int, sym: bool, clip_search: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row scale and zero for the columns in `w` ([rows, cols]): absmax (sym) or min-max.
+
+    With clip_search, the range is also shrunk by each factor in CLIP_SHRINKS and every row keeps
+    the factor whose grid reproduces its weights best: clipping a few outliers buys resolution
+    for all the other weights, which pays off most at 2-3 bits.
+    Returns float32 scales (exactly representable in fp16) and float32 integer-valued zeros.
+    """
+    w = w.float()
+    lo = w.amin(dim=1).clamp(max=0)
+    hi = w.amax(dim=1).clamp(min=0)
+    scale, zero = _grid_from_range(lo, hi, bits, sym)
+    if not clip_search:
+        return scale, zero
+    best = ((dequantize_codes(quantize_codes(w, scale[:, None], zero[:, None], bits), scale[:, None], zero[:, None]) - w).abs() ** CLIP_NORM).sum(dim=1)
+    for shrink in CLIP_SHRINKS[1:]:
+        s, z = _grid_from_range(lo * shrink, hi * shrink, bits, sym)
+        err = ((dequantize_codes(quantize_codes(w, s[:, None], z[:, None], bits), s[:, None], z[:, None]) - w).abs() ** CLIP_NORM).sum(dim=1)
+        better = err < best
+        best = torch.where(better, err, best)
+        scale = torch.where(better, s, scale)
+        zero = torch.where(better, z, zero)
     return scale, zero
 
 
@@ -103,7 +127,7 @@ def rtn_quantize(weight: torch.Tensor, spec: QuantSpec) -> QuantizedWeight:
     scales = torch.empty(rows, len(bounds))
     zeros = torch.empty(rows, len(bounds))
     for g, (start, end) in enumerate(bounds):
-        scale, zero = fit_grid(w[:, start:end], spec.bits, spec.sym)
+        scale, zero = fit_grid(w[:, start:end], spec.bits, spec.sym, spec.clip_search)
         scales[:, g], zeros[:, g] = scale, zero
         codes[:, start:end] = quantize_codes(w[:, start:end], scale[:, None], zero[:, None], spec.bits).to(torch.uint8)
     return QuantizedWeight(codes=codes, scales=scales, zeros=zeros.to(torch.uint8), spec=spec)

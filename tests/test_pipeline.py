@@ -35,10 +35,8 @@ def test_gptq_beats_rtn_at_same_group_size(store_dir, bits):
     assert rtn["avg_bits"] == pytest.approx(gptq["avg_bits"])  # same size
     assert rtn["ppl_fp"] == pytest.approx(4.5737, abs=1e-3)  # the reference's float figure
     assert gptq["ppl_quant"] < rtn["ppl_quant"], (bits, gptq["ppl_quant"], rtn["ppl_quant"])
-    # llm-compressor's GPTQ on this protocol: 4.947 (4-bit), 7.662 (3-bit); at 2 bits both tools
-    # use other down_proj groups (43 there, a ragged 32 + 12 here), so bound by RTN instead
-    bound = {4: 5.0, 3: 7.7, 2: 0.5 * rtn["ppl_quant"]}[bits]
-    assert gptq["ppl_quant"] < bound
+    # and beats llm-compressor's GPTQ on this protocol (shared/assets/README.md): 4.947, 7.662, 234.6
+    assert gptq["ppl_quant"] < {4: 4.947, 3: 7.662, 2: 234.6}[bits]
 
 
 def test_eight_bit_gptq_is_within_half_a_percent_of_float(store_dir):
@@ -57,7 +55,7 @@ def test_same_inputs_give_bit_identical_weights(tmp_path):
     a = LocalStore(tmp_path / "a").list_paths("cas/block")
     b = LocalStore(tmp_path / "b").list_paths("cas/block")
     assert a == b and a  # same content addresses
-    for path in a:
+    for path in (p for p in a if p.endswith(".safetensors")):  # records also hold timings
         assert (tmp_path / "a" / path).read_bytes() == (tmp_path / "b" / path).read_bytes()
     weights_a = load_file(tmp_path / "out_a" / "model.safetensors")
     weights_b = load_file(tmp_path / "out_b" / "model.safetensors")
