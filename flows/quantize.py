@@ -14,6 +14,7 @@ from prefect.artifacts import create_markdown_artifact, create_progress_artifact
 
 from layerquant.config import RunConfig
 from layerquant.infra.checkpoint import CheckpointReader
+from layerquant.infra.store import open_store
 from layerquant.report import build_report
 from layerquant.specs import ArtifactRef
 from layerquant.tasks.blocks import quantize_block
@@ -27,8 +28,18 @@ def block_specs(config: RunConfig, reader: CheckpointReader, index: int) -> dict
     return {name: config.spec_for(prefix + name).to_dict() for name in reader.arch.linear_names}
 
 
-@flow(name="layerquant-quantize", flow_run_name="quantize {config[model]}", persist_result=False, log_prints=False)
-def quantize_flow(config: dict[str, Any]) -> dict[str, Any]:
+def run_name() -> str:
+    from prefect.runtime import flow_run
+
+    config = flow_run.parameters.get("config", {})
+    model = str(config.get("model", "model")).rstrip("/").rsplit("/", 1)[-1]
+    return f"quantize {model} w{config.get('bits', '?')} g{config.get('group_size', '?')} {config.get('method', '')}"
+
+
+@flow(name="layerquant-quantize", flow_run_name=run_name, persist_result=False, log_prints=False)
+def quantize_flow(config: dict[str, Any], force_blocks: list[int] | None = None) -> dict[str, Any]:
+    """Quantize a model; `force_blocks` are recomputed even if the store has them (with
+    everything downstream of them, which their new outputs feed)."""
     started = time.perf_counter()
     logger = get_run_logger()
     run_config = RunConfig(**config)
@@ -36,16 +47,33 @@ def quantize_flow(config: dict[str, Any]) -> dict[str, Any]:
     reader = CheckpointReader(run_config.model)
     n_blocks = reader.n_blocks
     run_id = run_config.run_id()
-    logger.info("run %s: %d blocks of %s, store %s", run_id, n_blocks, reader.arch.model_type, run_config.store)
+    store = open_store(run_config.store)
+    logger.info("run %s: %d blocks of %s, store %s", run_id, n_blocks, reader.arch.model_type, store.describe())
+    store.write_manifest(run_id, {"run_id": run_id, "config": config, "status": "running", "n_blocks": n_blocks})
     progress = create_progress_artifact(0.0, key=f"progress-{run_id}", description=f"blocks done of {n_blocks}")
 
+    try:
+        report = _run_stages(config, run_config, reader, store, run_id, progress, force_blocks, started)
+    except BaseException as exc:
+        # the manifest says what failed; finished blocks stay in the store for the retry
+        store.write_manifest(run_id, {"run_id": run_id, "config": config, "status": "failed", "n_blocks": n_blocks,
+                                      "error": f"{type(exc).__name__}: {exc}"})
+        raise
+    return report
+
+
+def _run_stages(config, run_config, reader, store, run_id, progress, force_blocks, started) -> dict[str, Any]:
+    n_blocks = reader.n_blocks
+    first_forced = min(force_blocks) if force_blocks else n_blocks
     inputs = capture_calibration(config)
     blocks: list[dict] = []
     for index in range(n_blocks):
-        result = quantize_block(config, index, inputs, block_specs(run_config, reader, index))
+        result = quantize_block(config, index, inputs, block_specs(run_config, reader, index), force=index >= first_forced)
         blocks.append(result)
         inputs = result["outputs"]
         update_progress_artifact(progress, 100.0 * (index + 1) / n_blocks)
+        store.write_manifest(run_id, {"run_id": run_id, "config": config, "status": "running", "n_blocks": n_blocks,
+                                      "blocks": [b["block"] for b in blocks]})
 
     ppl_fp = evaluate(config, "float", blocks)
     ppl_quant = evaluate(config, "quant", blocks)
@@ -61,7 +89,7 @@ def quantize_flow(config: dict[str, Any]) -> dict[str, Any]:
             "model_type": reader.arch.model_type,
             "n_blocks": n_blocks,
             "config": run_config.identity(),
-            "blocks_cached": sum(1 for b in blocks if b["cached"]),
+            "blocks_cached": [i for i, b in enumerate(blocks) if b["cached"]],
             "wall_s": round(time.perf_counter() - started, 2),
             "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         },
@@ -69,6 +97,8 @@ def quantize_flow(config: dict[str, Any]) -> dict[str, Any]:
     if run_config.out:
         export_dequantized(config, blocks, report)
     publish_summary(run_id, report)
+    store.write_manifest(run_id, {"run_id": run_id, "config": config, "status": "completed", "n_blocks": n_blocks,
+                                  "blocks": [b["block"] for b in blocks], "report": report})
     return report
 
 

@@ -45,6 +45,13 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--store", help="artifact store: a folder or s3://bucket/prefix (default .layerquant/store)")
 
 
+def absolute_location(location: str | None) -> str | None:
+    """Local paths become absolute (the run's manifest must stay valid from any directory)."""
+    if location is None or location.startswith("s3://"):
+        return location
+    return str(Path(location).expanduser().resolve())
+
+
 def config_from_args(args: argparse.Namespace):
     from layerquant.config import RunConfig
 
@@ -65,8 +72,8 @@ def config_from_args(args: argparse.Namespace):
         seed=args.seed,
         eval_windows=args.eval_windows,
         eval_seqlen=args.eval_seqlen,
-        store=args.store,
-        out=getattr(args, "out", None),
+        store=absolute_location(args.store or ".layerquant/store"),
+        out=absolute_location(getattr(args, "out", None)),
     )
 
 
@@ -110,6 +117,28 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_retry(args: argparse.Namespace) -> int:
+    from layerquant.flows.retry import load_run_config, retry_flow
+
+    manifest = load_run_config(args.store, args.run)
+    n_blocks = manifest.get("n_blocks", 0)
+    for block in args.block or []:
+        if not 0 <= block < n_blocks:
+            raise LayerquantError(f"block {block} does not exist in run {args.run}", f"choose a block in 0..{n_blocks - 1}")
+    report = retry_flow(args.run, args.store, args.block, args.out)
+    print(json.dumps({k: report[k] for k in ("run_id", "ppl_fp", "ppl_quant", "avg_bits", "blocks_cached", "wall_s")}, indent=2))
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from layerquant.flows.quantize import quantize_flow
+
+    config = config_from_args(args)
+    preflight(config)
+    quantize_flow.serve(name=args.name, cron=args.cron, parameters={"config": config.model_dump()})
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="layerquant", description="Post-training LLM quantization, block by block, on Prefect.")
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -120,6 +149,20 @@ def build_parser() -> argparse.ArgumentParser:
     quantize.add_argument("--out", required=True, help="output model folder (written only if the run succeeds)")
     quantize.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     quantize.set_defaults(func=cmd_quantize)
+
+    retry = sub.add_parser("retry", help="re-run failed or chosen blocks of a run, and what depends on them")
+    retry.add_argument("--run", required=True, help="run id (report.json's run_id)")
+    retry.add_argument("--block", type=int, action="append", help="force this block (repeatable); default: only failed ones")
+    retry.add_argument("--store", default=".layerquant/store")
+    retry.add_argument("--out", help="output folder (default: the run's own)")
+    retry.set_defaults(func=cmd_retry)
+
+    serve = sub.add_parser("serve", help="serve the quantize flow as a scheduled Prefect deployment (needs PREFECT_API_URL)")
+    add_run_arguments(serve)
+    serve.add_argument("--out", required=True)
+    serve.add_argument("--name", default="layerquant-scheduled")
+    serve.add_argument("--cron", default="0 3 * * *", help="schedule (default: daily at 03:00)")
+    serve.set_defaults(func=cmd_serve)
 
     evaluate = sub.add_parser("eval", help="perplexity of a model folder on a text, as JSON")
     evaluate.add_argument("--model", required=True)

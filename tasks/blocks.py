@@ -22,16 +22,16 @@ def block_key(inputs_sha: str, weights_fp: str, specs: dict[str, dict], damp_per
 
 @task(name="reconstruct", task_run_name="block-{index:02d} / reconstruct", cache_policy=NO_CACHE,
       persist_result=False, retries=2, retry_delay_seconds=[2, 10])
-def quantize_block(config: dict, index: int, inputs: dict, specs: dict[str, dict]) -> dict:
-    """Returns {"block": ref, "outputs": ref}; both reused if already in the store."""
+def quantize_block(config: dict, index: int, inputs: dict, specs: dict[str, dict], force: bool = False) -> dict:
+    """Returns {"block": ref, "outputs": ref}; both reused if already in the store, unless `force`."""
     logger = get_run_logger()
     ctx = RunContext.open(config)
     reader = ctx.reader
     weights_fp = reader.fingerprint(reader.block_tensor_names(index))
     inputs_ref = ref_of(inputs)
     key = block_key(inputs_ref.sha256, weights_fp, specs, ctx.config.damp_percent)
-    block_hit = cached(ctx.store, BLOCK_STAGE, key, logger)
-    outputs_hit = cached(ctx.store, HIDDEN_STAGE, key, logger)
+    block_hit = None if force else cached(ctx.store, BLOCK_STAGE, key, logger)
+    outputs_hit = None if force else cached(ctx.store, HIDDEN_STAGE, key, logger)
     if block_hit is not None and outputs_hit is not None:
         logger.info("block %02d: cached %s", index, key[:12])
         return {"block": block_hit.to_dict(), "outputs": outputs_hit.to_dict(), "cached": True}

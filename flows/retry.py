@@ -1,0 +1,30 @@
+"""Re-run blocks of an existing run (failed ones, or chosen ones and everything downstream)."""
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import flow, get_run_logger
+
+from layerquant.errors import LayerquantError
+from layerquant.flows.quantize import quantize_flow
+from layerquant.infra.store import open_store
+
+
+def load_run_config(store_location: str, run_id: str) -> dict[str, Any]:
+    manifest = open_store(store_location).read_manifest(run_id)
+    if manifest is None:
+        raise LayerquantError(f"run {run_id} is not in the store {store_location}", "pass --store where the run wrote its artifacts")
+    return manifest
+
+
+@flow(name="layerquant-retry", flow_run_name="retry {run_id}", persist_result=False)
+def retry_flow(run_id: str, store: str, blocks: list[int] | None = None, out: str | None = None) -> dict[str, Any]:
+    """Failed blocks have no artifacts, so a plain re-run recomputes exactly them; `blocks`
+    forces the chosen blocks (and their downstream) to be recomputed even if present."""
+    manifest = load_run_config(store, run_id)
+    config = dict(manifest["config"])
+    config["store"] = store
+    if out:
+        config["out"] = out
+    get_run_logger().info("retrying run %s (was %s), forced blocks %s", run_id, manifest.get("status"), blocks or "none")
+    return quantize_flow(config, force_blocks=blocks)
