@@ -24,8 +24,13 @@ class GPTQResult:
 
 
 def hessian_weighted_error(weight: torch.Tensor, weight_hat: torch.Tensor, hessian: torch.Tensor) -> float:
-    err = (weight.double() - weight_hat.double())
-    return float(torch.einsum("ij,jk,ik->", err, hessian.double(), err))
+    """tr(E H E^T) with E = W - W_hat: the loss GPTQ minimises, comparable across methods.
+
+    Products in float32 (the operands are float32-accurate anyway), the sum in float64; no
+    Hessian-sized temporaries.
+    """
+    err = weight.float() - weight_hat.float()
+    return float(((err @ hessian.float()) * err).sum(dtype=torch.float64))
 
 
 def relative_weighted_error(weight: torch.Tensor, weight_hat: torch.Tensor, hessian: torch.Tensor) -> float:
@@ -49,7 +54,9 @@ def gptq_quantize(
     """
     w_orig = weight.float()
     rows, cols = w_orig.shape
-    h = hessian.to(torch.float64)
+    # accumulated in float64, factored in float32 as GPTQ does: a quarter of the float64
+    # working set for the 4-5 Hessian-sized buffers the factorization needs
+    h = hessian.to(torch.float32)
     dead = torch.diag(h) == 0
     w = w_orig.clone()
     w[:, dead] = 0
@@ -71,8 +78,10 @@ def gptq_quantize(
         perm = torch.arange(cols)
     inv_perm = torch.argsort(perm)
     w = w[:, perm]
-    hinv, damp_used = damped_inverse_cholesky(h[perm][:, perm], damp_percent, layer)
-    hinv = hinv.to(torch.float32)
+    if spec.act_order:
+        h = h.index_select(0, perm).index_select(1, perm)
+    hinv, damp_used = damped_inverse_cholesky(h, damp_percent, layer)
+    del h
     group_of_col = (perm // group_size)  # group of each processed position (natural-order group)
 
     codes = torch.zeros(rows, cols)

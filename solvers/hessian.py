@@ -17,7 +17,8 @@ def accumulate_hessian(hessian: torch.Tensor | None, n_seen: int, inputs: torch.
     if hessian is None:
         hessian = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64)
     total = n_seen + n_new
-    hessian = hessian * (n_seen / total) + (2.0 / total) * (x.T @ x)
+    # in place: no full-size temporaries (a 4096-wide float64 Hessian is 134 MB)
+    hessian.mul_(n_seen / total).addmm_(x.T, x, alpha=2.0 / total)
     return hessian, total
 
 
@@ -28,19 +29,25 @@ def damped_inverse_cholesky(
 
     Dead inputs (zero diagonal: a channel that never fires) get a unit diagonal so they cannot
     make H singular; GPTQ zeroes their weight columns separately.
-    Returns the factor (float64) and the damping fraction that worked.
+    Works in the Hessian's dtype (GPTQ factors in float32; damping absorbs the rounding).
+    Returns the factor and the damping fraction that worked.
     """
-    h = hessian.to(torch.float64).clone()
+    h = hessian.clone()
     dead = torch.diag(h) == 0
     h[dead, dead] = 1.0
-    mean_diag = torch.diag(h).mean().item()
+    diagonal = torch.diag(h).clone()
+    mean_diag = diagonal.mean().item()
     damp = damp_percent
     for _ in range(max_attempts):
-        damped = h + damp * mean_diag * torch.eye(h.shape[0], dtype=torch.float64)
-        chol, info = torch.linalg.cholesky_ex(damped)
+        # damp in place and factor into fresh buffers one at a time: a 4096-wide float64
+        # Hessian is 134 MB, and holding five copies of it dominated a block's peak memory
+        h.diagonal().copy_(diagonal + damp * mean_diag)
+        chol, info = torch.linalg.cholesky_ex(h)
         if info.item() == 0:
             inverse = torch.cholesky_inverse(chol)
+            del chol
             upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
+            del inverse
             if info.item() == 0 and torch.isfinite(upper).all():
                 return upper, damp
         damp *= 10

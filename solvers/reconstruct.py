@@ -2,7 +2,6 @@
 with Hessians collected from inputs that already went through the quantized earlier groups."""
 from __future__ import annotations
 
-import copy
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -22,7 +21,7 @@ class LayerOutcome:
     name: str  # block-relative, e.g. "self_attn.q_proj"
     spec: QuantSpec
     tensors: dict[str, torch.Tensor]  # what is stored: codes/scales/zeros, or PB-LLM's parts
-    weight_hat: torch.Tensor  # the dequantized weight the block now uses
+    shape: tuple[int, int]  # [out_features, in_features]
     error: float  # relative Hessian-weighted error tr(E H E^T) / tr(W H W^T)
     damp_used: float
     seconds: float
@@ -60,10 +59,12 @@ def collect_hessians(block: nn.Module, forward: BlockForward, inputs: torch.Tens
     finally:
         for handle in handles:
             handle.remove()
-    return {name: hessian for name, (hessian, _) in state.items()}
+    # accumulated in float64 for accuracy, handed on in float32: GPTQ factors in float32 and
+    # a float64 copy alive next to the factorization doubled a block's peak memory
+    return {name: hessian.to(torch.float32) for name, (hessian, _) in state.items()}
 
 
-def quantize_block_sequential(
+def apply_quantization_sequential(
     block: nn.Module,
     forward: BlockForward,
     inputs: torch.Tensor,
@@ -72,22 +73,22 @@ def quantize_block_sequential(
     damp_percent: float = 0.01,
     layer_prefix: str = "",
     on_layer: Callable[[LayerOutcome], None] | None = None,
-) -> tuple[nn.Module, list[LayerOutcome]]:
-    """A quantized copy of `block` and what happened to each layer. `block` is not modified.
+) -> list[LayerOutcome]:
+    """Quantize `block`'s linear layers in place; returns what happened to each layer.
 
     Layers without a spec stay float. Each group's Hessian comes from running the partially
-    quantized copy, so later groups compensate earlier groups' error (true-sequential).
+    quantized block, so later groups compensate earlier groups' error (true-sequential). In
+    place, because a second copy of a block is the largest avoidable allocation of a run.
     """
-    qblock = copy.deepcopy(block)
     outcomes: list[LayerOutcome] = []
     for group in groups:
         todo = [name for name in group if name in specs]
         if not todo:
             continue
-        hessian = collect_hessians(qblock, forward, inputs, [todo[0]])[todo[0]]
+        hessian = collect_hessians(block, forward, inputs, [todo[0]])[todo[0]]
         for name in todo:
             start = time.perf_counter()
-            linear = qblock.get_submodule(name)
+            linear = block.get_submodule(name)
             weight = linear.weight.detach().float()
             tensors, weight_hat, damp_used = quantize_layer(weight, hessian, specs[name], damp_percent, layer_prefix + name)
             error = hessian_weighted_error(weight, weight_hat, hessian) / max(
@@ -95,11 +96,13 @@ def quantize_block_sequential(
             )
             with torch.no_grad():
                 linear.weight.copy_(weight_hat.to(linear.weight.dtype))
-            outcome = LayerOutcome(name, specs[name], tensors, weight_hat, error, damp_used, time.perf_counter() - start)
+            outcome = LayerOutcome(name, specs[name], tensors, tuple(weight.shape), error, damp_used, time.perf_counter() - start)
+            del weight, weight_hat
             outcomes.append(outcome)
             if on_layer is not None:
                 on_layer(outcome)
-    return qblock, outcomes
+        del hessian
+    return outcomes
 
 
 def relative_output_error(reference: torch.Tensor, approx: torch.Tensor) -> float:
@@ -138,10 +141,8 @@ def reconstruct_block(
         return run_block(module, context, index, hidden, batch_size)
 
     float_outputs = forward(block, inputs)
-    qblock, outcomes = quantize_block_sequential(
-        block, forward, inputs, arch.linear_groups, specs, damp_percent, layer_prefix=layer_prefix
-    )
-    outputs = forward(qblock, inputs)
+    outcomes = apply_quantization_sequential(block, forward, inputs, arch.linear_groups, specs, damp_percent, layer_prefix=layer_prefix)
+    outputs = forward(block, inputs)
     return BlockReconstruction(outcomes, outputs, relative_output_error(float_outputs, outputs), time.perf_counter() - start)
 
 

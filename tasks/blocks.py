@@ -45,7 +45,7 @@ def quantize_block(config: dict, index: int, inputs: dict, specs: dict[str, dict
     tensors = {f"{o.name}.{part}": value for o in result.outcomes for part, value in o.tensors.items()}
     layers = []
     for o in result.outcomes:
-        out_features, in_features = o.weight_hat.shape
+        out_features, in_features = o.shape
         layers.append({
             "name": o.name, "spec": o.spec.to_dict(), "error": o.error, "damp": o.damp_used,
             "seconds": round(o.seconds, 3), "n_weights": out_features * in_features,
