@@ -20,6 +20,7 @@ from layerquant.specs import ArtifactRef
 from layerquant.tasks.blocks import quantize_block
 from layerquant.tasks.calibration import capture_calibration
 from layerquant.tasks.export import export_dequantized
+from layerquant.tasks.manifest import record_manifest
 from layerquant.tasks.validation import evaluate
 
 
@@ -47,22 +48,20 @@ def quantize_flow(config: dict[str, Any], force_blocks: list[int] | None = None)
     reader = CheckpointReader(run_config.model)
     n_blocks = reader.n_blocks
     run_id = run_config.run_id()
-    store = open_store(run_config.store)
-    logger.info("run %s: %d blocks of %s, store %s", run_id, n_blocks, reader.arch.model_type, store.describe())
-    store.write_manifest(run_id, {"run_id": run_id, "config": config, "status": "running", "n_blocks": n_blocks})
+    logger.info("run %s: %d blocks of %s, store %s", run_id, n_blocks, reader.arch.model_type, open_store(run_config.store).describe())
+    record_manifest(run_config.store, run_id, "running", {"config": config, "n_blocks": n_blocks})
     progress = create_progress_artifact(0.0, key=f"progress-{run_id}", description=f"blocks done of {n_blocks}")
 
     try:
-        report = _run_stages(config, run_config, reader, store, run_id, progress, force_blocks, started)
-    except BaseException as exc:
+        report = _run_stages(config, run_config, reader, run_id, progress, force_blocks, started)
+    except Exception as exc:
         # the manifest says what failed; finished blocks stay in the store for the retry
-        store.write_manifest(run_id, {"run_id": run_id, "config": config, "status": "failed", "n_blocks": n_blocks,
-                                      "error": f"{type(exc).__name__}: {exc}"})
+        record_manifest(run_config.store, run_id, "failed", {"config": config, "n_blocks": n_blocks, "error": f"{type(exc).__name__}: {exc}"})
         raise
     return report
 
 
-def _run_stages(config, run_config, reader, store, run_id, progress, force_blocks, started) -> dict[str, Any]:
+def _run_stages(config, run_config, reader, run_id, progress, force_blocks, started) -> dict[str, Any]:
     n_blocks = reader.n_blocks
     first_forced = min(force_blocks) if force_blocks else n_blocks
     inputs = capture_calibration(config)
@@ -72,8 +71,7 @@ def _run_stages(config, run_config, reader, store, run_id, progress, force_block
         blocks.append(result)
         inputs = result["outputs"]
         update_progress_artifact(progress, 100.0 * (index + 1) / n_blocks)
-        store.write_manifest(run_id, {"run_id": run_id, "config": config, "status": "running", "n_blocks": n_blocks,
-                                      "blocks": [b["block"] for b in blocks]})
+        record_manifest(run_config.store, run_id, "running", {"config": config, "n_blocks": n_blocks, "blocks": [b["block"] for b in blocks]})
 
     ppl_fp = evaluate(config, "float", blocks)
     ppl_quant = evaluate(config, "quant", blocks)
@@ -97,8 +95,8 @@ def _run_stages(config, run_config, reader, store, run_id, progress, force_block
     if run_config.out:
         export_dequantized(config, blocks, report)
     publish_summary(run_id, report)
-    store.write_manifest(run_id, {"run_id": run_id, "config": config, "status": "completed", "n_blocks": n_blocks,
-                                  "blocks": [b["block"] for b in blocks], "report": report})
+    record_manifest(run_config.store, run_id, "completed", {"config": config, "n_blocks": n_blocks,
+                                                            "blocks": [b["block"] for b in blocks], "report": report})
     return report
 
 

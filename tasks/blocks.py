@@ -21,7 +21,7 @@ def block_key(inputs_sha: str, weights_fp: str, specs: dict[str, dict], damp_per
 
 
 @task(name="reconstruct", task_run_name="block-{index:02d} / reconstruct", cache_policy=NO_CACHE,
-      persist_result=False, retries=2, retry_delay_seconds=[2, 10])
+      persist_result=False, retries=3, retry_delay_seconds=[2, 5, 10])
 def quantize_block(config: dict, index: int, inputs: dict, specs: dict[str, dict], force: bool = False) -> dict:
     """Returns {"block": ref, "outputs": ref}; both reused if already in the store, unless `force`."""
     logger = get_run_logger()

@@ -15,7 +15,7 @@ STAGE = "calib"
 
 
 @task(name="calibrate", task_run_name="calibration / capture", cache_policy=NO_CACHE, persist_result=False,
-      retries=2, retry_delay_seconds=[2, 10])
+      retries=3, retry_delay_seconds=[2, 5, 10])
 def capture_calibration(config: dict) -> dict:
     logger = get_run_logger()
     ctx = RunContext.open(config)

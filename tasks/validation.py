@@ -50,7 +50,7 @@ def model_perplexity(ctx: RunContext, windows, block_refs: list[dict] | None, ba
 
 
 @task(name="evaluate", task_run_name="validate / {variant} perplexity", cache_policy=NO_CACHE, persist_result=False,
-      retries=2, retry_delay_seconds=[2, 10])
+      retries=3, retry_delay_seconds=[2, 5, 10])
 def evaluate(config: dict, variant: str, blocks: list[dict]) -> dict:
     """variant "float": the original model; "quant": with each block's stored quantization."""
     logger = get_run_logger()
