@@ -1,0 +1,93 @@
+"""A deployment from prefect.yaml, triggered through the API of a real local Prefect server, is
+picked up by a real process worker, completes, and its UI artifacts can be read back."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from support.s3server import free_port
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+@pytest.fixture
+def prefect_api(tmp_path):
+    port = free_port()
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+           "PREFECT_API_URL": f"http://127.0.0.1:{port}/api", "PREFECT_WORKER_QUERY_SECONDS": "2",
+           "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "90", "LAYERQUANT_REPO": str(REPO)}
+    env.pop("PREFECT_PROFILES_PATH", None)
+    server = subprocess.Popen([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    processes = [server]
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if httpx.get(f"{env['PREFECT_API_URL']}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline and server.poll() is None, "Prefect server did not start"
+            time.sleep(0.5)
+        yield env, processes
+    finally:
+        for process in reversed(processes):
+            # a worker ignores one SIGTERM; SIGINT twice stops it cleanly, SIGKILL if not
+            for sig in (signal.SIGINT, signal.SIGINT, signal.SIGKILL):
+                if process.poll() is not None:
+                    break
+                os.killpg(process.pid, sig)
+                try:
+                    process.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    pass
+
+
+def test_scheduled_deployment_runs_on_a_process_worker(prefect_api, tmp_path):
+    env, processes = prefect_api
+    api = env["PREFECT_API_URL"]
+
+    def cli(*args: str) -> None:
+        result = subprocess.run([str(BIN / "prefect"), "--no-prompt", *args], env=env, cwd=REPO, capture_output=True, text=True, timeout=180)
+        assert result.returncode == 0, result.stdout + result.stderr
+
+    cli("work-pool", "create", "layerquant-pool", "--type", "process")
+    cli("deploy", "--all")
+    deployment = httpx.get(f"{api}/deployments/name/layerquant-recipe/nightly-stories-w3g32").json()
+    assert deployment["schedules"][0]["schedule"]["cron"] == "0 3 * * *"
+
+    processes.append(subprocess.Popen([str(BIN / "prefect"), "worker", "start", "--pool", "layerquant-pool"], env=env, cwd=REPO,
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True))
+    out = tmp_path / "out"
+    parameters = {"recipe": "recipes/stories-w3g32.yaml", "out": str(out), "store": str(tmp_path / "store"),
+                  "overrides": {"nsamples": 32, "eval_windows": 8}}
+    run = httpx.post(f"{api}/deployments/{deployment['id']}/create_flow_run", json={"parameters": parameters}).json()
+    deadline = time.monotonic() + 420
+    while True:
+        state = httpx.get(f"{api}/flow_runs/{run['id']}").json()["state"]
+        if state["type"] in {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}:
+            break
+        assert time.monotonic() < deadline, f"deployment run stuck in {state['type']}"
+        time.sleep(2)
+    assert state["type"] == "COMPLETED", state
+    assert (out / "report.json").exists() and (out / "model.safetensors").exists()
+
+    artifacts = httpx.post(f"{api}/artifacts/filter", json={}).json()
+    kinds = {a["type"] for a in artifacts}
+    assert {"progress", "table", "markdown"} <= kinds
+    progress = [a for a in artifacts if a["type"] == "progress"]
+    assert progress[0]["data"] == 100.0
+    summary = next(a for a in artifacts if a["type"] == "markdown")
+    assert "quantized perplexity" in summary["data"]
+    task_runs = httpx.post(f"{api}/task_runs/filter", json={}).json()
+    names = {t["name"] for t in task_runs}
+    assert "block-04 / reconstruct" in names and "validate / quant perplexity" in names
