@@ -158,12 +158,7 @@ class CheckpointReader:
 
     def fingerprint(self, names: Iterable[str]) -> str:
         """sha256 over the raw bytes (and dtype/shape) of the named tensors: a content address."""
-        digest = hashlib.sha256()
-        for name in sorted(names):
-            t = self.tensor(name)
-            digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-            digest.update(t.contiguous().view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-        return digest.hexdigest()
+        return tensors_fingerprint((name, self.tensor(name)) for name in sorted(names))
 
     def config_fingerprint(self) -> str:
         return hashlib.sha256(json.dumps(self.config_dict, sort_keys=True).encode()).hexdigest()
@@ -171,6 +166,16 @@ class CheckpointReader:
     def dtype_of(self, name: str) -> torch.dtype:
         info = self.headers[self.weight_map[name]][name]
         return _SAFETENSORS_DTYPES[info["dtype"]]
+
+
+def tensors_fingerprint(named_tensors: Iterable[tuple[str, torch.Tensor]]) -> str:
+    """sha256 over (name, dtype, shape, raw bytes) of tensors, hashed in place (no byte copies)."""
+    digest = hashlib.sha256()
+    for name, t in named_tensors:
+        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        if t.numel():
+            digest.update(t.contiguous().view(torch.uint8).numpy())
+    return digest.hexdigest()
 
 
 _SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,

@@ -7,6 +7,7 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from layerquant.config import CODE_VERSION
+from layerquant.infra.checkpoint import tensors_fingerprint
 from layerquant.infra.store import artifact_key
 from layerquant.solvers.reconstruct import reconstruct_block
 from layerquant.specs import QuantSpec
@@ -27,18 +28,21 @@ def quantize_block(config: dict, index: int, inputs: dict, specs: dict[str, dict
     logger = get_run_logger()
     ctx = RunContext.open(config)
     reader = ctx.reader
-    weights_fp = reader.fingerprint(reader.block_tensor_names(index))
+    # one read of the block serves both its content address and the computation
+    weights = reader.block_weights(index, dtype=None)
+    weights_fp = tensors_fingerprint(sorted(weights.items()))
     inputs_ref = ref_of(inputs)
     key = block_key(inputs_ref.sha256, weights_fp, specs, ctx.config.damp_percent)
     block_hit = None if force else cached(ctx.store, BLOCK_STAGE, key, logger)
     outputs_hit = None if force else cached(ctx.store, HIDDEN_STAGE, key, logger)
     if block_hit is not None and outputs_hit is not None:
+        del weights
         logger.info("block %02d: cached %s", index, key[:12])
         return {"block": block_hit.to_dict(), "outputs": outputs_hit.to_dict(), "cached": True}
 
     hidden, _ = ctx.store.get_tensors(inputs_ref)
     result = reconstruct_block(
-        reader.arch, reader.config, index, reader.block_weights(index), hidden["hidden"],
+        reader.arch, reader.config, index, {name: t.float() for name, t in weights.items()}, hidden["hidden"],
         {name: QuantSpec.from_dict(spec) for name, spec in specs.items()},
         damp_percent=ctx.config.damp_percent, layer_prefix=reader.block_prefix(index),
     )
