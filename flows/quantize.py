@@ -10,10 +10,11 @@ import time
 from typing import Any
 
 from prefect import flow, get_run_logger
-from prefect.artifacts import create_markdown_artifact, create_progress_artifact, create_table_artifact, update_progress_artifact
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from layerquant.config import RunConfig
 from layerquant.infra.checkpoint import CheckpointReader
+from layerquant.infra.progress import BlockProgress
 from layerquant.infra.store import open_store
 from layerquant.report import build_report
 from layerquant.specs import ArtifactRef
@@ -50,7 +51,7 @@ def quantize_flow(config: dict[str, Any], force_blocks: list[int] | None = None)
     run_id = run_config.run_id()
     logger.info("run %s: %d blocks of %s, store %s", run_id, n_blocks, reader.arch.model_type, open_store(run_config.store).describe())
     record_manifest(run_config.store, run_id, "running", {"config": config, "n_blocks": n_blocks})
-    progress = create_progress_artifact(0.0, key=f"progress-{run_id}", description=f"blocks done of {n_blocks}")
+    progress = BlockProgress(run_id, n_blocks)
 
     try:
         report = _run_stages(config, run_config, reader, run_id, progress, force_blocks, started)
@@ -58,6 +59,8 @@ def quantize_flow(config: dict[str, Any], force_blocks: list[int] | None = None)
         # the manifest says what failed; finished blocks stay in the store for the retry
         record_manifest(run_config.store, run_id, "failed", {"config": config, "n_blocks": n_blocks, "error": f"{type(exc).__name__}: {exc}"})
         raise
+    finally:
+        progress.close()
     return report
 
 
@@ -70,7 +73,7 @@ def _run_stages(config, run_config, reader, run_id, progress, force_blocks, star
         result = quantize_block(config, index, inputs, block_specs(run_config, reader, index), force=index >= first_forced)
         blocks.append(result)
         inputs = result["outputs"]
-        update_progress_artifact(progress, 100.0 * (index + 1) / n_blocks)
+        progress.advance(f"block {index:02d}{' (cached)' if result['cached'] else ''}")
         record_manifest(run_config.store, run_id, "running", {"config": config, "n_blocks": n_blocks, "blocks": [b["block"] for b in blocks]})
 
     ppl_fp = evaluate(config, "float", blocks)
