@@ -176,3 +176,21 @@ def apply_block_artifact(
         if key.startswith("override."):
             weights[key[len("override.") :]] = value.float()
     return weights
+
+
+def float_block_hessians(
+    arch, config, index: int, weights: dict[str, torch.Tensor], inputs: torch.Tensor, batch_size: int = 8
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The float block's outputs on `inputs` and the input Hessian of each linear group (keyed
+    by the group's first layer), all from the unquantized block: what sensitivity scoring needs
+    before any bit-width is chosen."""
+    from layerquant.solvers.architectures import BlockContext, build_block, run_block
+
+    context = BlockContext(arch, config, seq_len=inputs.shape[1])
+    block = build_block(arch, config, index, weights)
+
+    def forward(module: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+        return run_block(module, context, index, hidden, batch_size)
+
+    hessians = collect_hessians(block, forward, inputs, [group[0] for group in arch.linear_groups])
+    return forward(block, inputs), hessians
