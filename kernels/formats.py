@@ -1,0 +1,246 @@
+"""Checkpoint formats that real clients load: compressed-tensors `pack-quantized` and GPTQ (v1/v2).
+
+Pure functions: QuantizedWeight in, {tensor name: tensor} and JSON-able dicts out. Writing files
+(safetensors shards, config.json, quantize_config.json) is the exporter's job; it calls these
+block by block and builds the config once at the end from what the layer calls returned.
+
+compressed-tensors `pack-quantized` (checked against compressed-tensors 0.20.0's
+PackedQuantizationCompressor and the dequantize it runs; transformers loads it through that):
+    {layer}.weight_packed      int32 [out, ceil(in*bits/32)]  dense bitstream along `in`
+                               (packing.py's layout, = its pack_to_int32(packed_dim=1))
+    {layer}.weight_scale       [out, n_groups] in the model dtype (the loader allocates the
+                               scale parameter in the weight's dtype and casts into it)
+    {layer}.weight_zero_point  asymmetric only: int32 [ceil(out*bits/32), n_groups], packed along
+                               `out` (pack_to_int32(packed_dim=0))
+    {layer}.weight_shape       int64 [2] = (out, in)
+  Values: compressed-tensors quantizes to signed ints in [-2**(b-1), 2**(b-1)-1] and packs
+  them with +2**(b-1), dequantizing scale * (q_signed - zp_signed). Our unsigned codes q and zeros
+  z are exactly the packed (offset) values: q_signed = q - 2**(b-1), zp_signed = z - 2**(b-1), and
+  the differences agree. Symmetric schemes store no zero point; it is 0 signed, i.e. our
+  z = 2**(b-1), which the solvers use for symmetric grids (checked here).
+  Ragged groups: its group strategy requires in % group_size == 0 (it raises otherwise), so a
+  layer whose last group is short is written with the largest group size g' that divides both
+  group_size and the ragged tail, each scale repeated group_size/g' times: the same weights
+  exactly, more scale bytes. One group spanning the whole row is written as the channel strategy.
+  2/3-bit layers need a compressed-tensors with 1..8-bit pack-quantized and dense 3-bit packing
+  (0.20.0 has both). vLLM's pack-quantized kernels take 4/8 bits; vLLM fuses q/k/v and gate/up
+  shards and wants them in one config group.
+
+GPTQ (AutoGPTQ / GPTQModel, "gptq" = v1, "gptq_v2"):
+    {layer}.qweight  int32 [in*bits/32, out]     codes packed along `in` (packing.py, axis=0)
+    {layer}.qzeros   int32 [n_groups, out*bits/32] zeros packed along `out`; v1 stores zero-1
+    {layer}.scales   float16 [n_groups, out]
+    {layer}.g_idx    int32 [in]                   group of each input column (c // group_size)
+  w = scales[g_idx[c], o] * (code[c, o] - zero[g_idx[c], o]). Uniform bits/group/sym only
+  (one quantize_config for the model), 4 or 8 bits (what GPTQ kernels load widely).
+"""
+from __future__ import annotations
+
+import logging
+import math
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+
+from layerquant.errors import InvalidSpec
+from layerquant.kernels.packing import pack_codes
+from layerquant.solvers.grid import QuantizedWeight
+
+log = logging.getLogger(__name__)
+
+CT_FORMAT = "pack-quantized"
+CT_QUANT_METHOD = "compressed-tensors"
+GPTQ_BITS = (4, 8)
+GPTQ_FORMATS = ("gptq", "gptq_v2")
+SCALE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _check_qw(qw: QuantizedWeight) -> tuple[int, int, int]:
+    spec = qw.spec
+    if spec.method == "pbllm":
+        raise InvalidSpec("PB-LLM layers have no integer grid to pack",
+                          "export PB-LLM layers dequantized (list them in `ignore`) or quantize them with rtn/gptq")
+    out_f, in_f = qw.codes.shape
+    size = spec.group_size or in_f
+    groups = math.ceil(in_f / size)
+    if tuple(qw.scales.shape) != (out_f, groups) or tuple(qw.zeros.shape) != (out_f, groups):
+        raise InvalidSpec(f"scales/zeros of shape {tuple(qw.scales.shape)}/{tuple(qw.zeros.shape)} do not fit "
+                          f"codes {tuple(qw.codes.shape)} with group_size {spec.group_size}",
+                          "pass a QuantizedWeight produced by the solvers")
+    if spec.sym and not bool((qw.zeros == (1 << (spec.bits - 1))).all()):
+        raise InvalidSpec(f"a symmetric {spec.bits}-bit layer has zeros other than {1 << (spec.bits - 1)}",
+                          "mark the spec sym=False, or re-quantize on a symmetric grid")
+    return out_f, in_f, groups
+
+
+# ----------------------------------------------------------------------------------------------
+# compressed-tensors pack-quantized
+# ----------------------------------------------------------------------------------------------
+def ct_export_group_size(in_features: int, group_size: int) -> int:
+    """Group size written to the checkpoint: 0 (channel strategy) when one group spans the row;
+    group_size when it divides in_features; else the largest divisor of both group_size and the
+    ragged tail (the group strategy cannot express a short last group)."""
+    if group_size == 0 or group_size >= in_features:
+        return 0
+    tail = in_features % group_size
+    return group_size if tail == 0 else math.gcd(group_size, tail)
+
+
+def ct_weight_args(bits: int, group_size: int, sym: bool, in_features: int) -> dict[str, Any]:
+    """The `weights` QuantizationArgs of one layer, as compressed-tensors serialises them."""
+    g = ct_export_group_size(in_features, group_size)
+    return {
+        "num_bits": bits,
+        "type": "int",
+        "symmetric": sym,
+        "strategy": "group" if g else "channel",
+        "group_size": g if g else None,
+        "dynamic": False,
+    }
+
+
+def ct_layer_tensors(name: str, qw: QuantizedWeight,
+                     scale_dtype: torch.dtype = torch.float16) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """One linear layer in `pack-quantized` form.
+
+    Returns (tensors keyed `{name}.weight_*`, the layer's weight args for ct_quantization_config).
+    scale_dtype is the model's dtype. The solvers' scales are fp16-exact, so float16 and float32
+    reproduce the weights exactly; bfloat16 rounds each scale to 8 mantissa bits (logged).
+    """
+    if scale_dtype not in SCALE_DTYPES:
+        raise InvalidSpec(f"scale dtype {scale_dtype} is not a float dtype", "pass the model dtype (float16, bfloat16, float32)")
+    out_f, in_f, groups = _check_qw(qw)
+    bits, sym = qw.spec.bits, qw.spec.sym
+    size = qw.spec.group_size or in_f
+    g = ct_export_group_size(in_f, qw.spec.group_size)
+    if g and g != size:
+        log.warning("%s: in_features %d is not a multiple of group_size %d; written with group_size %d "
+                    "(scales repeated, weights unchanged)", name, in_f, size, g)
+    n_export = math.ceil(in_f / g) if g else 1
+    # original group of each exported group (identity unless regrouped)
+    src = (torch.arange(n_export, device=qw.scales.device) * (g or in_f)) // size
+    scales = qw.scales.float()[:, src]
+    zeros = qw.zeros[:, src]
+    scale_out = scales.to(scale_dtype)
+    if not torch.equal(scale_out.float(), scales):
+        rel = ((scale_out.float() - scales).abs() / scales.abs().clamp(min=1e-30)).max().item()
+        log.warning("%s: scales are not exact in %s (max relative change %.2e); the checkpoint's weights "
+                    "differ from the evaluated ones by that much", name, scale_dtype, rel)
+    tensors = {
+        f"{name}.weight_packed": pack_codes(qw.codes, bits, axis=1),
+        f"{name}.weight_scale": scale_out.contiguous(),
+        f"{name}.weight_shape": torch.tensor([out_f, in_f], dtype=torch.int64),
+    }
+    if not sym:
+        tensors[f"{name}.weight_zero_point"] = pack_codes(zeros, bits, axis=0)
+    return tensors, ct_weight_args(bits, qw.spec.group_size, sym, in_f)
+
+
+def ct_quantization_config(layer_args: Mapping[str, Mapping[str, Any]], ignore: Sequence[str] = (),
+                           version: str | None = None) -> dict[str, Any]:
+    """config.json's `quantization_config`: one config group per distinct weight args, each
+    targeting its layers by exact-name regex (`re:^name$`); `ignore` lists float linear layers
+    (e.g. lm_head) so that class-based matching in clients never quantizes them."""
+    if not layer_args:
+        raise InvalidSpec("no quantized layers to describe", "pass the weight args returned by ct_layer_tensors")
+    by_args: dict[tuple, list[str]] = {}
+    for name, args in layer_args.items():
+        key = tuple(sorted(args.items(), key=lambda kv: kv[0]))
+        by_args.setdefault(key, []).append(name)
+    overlap = set(ignore) & set(layer_args)
+    if overlap:
+        raise InvalidSpec(f"layers both quantized and ignored: {sorted(overlap)}", "list each layer in one place only")
+
+    def order(key: tuple) -> tuple:
+        a = dict(key)
+        return (a["num_bits"], a["strategy"], a["group_size"] or 0, not a["symmetric"])
+
+    groups = {}
+    for i, key in enumerate(sorted(by_args, key=order)):
+        groups[f"group_{i}"] = {
+            "targets": [f"re:^{re.escape(n)}$" for n in sorted(by_args[key])],
+            "weights": dict(key),
+            "input_activations": None,
+            "output_activations": None,
+            "format": CT_FORMAT,
+        }
+    config: dict[str, Any] = {
+        "quant_method": CT_QUANT_METHOD,
+        "format": CT_FORMAT,
+        "quantization_status": "compressed",
+        "config_groups": groups,
+        "ignore": sorted(ignore),
+        "kv_cache_scheme": None,
+        "global_compression_ratio": None,
+        "sparsity_config": {},
+    }
+    if version:
+        config["version"] = version
+    return config
+
+
+# ----------------------------------------------------------------------------------------------
+# GPTQ
+# ----------------------------------------------------------------------------------------------
+def gptq_layer_tensors(name: str, qw: QuantizedWeight, checkpoint_format: str = "gptq") -> dict[str, torch.Tensor]:
+    """One linear layer as GPTQ tensors (layout in the module doc)."""
+    if checkpoint_format not in GPTQ_FORMATS:
+        raise InvalidSpec(f"GPTQ checkpoint format {checkpoint_format!r} is unknown", f"use one of {', '.join(GPTQ_FORMATS)}")
+    out_f, in_f, groups = _check_qw(qw)
+    bits = qw.spec.bits
+    if bits not in GPTQ_BITS:
+        raise InvalidSpec(f"{name}: {bits}-bit layers are not written in GPTQ format",
+                          "use 4 or 8 bits for GPTQ export, or export compressed-tensors (pack-quantized) instead")
+    per = 32 // bits
+    if in_f % per or out_f % per:
+        raise InvalidSpec(f"{name}: shape ({out_f}, {in_f}) does not fill whole int32 words at {bits} bits",
+                          f"GPTQ needs in_features and out_features divisible by {per}; export compressed-tensors instead")
+    zeros = qw.zeros.t().to(torch.int32)  # [groups, out]
+    if checkpoint_format == "gptq":
+        if bool((zeros == 0).any()):
+            # v1 stores zero-1; a zero point of 0 wraps to all ones and clients that add the 1
+            # back word-wise carry into the neighbouring value
+            raise InvalidSpec(f"{name}: an asymmetric zero point of 0 cannot be stored in GPTQ v1",
+                              "export with checkpoint_format='gptq_v2', use a symmetric grid, or export compressed-tensors")
+        zeros = zeros - 1
+    size = qw.spec.group_size or in_f
+    return {
+        f"{name}.qweight": pack_codes(qw.codes.t(), bits, axis=0),
+        f"{name}.qzeros": pack_codes(zeros, bits, axis=1),
+        f"{name}.scales": qw.scales.t().to(torch.float16).contiguous(),
+        f"{name}.g_idx": torch.arange(in_f, dtype=torch.int32, device=qw.codes.device) // size,
+    }
+
+
+def gptq_quantization_config(specs: Sequence[Any], checkpoint_format: str = "gptq", damp_percent: float = 0.01,
+                             tool: str = "layerquant") -> dict[str, Any]:
+    """quantize_config.json, also config.json's `quantization_config`: one (bits, group_size,
+    sym) for the whole model. `specs` are the QuantSpecs of every quantized layer."""
+    if checkpoint_format not in GPTQ_FORMATS:
+        raise InvalidSpec(f"GPTQ checkpoint format {checkpoint_format!r} is unknown", f"use one of {', '.join(GPTQ_FORMATS)}")
+    if not specs:
+        raise InvalidSpec("no quantized layers to describe", "pass the QuantSpec of every quantized layer")
+    kinds = {(s.method == "pbllm", s.bits, s.group_size, s.sym) for s in specs}
+    if len(kinds) != 1:
+        raise InvalidSpec(f"GPTQ format needs one bits/group_size/sym for the whole model, got {sorted(kinds)}",
+                          "export mixed-precision models in compressed-tensors format (config groups per layer)")
+    pb, bits, group_size, sym = kinds.pop()
+    if pb or bits not in GPTQ_BITS:
+        raise InvalidSpec(f"{bits}-bit models are not written in GPTQ format", "use 4 or 8 bits, or export compressed-tensors")
+    return {
+        "quant_method": "gptq",
+        "bits": bits,
+        "group_size": group_size or -1,
+        "sym": sym,
+        # act-order runs here use static groups: codes stay in column order, g_idx is c // group_size
+        "desc_act": False,
+        "static_groups": False,
+        "true_sequential": True,
+        "damp_percent": damp_percent,
+        "lm_head": False,
+        "checkpoint_format": checkpoint_format,
+        "pack_dtype": "int32",
+        "meta": {"quantizer": [tool]},
+    }
