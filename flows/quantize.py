@@ -22,6 +22,7 @@ from layerquant.tasks.blocks import quantize_block
 from layerquant.tasks.calibration import capture_calibration
 from layerquant.tasks.export import export_dequantized
 from layerquant.tasks.manifest import record_manifest
+from layerquant.tasks.pack import pack_model
 from layerquant.tasks.validation import evaluate
 
 
@@ -95,8 +96,10 @@ def _run_stages(config, run_config, reader, run_id, progress, force_blocks, star
             "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         },
     )
-    if run_config.out:
+    if run_config.out and run_config.pack_format == "dequantized":
         export_dequantized(config, blocks, report)
+    elif run_config.out:
+        pack_model(config, blocks, report, run_config.pack_format, run_config.out)
     publish_summary(run_id, report)
     record_manifest(run_config.store, run_id, "completed", {"config": config, "n_blocks": n_blocks,
                                                             "blocks": [b["block"] for b in blocks], "report": report})

@@ -28,3 +28,16 @@ def retry_flow(run_id: str, store: str, blocks: list[int] | None = None, out: st
         config["out"] = out
     get_run_logger().info("retrying run %s (was %s), forced blocks %s", run_id, manifest.get("status"), blocks or "none")
     return quantize_flow(config, force_blocks=blocks)
+
+
+@flow(name="layerquant-pack", flow_run_name="pack {run_id} as {fmt}", persist_result=False)
+def pack_flow(run_id: str, store: str, fmt: str, out: str) -> str:
+    """Pack a finished run from the store, without recomputing anything."""
+    from layerquant.tasks.pack import pack_model
+
+    manifest = load_run_config(store, run_id)
+    if manifest.get("status") != "completed":
+        raise LayerquantError(f"run {run_id} is {manifest.get('status')}, not completed", "finish it first: layerquant retry --run " + run_id)
+    config = {**manifest["config"], "store": store}
+    blocks = [{"block": ref} for ref in manifest["blocks"]]
+    return pack_model(config, blocks, manifest["report"], fmt, out)

@@ -31,6 +31,8 @@ _TRANSIENT_CODES = {"500", "502", "503", "504", "SlowDown", "RequestTimeout", "I
 class StoreUnavailable(LayerquantError):
     """The S3 store cannot be reached or refuses us (after retries)."""
 
+    transient = True
+
 
 def _is_transient(exc: Exception) -> bool:
     if isinstance(exc, (BotoConnectionError, EndpointConnectionError)):

@@ -42,6 +42,8 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int)
     parser.add_argument("--eval-windows", type=int)
     parser.add_argument("--eval-seqlen", type=int)
+    parser.add_argument("--pack-format", choices=["dequantized", "compressed-tensors", "gptq"],
+                        help="what --out receives (default: dequantized weights any transformers loads)")
     parser.add_argument("--store", help="artifact store: a folder or s3://bucket/prefix (default .layerquant/store)")
 
 
@@ -72,6 +74,7 @@ def config_from_args(args: argparse.Namespace):
         seed=args.seed,
         eval_windows=args.eval_windows,
         eval_seqlen=args.eval_seqlen,
+        pack_format=args.pack_format,
         store=absolute_location(args.store or ".layerquant/store"),
         out=absolute_location(getattr(args, "out", None)),
     )
@@ -101,6 +104,9 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
     report = quantize_flow(config.model_dump())
     summary = {k: report[k] for k in ("run_id", "ppl_fp", "ppl_quant", "avg_bits", "wall_s", "peak_rss_mb")}
+    if report["vllm_unservable"]:
+        log.warning("%d layers cannot be served by vLLM (2/3-bit or PB-LLM), e.g. %s", len(report["vllm_unservable"]),
+                    report["vllm_unservable"][0])
     print(json.dumps({**summary, "out": str(out)}, indent=2))
     return 0
 
@@ -120,6 +126,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_retry(args: argparse.Namespace) -> int:
     from layerquant.flows.retry import load_run_config, retry_flow
 
+    args.store = absolute_location(args.store)
     manifest = load_run_config(args.store, args.run)
     n_blocks = manifest.get("n_blocks", 0)
     for block in args.block or []:
@@ -127,6 +134,14 @@ def cmd_retry(args: argparse.Namespace) -> int:
             raise LayerquantError(f"block {block} does not exist in run {args.run}", f"choose a block in 0..{n_blocks - 1}")
     report = retry_flow(args.run, args.store, args.block, args.out)
     print(json.dumps({k: report[k] for k in ("run_id", "ppl_fp", "ppl_quant", "avg_bits", "blocks_cached", "wall_s")}, indent=2))
+    return 0
+
+
+def cmd_pack(args: argparse.Namespace) -> int:
+    from layerquant.flows.retry import pack_flow
+
+    out = pack_flow(args.run, absolute_location(args.store), args.format, absolute_location(args.out))
+    print(json.dumps({"run_id": args.run, "format": args.format, "out": out}))
     return 0
 
 
@@ -156,6 +171,13 @@ def build_parser() -> argparse.ArgumentParser:
     retry.add_argument("--store", default=".layerquant/store")
     retry.add_argument("--out", help="output folder (default: the run's own)")
     retry.set_defaults(func=cmd_retry)
+
+    pack = sub.add_parser("pack", help="pack a finished run for inference engines (no recomputation)")
+    pack.add_argument("--run", required=True)
+    pack.add_argument("--format", required=True, choices=["compressed-tensors", "gptq"])
+    pack.add_argument("--store", default=".layerquant/store")
+    pack.add_argument("--out", required=True)
+    pack.set_defaults(func=cmd_pack)
 
     serve = sub.add_parser("serve", help="serve the quantize flow as a scheduled Prefect deployment (needs PREFECT_API_URL)")
     add_run_arguments(serve)

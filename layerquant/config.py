@@ -60,6 +60,8 @@ class RunConfig(BaseModel):
     damp_percent: float = Field(0.01, gt=0, le=1)
     # per-layer overrides: full layer name (e.g. "model.layers.0.mlp.down_proj") -> spec fields
     overrides: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    # what --out receives: the dequantized model (any transformers loads it) or a packed one
+    pack_format: Literal["dequantized", "compressed-tensors", "gptq"] = "dequantized"
     # where artifacts and results go (not part of the run's identity)
     store: str = ".layerquant/store"
     out: str | None = None
@@ -97,7 +99,7 @@ class RunConfig(BaseModel):
 
     def identity(self) -> dict[str, Any]:
         """The fields that define the result; store/out only say where it goes."""
-        return self.model_dump(exclude={"store", "out"})
+        return self.model_dump(exclude={"store", "out", "pack_format"})
 
     def run_id(self) -> str:
         return hashlib.sha256(json.dumps(self.identity(), sort_keys=True).encode()).hexdigest()[:16]

@@ -9,6 +9,7 @@ class LayerquantError(Exception):
     """Base class: a problem the user can fix. `hint` says how."""
 
     exit_code = 2
+    transient = False  # True: retrying the same operation later may succeed
 
     def __init__(self, message: str, hint: str = ""):
         self.message = message

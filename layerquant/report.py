@@ -56,6 +56,8 @@ def build_report(
             {"index": meta["index"], "output_error": meta["output_error"], "seconds": meta["seconds"]} for meta in block_metas
         ],
         "layers": layers,
+        # vLLM's quantized kernels take 4/8-bit integer grids only
+        "vllm_unservable": [l["name"] for l in layers if l["method"] == "pbllm" or l["bits"] not in (4, 8)],
         "machine": machine_description(),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }

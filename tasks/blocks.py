@@ -11,7 +11,7 @@ from layerquant.infra.checkpoint import tensors_fingerprint
 from layerquant.infra.store import artifact_key
 from layerquant.solvers.reconstruct import reconstruct_block
 from layerquant.specs import QuantSpec
-from layerquant.tasks.context import RunContext, cached, ref_of
+from layerquant.tasks.context import RunContext, cached, ref_of, retry_transient
 
 BLOCK_STAGE = "block"
 HIDDEN_STAGE = "hidden"
@@ -22,7 +22,8 @@ def block_key(inputs_sha: str, weights_fp: str, specs: dict[str, dict], damp_per
 
 
 @task(name="reconstruct", task_run_name="block-{index:02d} / reconstruct", cache_policy=NO_CACHE,
-      persist_result=False, retries=3, retry_delay_seconds=[2, 5, 10])
+      persist_result=False, retries=3, retry_delay_seconds=[2, 5, 10],
+      retry_condition_fn=retry_transient)
 def quantize_block(config: dict, index: int, inputs: dict, specs: dict[str, dict], force: bool = False) -> dict:
     """Returns {"block": ref, "outputs": ref}; both reused if already in the store, unless `force`."""
     logger = get_run_logger()

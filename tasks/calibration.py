@@ -9,13 +9,14 @@ from layerquant.infra.store import artifact_key, sha256_bytes
 from layerquant.infra.texts import load_tokenizer, read_text, tokenize
 from layerquant.solvers.architectures import embed_tokens
 from layerquant.solvers.windows import make_windows
-from layerquant.tasks.context import RunContext, cached
+from layerquant.tasks.context import RunContext, cached, retry_transient
 
 STAGE = "calib"
 
 
 @task(name="calibrate", task_run_name="calibration / capture", cache_policy=NO_CACHE, persist_result=False,
-      retries=3, retry_delay_seconds=[2, 5, 10])
+      retries=3, retry_delay_seconds=[2, 5, 10],
+      retry_condition_fn=retry_transient)
 def capture_calibration(config: dict) -> dict:
     logger = get_run_logger()
     ctx = RunContext.open(config)

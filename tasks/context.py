@@ -5,7 +5,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from layerquant.config import RunConfig
-from layerquant.errors import ArtifactCorrupt, ArtifactMissing
+from layerquant.errors import ArtifactCorrupt, ArtifactMissing, LayerquantError
 from layerquant.infra.checkpoint import CheckpointReader
 from layerquant.infra.store import ArtifactStore, open_store
 from layerquant.specs import ArtifactRef
@@ -43,3 +43,15 @@ def cached(store: ArtifactStore, stage: str, key: str, logger=None) -> ArtifactR
         store.discard(ref)
         return None
     return ref
+
+
+def retry_transient(task, task_run, state) -> bool:
+    """Prefect retry condition: retry I/O and unexpected failures, not the user's own errors
+    (a bad spec or model fails the same way every time; a store outage does not)."""
+    try:
+        state.result()
+    except LayerquantError as exc:
+        return exc.transient
+    except Exception:  # noqa: BLE001 - anything unforeseen (network, OS) earns a retry
+        return True
+    return True

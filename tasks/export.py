@@ -8,11 +8,12 @@ from prefect.cache_policies import NO_CACHE
 
 from layerquant.infra.checkpoint import atomic_output_dir, write_model_streaming
 from layerquant.solvers.reconstruct import apply_block_artifact
-from layerquant.tasks.context import RunContext, ref_of
+from layerquant.tasks.context import RunContext, ref_of, retry_transient
 
 
 @task(name="export", task_run_name="export / dequantized model", cache_policy=NO_CACHE, persist_result=False,
-      retries=1, retry_delay_seconds=[5])
+      retries=1, retry_delay_seconds=[5],
+      retry_condition_fn=retry_transient)
 def export_dequantized(config: dict, blocks: list[dict], report: dict) -> str:
     logger = get_run_logger()
     ctx = RunContext.open(config)

@@ -11,7 +11,7 @@ from layerquant.solvers import architectures as arch_ops
 from layerquant.solvers.evaluation import stream_perplexity
 from layerquant.solvers.reconstruct import apply_block_artifact
 from layerquant.solvers.windows import make_windows
-from layerquant.tasks.context import RunContext, cached, ref_of
+from layerquant.tasks.context import RunContext, cached, ref_of, retry_transient
 
 STAGE = "eval"
 
@@ -50,7 +50,8 @@ def model_perplexity(ctx: RunContext, windows, block_refs: list[dict] | None, ba
 
 
 @task(name="evaluate", task_run_name="validate / {variant} perplexity", cache_policy=NO_CACHE, persist_result=False,
-      retries=3, retry_delay_seconds=[2, 5, 10])
+      retries=3, retry_delay_seconds=[2, 5, 10],
+      retry_condition_fn=retry_transient)
 def evaluate(config: dict, variant: str, blocks: list[dict]) -> dict:
     """variant "float": the original model; "quant": with each block's stored quantization."""
     logger = get_run_logger()
