@@ -23,11 +23,15 @@ from layerquant.tasks.calibration import capture_calibration
 from layerquant.tasks.export import export_dequantized
 from layerquant.tasks.manifest import record_manifest
 from layerquant.tasks.pack import pack_model
+from layerquant.tasks.planning import plan_bits, score_block
 from layerquant.tasks.validation import evaluate
 
 
-def block_specs(config: RunConfig, reader: CheckpointReader, index: int) -> dict[str, dict]:
+def block_specs(config: RunConfig, reader: CheckpointReader, index: int, plan: dict[str, dict] | None) -> dict[str, dict]:
+    """The block's layer specs: from the bit plan when there is one, else the config's."""
     prefix = reader.block_prefix(index)
+    if plan is not None:
+        return {name: plan[prefix + name] for name in reader.arch.linear_names}
     return {name: config.spec_for(prefix + name).to_dict() for name in reader.arch.linear_names}
 
 
@@ -68,14 +72,27 @@ def quantize_flow(config: dict[str, Any], force_blocks: list[int] | None = None)
 def _run_stages(config, run_config, reader, run_id, progress, force_blocks, started) -> dict[str, Any]:
     n_blocks = reader.n_blocks
     first_forced = min(force_blocks) if force_blocks else n_blocks
-    inputs = capture_calibration(config)
+    calibration = capture_calibration(config)
+    plan, scored = None, []
+    if run_config.budget is not None:
+        # pass 1 on the float model: scores for every (layer, candidate), then one integer program
+        inputs = calibration
+        for index in range(n_blocks):
+            scored.append(score_block(config, index, inputs))
+            inputs = scored[-1]["outputs"]
+        plan = plan_bits(config, [s["scores"] for s in scored], run_config.budget)
+        record_manifest(run_config.store, run_id, "running", {"config": config, "n_blocks": n_blocks,
+                                                              "scores": [s["scores"] for s in scored]})
+    inputs = calibration
     blocks: list[dict] = []
     for index in range(n_blocks):
-        result = quantize_block(config, index, inputs, block_specs(run_config, reader, index), force=index >= first_forced)
+        specs = block_specs(run_config, reader, index, plan["plan"] if plan else None)
+        result = quantize_block(config, index, inputs, specs, force=index >= first_forced)
         blocks.append(result)
         inputs = result["outputs"]
         progress.advance(f"block {index:02d}{' (cached)' if result['cached'] else ''}")
-        record_manifest(run_config.store, run_id, "running", {"config": config, "n_blocks": n_blocks, "blocks": [b["block"] for b in blocks]})
+        record_manifest(run_config.store, run_id, "running", {"config": config, "n_blocks": n_blocks, "blocks": [b["block"] for b in blocks],
+                                                              "scores": [s["scores"] for s in scored]})
 
     ppl_fp = evaluate(config, "float", blocks)
     ppl_quant = evaluate(config, "quant", blocks)
@@ -92,6 +109,7 @@ def _run_stages(config, run_config, reader, run_id, progress, force_blocks, star
             "n_blocks": n_blocks,
             "config": run_config.identity(),
             "blocks_cached": [i for i, b in enumerate(blocks) if b["cached"]],
+            "plan": None if plan is None else {k: plan[k] for k in ("avg_bits", "predicted_loss", "solve_s")} | {"budget": run_config.budget},
             "wall_s": round(time.perf_counter() - started, 2),
             "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         },
@@ -101,8 +119,8 @@ def _run_stages(config, run_config, reader, run_id, progress, force_blocks, star
     elif run_config.out:
         pack_model(config, blocks, report, run_config.pack_format, run_config.out)
     publish_summary(run_id, report)
-    record_manifest(run_config.store, run_id, "completed", {"config": config, "n_blocks": n_blocks,
-                                                            "blocks": [b["block"] for b in blocks], "report": report})
+    record_manifest(run_config.store, run_id, "completed", {"config": config, "n_blocks": n_blocks, "blocks": [b["block"] for b in blocks],
+                                                            "scores": [s["scores"] for s in scored], "report": report})
     return report
 
 

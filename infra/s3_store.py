@@ -16,7 +16,9 @@ from urllib.parse import urlparse
 import boto3
 from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
+from boto3.exceptions import S3UploadFailedError
 from botocore.exceptions import BotoCoreError, ClientError, ConnectionError as BotoConnectionError, EndpointConnectionError
+from botocore.exceptions import NoCredentialsError, ParamValidationError, PartialCredentialsError
 
 from layerquant.errors import LayerquantError
 from layerquant.infra.store import ArtifactStore
@@ -87,7 +89,11 @@ class S3Store(ArtifactStore):
                 if not _is_transient(exc) or attempt == self.attempts:
                     raise StoreUnavailable(f"S3 {what} failed at {self.describe()}: {code}", "check the endpoint; re-run to resume") from None
                 reason = code
-            except (BotoCoreError, OSError) as exc:
+            except (NoCredentialsError, PartialCredentialsError, ParamValidationError) as exc:
+                # configuration, not weather: retrying cannot help
+                raise LayerquantError(f"S3 {what} at {self.describe()} cannot start ({type(exc).__name__})",
+                                      "set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (and AWS_ENDPOINT_URL for a non-AWS endpoint)") from None
+            except (BotoCoreError, OSError, S3UploadFailedError) as exc:
                 if attempt == self.attempts:
                     raise StoreUnavailable(f"S3 {what} failed at {self.describe()} after {attempt} attempts ({type(exc).__name__})",
                                            "check that the endpoint is up; re-run to resume, finished artifacts are kept") from None

@@ -42,6 +42,7 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int)
     parser.add_argument("--eval-windows", type=int)
     parser.add_argument("--eval-seqlen", type=int)
+    parser.add_argument("--budget", type=float, help="mixed precision: average bits per weight, overhead counted")
     parser.add_argument("--pack-format", choices=["dequantized", "compressed-tensors", "gptq"],
                         help="what --out receives (default: dequantized weights any transformers loads)")
     parser.add_argument("--store", help="artifact store: a folder or s3://bucket/prefix (default .layerquant/store)")
@@ -75,6 +76,7 @@ def config_from_args(args: argparse.Namespace):
         eval_windows=args.eval_windows,
         eval_seqlen=args.eval_seqlen,
         pack_format=args.pack_format,
+        budget=args.budget,
         store=absolute_location(args.store or ".layerquant/store"),
         out=absolute_location(getattr(args, "out", None)),
     )
@@ -137,6 +139,28 @@ def cmd_retry(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    """Re-solve the bit plan of a run for a new budget from its stored scores: no Prefect server,
+    no Hessian, seconds."""
+    from layerquant.config import RunConfig
+    from layerquant.flows.retry import load_run_config
+    from layerquant.infra.checkpoint import CheckpointReader
+    from layerquant.infra.store import open_store
+    from layerquant.tasks.planning import fused_groups, solve_plan
+
+    store_location = absolute_location(args.store)
+    manifest = load_run_config(store_location, args.run)
+    if not manifest.get("scores"):
+        raise LayerquantError(f"run {args.run} has no sensitivity scores", "quantize with --budget once to compute them")
+    config = RunConfig(**{**manifest["config"], "budget": args.budget, "store": store_location})
+    allocation = solve_plan(config, open_store(store_location), manifest["scores"], fused_groups(CheckpointReader(config.model)))
+    for row in allocation.per_layer:
+        print(f"{row['name']:48s} {row['spec']:28s} {row['bits_per_weight']:6.3f} bits/w  score {row['score']:.3e}")
+    print(json.dumps({"budget": args.budget, "avg_bits": allocation.avg_bits, "predicted_loss": allocation.predicted_loss,
+                      "solve_s": round(allocation.seconds, 3), "layers": len(allocation.plan)}))
+    return 0
+
+
 def cmd_pack(args: argparse.Namespace) -> int:
     from layerquant.flows.retry import pack_flow
 
@@ -171,6 +195,12 @@ def build_parser() -> argparse.ArgumentParser:
     retry.add_argument("--store", default=".layerquant/store")
     retry.add_argument("--out", help="output folder (default: the run's own)")
     retry.set_defaults(func=cmd_retry)
+
+    plan = sub.add_parser("plan", help="re-solve a run's bit plan for a new budget from its stored scores")
+    plan.add_argument("--run", required=True)
+    plan.add_argument("--budget", type=float, required=True)
+    plan.add_argument("--store", default=".layerquant/store")
+    plan.set_defaults(func=cmd_plan)
 
     pack = sub.add_parser("pack", help="pack a finished run for inference engines (no recomputation)")
     pack.add_argument("--run", required=True)

@@ -58,6 +58,14 @@ class RunConfig(BaseModel):
     clip_search: bool = True
     salient_fraction: float = 0.1
     damp_percent: float = Field(0.01, gt=0, le=1)
+    # mixed precision: average bits per weight (scales and zeros counted) the plan must fit
+    budget: float | None = Field(None, gt=0)
+    # candidate specs for the plan (fields as in QuantSpec; unset fields take the defaults above)
+    candidates: list[dict[str, Any]] | None = None
+    floors: dict[str, int] = Field(default_factory=dict)  # regex on layer name -> minimum bits
+    servable: Literal["vllm"] | None = None
+    tie_fused: bool = False  # q/k/v and gate/up share a spec (engines fuse them)
+    ip_solver: Literal["cbc", "highs"] = "cbc"
     # per-layer overrides: full layer name (e.g. "model.layers.0.mlp.down_proj") -> spec fields
     overrides: dict[str, dict[str, Any]] = Field(default_factory=dict)
     # what --out receives: the dequantized model (any transformers loads it) or a packed one
@@ -97,6 +105,12 @@ class RunConfig(BaseModel):
             return QuantSpec.from_dict({**base.to_dict(), **self.overrides[layer]})
         return base
 
+    def candidate_specs(self) -> list[QuantSpec]:
+        base = self.default_spec().to_dict()
+        if self.candidates:
+            return [QuantSpec.from_dict({**base, **candidate}) for candidate in self.candidates]
+        return [QuantSpec.from_dict({**base, "bits": bits, "group_size": group}) for bits in (2, 3, 4, 8) for group in (32, 64, 128)]
+
     def identity(self) -> dict[str, Any]:
         """The fields that define the result; store/out only say where it goes."""
         return self.model_dump(exclude={"store", "out", "pack_format"})
@@ -128,4 +142,6 @@ class RunConfig(BaseModel):
         config.default_spec()  # validates the combination
         for layer in config.overrides:
             config.spec_for(layer)
+        if config.budget is not None:
+            config.candidate_specs()
         return config

@@ -120,3 +120,16 @@ def test_transient_s3_outage_is_retried_and_the_run_completes(s3_env, moto, tmp_
         state_names = {s.name for run in runs for s in client.read_task_run_states(run.id)}
     assert "AwaitingRetry" in state_names or "Retrying" in state_names, state_names
     assert SECRET not in caplog.text
+
+
+def test_missing_credentials_fail_at_once_with_what_to_set(s3_env, monkeypatch):
+    from layerquant.errors import LayerquantError
+
+    monkeypatch.delenv("AWS_ACCESS_KEY_ID")
+    monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")
+    monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent")
+    started = time.monotonic()
+    with pytest.raises(LayerquantError, match="AWS_SECRET_ACCESS_KEY") as info:
+        S3Store(s3_env).write_bytes("x", b"1")
+    assert time.monotonic() - started < 5 and not isinstance(info.value, StoreUnavailable)

@@ -1,0 +1,141 @@
+"""Bit allocation by integer programming (AdaQuant / HAWQ-V3): one candidate spec per layer,
+minimising the summed sensitivity under a size budget that counts scales and zeros."""
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import pulp
+
+from layerquant.errors import InfeasibleBudget, InvalidSpec
+from layerquant.specs import QuantSpec
+
+VLLM_GROUP_SIZES = (0, 32, 64, 128)
+
+
+@dataclass(frozen=True)
+class LayerOptions:
+    name: str
+    shape: tuple[int, int]  # [out_features, in_features]
+    candidates: tuple[QuantSpec, ...]
+    scores: tuple[float, ...]  # expected loss increase of each candidate
+
+    @property
+    def n_weights(self) -> int:
+        return self.shape[0] * self.shape[1]
+
+
+@dataclass
+class Allocation:
+    plan: dict[str, QuantSpec]
+    avg_bits: float
+    total_bits: int
+    predicted_loss: float
+    status: str
+    seconds: float
+    per_layer: list[dict] = field(default_factory=list)
+
+
+def vllm_servable(spec: QuantSpec) -> bool:
+    return spec.method in ("gptq", "rtn") and spec.bits in (4, 8) and spec.group_size in VLLM_GROUP_SIZES
+
+
+def _allowed(layer: LayerOptions, floors: dict[str, int], servable: str | None) -> list[int]:
+    floor = max((bits for pattern, bits in floors.items() if re.search(pattern, layer.name)), default=0)
+    keep = []
+    for i, spec in enumerate(layer.candidates):
+        bits = spec.bits if spec.method != "pbllm" else 1
+        if bits < floor or (servable == "vllm" and not vllm_servable(spec)):
+            continue
+        keep.append(i)
+    if not keep:
+        raise InvalidSpec(f"no candidate of {layer.name} passes its floor / servable constraints", "add candidates or relax the floors")
+    return keep
+
+
+def allocate_bits(
+    layers: Sequence[LayerOptions],
+    budget: float,
+    budget_kind: str = "avg_bits",
+    tie_groups: Sequence[Sequence[str]] = (),
+    floors: dict[str, int] | None = None,
+    servable: str | None = None,
+    solver: str = "cbc",
+) -> Allocation:
+    """One-hot choice per layer minimising the summed scores subject to
+    sum(storage bits) <= budget x weights (avg_bits) or budget x 8 (total_bytes).
+
+    Layers in one tie group (fed by one input, fused by engines: q/k/v, gate/up) take the same
+    candidate index, so their candidate lists must be equal. `floors` maps a regex on the layer
+    name to minimum bits (e.g. {"down_proj": 3}); servable="vllm" keeps 4/8-bit grids vLLM runs.
+    """
+    start = time.perf_counter()
+    floors = floors or {}
+    by_name = {layer.name: layer for layer in layers}
+    total_weights = sum(layer.n_weights for layer in layers)
+    if budget_kind == "avg_bits":
+        capacity = budget * total_weights
+    elif budget_kind == "total_bytes":
+        capacity = budget * 8
+    else:
+        raise InvalidSpec(f"budget kind {budget_kind!r} is unknown", "use avg_bits or total_bytes")
+
+    allowed = {layer.name: _allowed(layer, floors, servable) for layer in layers}
+    cost = {layer.name: [c.storage_bits(*layer.shape) for c in layer.candidates] for layer in layers}
+    groups: list[list[str]] = [list(g) for g in tie_groups if all(n in by_name for n in g)]
+    tied = {n for g in groups for n in g}
+    groups += [[layer.name] for layer in layers if layer.name not in tied]
+    for group in groups:
+        first = by_name[group[0]].candidates
+        if any(by_name[n].candidates != first for n in group[1:]):
+            raise InvalidSpec(f"tied layers {group} have different candidate lists", "give fused layers the same candidates")
+        common = set.intersection(*(set(allowed[n]) for n in group))
+        for n in group:
+            allowed[n] = sorted(common)
+
+    # the smallest achievable size: each group at its cheapest allowed common candidate
+    minimum = sum(min(sum(cost[n][i] for n in group) for i in allowed[group[0]]) for group in groups)
+    if minimum > capacity + 1e-6:
+        smallest = minimum / total_weights if budget_kind == "avg_bits" else minimum / 8
+        raise InfeasibleBudget(budget, smallest, "bits/weight" if budget_kind == "avg_bits" else "bytes")
+
+    problem = pulp.LpProblem("bit_allocation", pulp.LpMinimize)
+    choice = {
+        (gi, i): problem.add_variable(f"x_{gi}_{i}", 0, 1, cat="Binary") for gi, group in enumerate(groups) for i in allowed[group[0]]
+    }
+    problem += pulp.lpSum(
+        choice[gi, i] * sum(by_name[n].scores[i] for n in group) for gi, group in enumerate(groups) for i in allowed[group[0]]
+    )
+    for gi, group in enumerate(groups):
+        problem += pulp.lpSum(choice[gi, i] for i in allowed[group[0]]) == 1
+    problem += pulp.lpSum(
+        choice[gi, i] * sum(cost[n][i] for n in group) for gi, group in enumerate(groups) for i in allowed[group[0]]
+    ) <= capacity
+    if solver == "cbc":
+        backend = pulp.PULP_CBC_CMD(msg=False)
+    elif solver == "highs":
+        backend = pulp.HiGHS(msg=False)
+    else:
+        raise InvalidSpec(f"solver {solver!r} is unknown", "use cbc or highs")
+    problem.solve(backend)
+    status = pulp.LpStatus[problem.status]
+    if status != "Optimal":
+        raise InfeasibleBudget(budget, minimum / total_weights if budget_kind == "avg_bits" else minimum / 8)
+
+    plan: dict[str, QuantSpec] = {}
+    per_layer = []
+    total_bits = 0
+    loss = 0.0
+    for gi, group in enumerate(groups):
+        index = next(i for i in allowed[group[0]] if choice[gi, i].value() > 0.5)
+        for n in group:
+            plan[n] = by_name[n].candidates[index]
+            total_bits += cost[n][index]
+            loss += by_name[n].scores[index]
+            per_layer.append({"name": n, "spec": plan[n].label(), "bits_per_weight": cost[n][index] / by_name[n].n_weights,
+                              "score": by_name[n].scores[index]})
+    order = {layer.name: i for i, layer in enumerate(layers)}
+    per_layer.sort(key=lambda row: order[row["name"]])
+    return Allocation(plan, total_bits / total_weights, total_bits, loss, status, time.perf_counter() - start, per_layer)
