@@ -55,7 +55,7 @@ def test_optimum_equals_exhaustive_search(seed, budget):
             allocate_bits(layers, budget, tie_groups=ties, floors={"down_proj": 3})
         return
     allocation = allocate_bits(layers, budget, tie_groups=ties, floors={"down_proj": 3})
-    assert allocation.predicted_loss == pytest.approx(best, rel=1e-9)
+    assert allocation.predicted_loss == pytest.approx(best, rel=1e-4)  # the solver stops at MIP_GAP = 1e-4
     assert allocation.plan[layers[0].name] == allocation.plan[layers[2].name]
     assert all(allocation.plan[l.name].bits >= 3 for l in layers if "down_proj" in l.name)
 
