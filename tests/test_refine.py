@@ -1,0 +1,135 @@
+"""Scale refinement on a real stories260K block: held-out output error falls, codes stay put."""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+
+from layerquant.errors import InvalidSpec
+from layerquant.infra.texts import load_tokenizer, tokenize
+from layerquant.solvers.architectures import BlockContext, architecture_for, run_block
+from layerquant.solvers.grid import QuantizedWeight, max_code
+from layerquant.solvers.norm_tweak import dataset_relative_mse, functional_block_forward
+from layerquant.solvers.reconstruct import apply_quantization_sequential, stored_weight
+from layerquant.solvers.refine import refine_scales
+from layerquant.specs import QuantSpec
+
+SEQ = 128
+BLOCK = 2
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny 64-wide tensors: a second intra-op thread buys nothing, and on a busy 2-core machine
+    its spin-waiting made these files several times slower."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def real_block(stories_model, calib_text, eval_text):
+    """Block 2 of stories260K, 32 calibration sequences to refine on, 16 held-out sequences of
+    the evaluation text to judge on."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(stories_model, dtype=torch.float32).eval()
+    tokenizer = load_tokenizer(stories_model)
+    train = tokenize(tokenizer, Path(calib_text).read_text(encoding="utf-8")[:100_000])[: 32 * SEQ].reshape(32, SEQ)
+    test = tokenize(tokenizer, Path(eval_text).read_text(encoding="utf-8")[:60_000])[: 16 * SEQ].reshape(16, SEQ)
+    with torch.no_grad():
+        x_train = model(train, output_hidden_states=True).hidden_states[BLOCK]
+        x_test = model(test, output_hidden_states=True).hidden_states[BLOCK]
+    arch = architecture_for("llama")
+    context = BlockContext(arch, model.config, SEQ)
+    block = model.model.layers[BLOCK]
+    kwargs = context.block_kwargs(BLOCK)
+    with torch.no_grad():
+        y_train, y_test = block(x_train, **kwargs), block(x_test, **kwargs)
+    return dict(block=block, arch=arch, context=context, kwargs=kwargs, x_train=x_train, x_test=x_test, y_train=y_train, y_test=y_test)
+
+
+def _quantize(real_block, spec: QuantSpec):
+    """(quantized block, layer name -> QuantizedWeight) as the flow's block solver makes them."""
+    block = copy.deepcopy(real_block["block"])
+    context = real_block["context"]
+    outcomes = apply_quantization_sequential(block, lambda m, h: run_block(m, context, BLOCK, h), real_block["x_train"],
+                                             real_block["arch"].linear_groups, {n: spec for n in real_block["arch"].linear_names})
+    return block, {o.name: QuantizedWeight.from_tensors(o.tensors, spec) for o in outcomes}
+
+
+def _weights(layers):
+    return {f"{name}.weight": qw.dequantize() for name, qw in layers.items()}
+
+
+@pytest.mark.parametrize("spec", [QuantSpec(2, 32, False, "gptq", act_order=True, clip_search=True), QuantSpec(3, 32, True, "rtn")],
+                         ids=lambda s: s.label())
+def test_refine_lowers_held_out_error_with_codes_fixed(real_block, spec):
+    block, layers = _quantize(real_block, spec)
+    forward = functional_block_forward(block, [f"{n}.weight" for n in layers], **real_block["kwargs"])
+    refined, stats = refine_scales(forward, layers, real_block["x_train"], real_block["y_train"], steps=48, lr=3e-3)
+    assert stats.best_loss < 0.95 * stats.initial_loss and stats.best_step > 0
+    before = dataset_relative_mse(forward, _weights(layers), real_block["x_test"], real_block["y_test"])
+    after = dataset_relative_mse(forward, _weights(refined), real_block["x_test"], real_block["y_test"])
+    assert after < 0.92 * before, (before, after)
+    for name, qw in refined.items():
+        assert torch.equal(qw.codes, layers[name].codes)
+        assert torch.equal(qw.zeros, layers[name].zeros)
+        assert qw.scales.dtype == torch.float32 and torch.equal(qw.scales.half().float(), qw.scales)  # fp16 storage is exact
+        assert (qw.scales > 0).all()
+        # what the stored tensors decode to is what was evaluated
+        assert torch.equal(stored_weight(qw.to_tensors(), spec), qw.dequantize())
+    assert any(not torch.equal(refined[n].scales, layers[n].scales) for n in layers)
+    # the reported loss is that of the returned, stored-precision scales
+    assert stats.best_loss == pytest.approx(
+        dataset_relative_mse(forward, _weights(refined), real_block["x_train"], real_block["y_train"]), rel=1e-9)
+
+
+def test_zero_points_stay_integers_on_the_grid(real_block):
+    spec = QuantSpec(2, 32, False, "gptq", act_order=True, clip_search=True)
+    block, layers = _quantize(real_block, spec)
+    forward = functional_block_forward(block, [f"{n}.weight" for n in layers], **real_block["kwargs"])
+    x, y = real_block["x_train"][:12], real_block["y_train"][:12]
+    refined, stats = refine_scales(forward, layers, x, y, steps=12, lr=3e-3, optimize_zeros=True, zero_lr=0.05)
+    assert stats.best_loss <= stats.initial_loss
+    for name, qw in refined.items():
+        assert qw.zeros.dtype == torch.uint8 and int(qw.zeros.max()) <= max_code(spec.bits)
+        assert torch.equal(qw.codes, layers[name].codes)
+    # symmetric grids have an implied zero: it never moves
+    sym = QuantSpec(3, 32, True, "rtn")
+    block, layers = _quantize(real_block, sym)
+    forward = functional_block_forward(block, [f"{n}.weight" for n in layers], **real_block["kwargs"])
+    refined, _ = refine_scales(forward, layers, x, y, steps=4, lr=3e-3, optimize_zeros=True)
+    assert all(torch.equal(refined[n].zeros, layers[n].zeros) for n in layers)
+
+
+def test_best_seen_and_determinism(real_block):
+    spec = QuantSpec(3, 32, True, "rtn")
+    block, layers = _quantize(real_block, spec)
+    forward = functional_block_forward(block, [f"{n}.weight" for n in layers], **real_block["kwargs"])
+    x, y = real_block["x_train"][:8], real_block["y_train"][:8]
+    # a learning rate that wrecks the scales: the unrefined layers come back unchanged
+    wrecked, stats = refine_scales(forward, layers, x, y, steps=4, lr=3.0, eval_every=1)
+    assert stats.best_step == 0 and all(loss > stats.initial_loss for _, loss in stats.history[1:])
+    assert all(torch.equal(wrecked[n].scales, layers[n].scales) for n in layers)
+    first, _ = refine_scales(forward, layers, x, y, steps=8, lr=3e-3, batch_size=3, seed=3)
+    second, _ = refine_scales(forward, layers, x, y, steps=8, lr=3e-3, batch_size=3, seed=3)
+    assert all(torch.equal(first[n].scales, second[n].scales) for n in layers)
+
+
+def test_bad_arguments(real_block):
+    spec = QuantSpec(3, 32, True, "rtn")
+    block, layers = _quantize(real_block, spec)
+    forward = functional_block_forward(block, [f"{n}.weight" for n in layers], **real_block["kwargs"])
+    x, y = real_block["x_train"][:4], real_block["y_train"][:4]
+    with pytest.raises(InvalidSpec, match="same tokens"):
+        refine_scales(forward, layers, x, y[:, :5], steps=1)
+    with pytest.raises(InvalidSpec, match="out of range"):
+        refine_scales(forward, layers, x, y, steps=-1)
+    pb = QuantizedWeight(layers["mlp.up_proj"].codes, layers["mlp.up_proj"].scales, layers["mlp.up_proj"].zeros,
+                         QuantSpec(method="pbllm", salient_fraction=0.1))
+    with pytest.raises(InvalidSpec, match="PB-LLM"):
+        refine_scales(forward, {"mlp.up_proj": pb}, x, y, steps=1)
