@@ -102,7 +102,8 @@ def test_transient_s3_outage_is_retried_and_the_run_completes(s3_env, moto, tmp_
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline:
             if any(p.endswith(".sha256.json") for p in store.list_paths("cas/block")):
-                proxy.outage(4.0)
+                # more refusals than botocore's 3 attempts: a task fails and Prefect retries it
+                proxy.refuse_next(5)
                 return
             time.sleep(0.05)
 

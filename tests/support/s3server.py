@@ -39,8 +39,9 @@ class MotoServer:
 
 
 class FaultyProxy:
-    """Forwards 127.0.0.1:port to a target; during `outage(seconds)` every new connection is
-    accepted and closed at once, which clients see as a dropped connection."""
+    """Forwards 127.0.0.1:port to a target. `refuse_next(n)` cuts every open connection and
+    accepts-then-closes the next n new ones, which clients see as dropped connections (a
+    restarting endpoint); counting connections, not seconds, makes the fault land for sure."""
 
     def __init__(self, target_port: int) -> None:
         self.target_port = target_port
@@ -51,12 +52,31 @@ class FaultyProxy:
         self.port = self.listener.getsockname()[1]
         self.endpoint = f"http://127.0.0.1:{self.port}"
         self.down_until = 0.0
+        self.to_refuse = 0
         self.refused = 0
+        self.open: set[socket.socket] = set()
+        self.lock = threading.Lock()
         self.closed = False
         threading.Thread(target=self._accept, daemon=True).start()
 
     def outage(self, seconds: float) -> None:
         self.down_until = time.monotonic() + seconds
+        self._cut_open_connections()
+
+    def refuse_next(self, n: int) -> None:
+        with self.lock:
+            self.to_refuse = n
+        self._cut_open_connections()
+
+    def _cut_open_connections(self) -> None:
+        # pooled keep-alive connections would otherwise carry on through the fault
+        with self.lock:
+            victims, self.open = list(self.open), set()
+        for sock in victims:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
 
     def _accept(self) -> None:
         while not self.closed:
@@ -64,8 +84,12 @@ class FaultyProxy:
                 client, _ = self.listener.accept()
             except OSError:
                 return
-            if time.monotonic() < self.down_until:
-                self.refused += 1
+            with self.lock:
+                refuse = time.monotonic() < self.down_until or self.to_refuse > 0
+                if refuse:
+                    self.to_refuse = max(0, self.to_refuse - 1)
+                    self.refused += 1
+            if refuse:
                 client.close()
                 continue
             try:
@@ -73,6 +97,8 @@ class FaultyProxy:
             except OSError:
                 client.close()
                 continue
+            with self.lock:
+                self.open.update((client, upstream))
             for a, b in ((client, upstream), (upstream, client)):
                 threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
 
