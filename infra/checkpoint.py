@@ -31,13 +31,10 @@ TOKENIZER_FILES = (
 )
 
 
-def _header_length(path: Path) -> int:
-    with path.open("rb") as handle:
-        return struct.unpack("<Q", handle.read(8))[0]
+def _check_safetensors_file(path: Path) -> tuple[dict[str, Any], int]:
+    """Parse and sanity-check a safetensors header; catches truncated and garbage files early.
 
-
-def _check_safetensors_file(path: Path) -> dict[str, Any]:
-    """Parse and sanity-check a safetensors header; catches truncated and garbage files early."""
+    Returns the header and the offset where tensor data starts (after the length and header)."""
     size = path.stat().st_size
     try:
         with path.open("rb") as handle:
@@ -53,7 +50,7 @@ def _check_safetensors_file(path: Path) -> dict[str, Any]:
             f"{path} is truncated or corrupt ({size} bytes, header says {8 + header_len + end})",
             "re-download or re-save the model",
         )
-    return header
+    return header, 8 + header_len
 
 
 class CheckpointReader:
@@ -73,9 +70,9 @@ class CheckpointReader:
         self.arch: Architecture = architecture_for(self.config_dict.get("model_type", "<missing>"))
         self.config = load_config(self.config_dict)
         self.weight_map = self._weight_map()
-        self.headers = {shard: _check_safetensors_file(self.model_dir / shard) for shard in sorted(set(self.weight_map.values()))}
-        # tensor data starts after the 8-byte length and the JSON header
-        self._data_start = {shard: 8 + _header_length(self.model_dir / shard) for shard in self.headers}
+        parsed = {shard: _check_safetensors_file(self.model_dir / shard) for shard in sorted(set(self.weight_map.values()))}
+        self.headers = {shard: header for shard, (header, _) in parsed.items()}
+        self._data_start = {shard: start for shard, (_, start) in parsed.items()}
 
     def _weight_map(self) -> dict[str, str]:
         index = self.model_dir / INDEX_NAME
@@ -87,7 +84,7 @@ class CheckpointReader:
             return dict(weight_map)
         single = self.model_dir / SINGLE_NAME
         if single.is_file():
-            header = _check_safetensors_file(single)
+            header, _ = _check_safetensors_file(single)
             return {name: SINGLE_NAME for name in header if name != "__metadata__"}
         raise InvalidModel(
             f"{self.model_dir} has no {SINGLE_NAME} or {INDEX_NAME}",

@@ -1,7 +1,6 @@
 """Reading calibration / evaluation text and tokenizing it (file or `datasets` folder on disk)."""
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 
@@ -34,10 +33,6 @@ def read_text(source: str | os.PathLike[str]) -> str:
     return text
 
 
-def text_fingerprint(text: str) -> str:
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
-
-
 def load_tokenizer(model_dir: str | os.PathLike[str]):
     from transformers import AutoTokenizer
 
@@ -50,7 +45,3 @@ def load_tokenizer(model_dir: str | os.PathLike[str]):
 def tokenize(tokenizer, text: str) -> torch.Tensor:
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     return torch.tensor(ids, dtype=torch.int64)
-
-
-def bos_id(tokenizer) -> int | None:
-    return tokenizer.bos_token_id

@@ -1,6 +1,6 @@
 """Spec types shared by every layer of layerquant: frozen, validated, JSON round-trippable.
 
-`QuantSpec` says how one weight matrix is quantized; a `BitPlan` maps module names to specs;
+`QuantSpec` says how one weight matrix is quantized (a bit plan maps layer names to specs);
 `ArtifactRef` is what tasks pass to each other instead of tensors.
 """
 from __future__ import annotations
@@ -103,17 +103,6 @@ class QuantSpec:
             return f"pbllm-s{self.salient_fraction:g}-g{self.group_size}"
         side = "sym" if self.sym else "asym"
         return f"{self.method}-w{self.bits}-g{self.group_size or 'ch'}-{side}{'-ao' if self.act_order else ''}{'-clip' if self.clip_search else ''}"
-
-
-BitPlan = dict[str, QuantSpec]
-
-
-def plan_to_json(plan: BitPlan) -> dict[str, dict[str, Any]]:
-    return {name: spec.to_dict() for name, spec in sorted(plan.items())}
-
-
-def plan_from_json(data: dict[str, dict[str, Any]]) -> BitPlan:
-    return {name: QuantSpec.from_dict(spec) for name, spec in data.items()}
 
 
 @dataclass(frozen=True)

@@ -18,9 +18,6 @@ LAZY_BLOCK = 128
 class GPTQResult:
     quantized: QuantizedWeight
     damp_used: float
-    # Hessian-weighted error tr(E H E^T), E = W - W_hat: the loss GPTQ minimises, comparable
-    # across methods for the same H.
-    weighted_error: float
 
 
 def hessian_weighted_error(weight: torch.Tensor, weight_hat: torch.Tensor, hessian: torch.Tensor) -> float:
@@ -111,8 +108,8 @@ def gptq_quantize(
 
     codes = codes[:, inv_perm].to(torch.uint8)
     quantized = QuantizedWeight(codes=codes, scales=scales, zeros=zeros.to(torch.uint8), spec=spec)
-    error = hessian_weighted_error(w_orig, quantized.dequantize(), hessian)
-    return GPTQResult(quantized=quantized, damp_used=damp_used, weighted_error=error)
+    # the caller measures the error (relative_weighted_error) once, on whatever it keeps
+    return GPTQResult(quantized=quantized, damp_used=damp_used)
 
 
 def quantize_weight(
@@ -124,7 +121,5 @@ def quantize_weight(
             raise ValueError(f"GPTQ needs a Hessian for {layer}")
         return gptq_quantize(weight, hessian, spec, damp_percent, layer)
     if spec.method == "rtn":
-        quantized = rtn_quantize(weight, spec)
-        error = hessian_weighted_error(weight, quantized.dequantize(), hessian) if hessian is not None else float("nan")
-        return GPTQResult(quantized=quantized, damp_used=0.0, weighted_error=error)
+        return GPTQResult(quantized=rtn_quantize(weight, spec), damp_used=0.0)
     raise ValueError(f"quantize_weight does not handle method {spec.method!r}")

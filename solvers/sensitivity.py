@@ -1,5 +1,5 @@
-"""Sensitivity of each layer to each candidate spec: the Hessian-weighted error tr(E H E^T) that
-the candidate would actually leave (after GPTQ's error feedback, not just rounding). Summed
+"""Sensitivity of each layer to each candidate spec: the error that candidate would actually
+leave (after GPTQ's error feedback, not just rounding), measured in the block's output. Summed
 over layers it approximates the loss increase (HAWQ-V3; HIGGS's linearity theorem)."""
 from __future__ import annotations
 
@@ -8,19 +8,6 @@ from collections.abc import Sequence
 import torch
 
 from layerquant.specs import QuantSpec
-from layerquant.solvers.gptq import hessian_weighted_error
-
-
-def score_sensitivity(
-    weight: torch.Tensor, hessian: torch.Tensor, candidates: Sequence[QuantSpec], damp_percent: float = 0.01, layer: str = "layer"
-) -> list[float]:
-    from layerquant.solvers.reconstruct import quantize_layer
-
-    scores = []
-    for spec in candidates:
-        _, weight_hat, _ = quantize_layer(weight, hessian, spec, damp_percent, layer)
-        scores.append(hessian_weighted_error(weight, weight_hat, hessian))
-    return scores
 
 
 def score_block_sensitivity(

@@ -2,13 +2,11 @@
 from __future__ import annotations
 
 import copy
-from pathlib import Path
 
 import pytest
 import torch
 
 from layerquant.errors import InvalidSpec
-from layerquant.infra.texts import load_tokenizer, tokenize
 from layerquant.solvers.architectures import BlockContext, architecture_for, run_block
 from layerquant.solvers.grid import rtn_quantize
 from layerquant.solvers.norm_tweak import (
@@ -21,41 +19,10 @@ from layerquant.solvers.norm_tweak import (
 )
 from layerquant.solvers.reconstruct import apply_quantization_sequential, relative_output_error
 from layerquant.specs import QuantSpec
-
-SEQ = 128
-BLOCK = 2
+from support.stories_block import BLOCK, one_thread, real_block  # noqa: F401 (fixtures)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny 64-wide tensors: a second intra-op thread buys nothing, and on a busy 2-core machine
-    its spin-waiting made this file 8x slower (93 s vs 11 s)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
-
-@pytest.fixture(scope="module")
-def real_block(stories_model, calib_text, eval_text):
-    """Block 2 of stories260K with its real inputs: 32 calibration sequences to tweak on and
-    16 sequences of the evaluation text, never seen while tweaking, to judge on."""
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(stories_model, dtype=torch.float32).eval()
-    tokenizer = load_tokenizer(stories_model)
-    train = tokenize(tokenizer, Path(calib_text).read_text(encoding="utf-8")[:100_000])[: 32 * SEQ].reshape(32, SEQ)
-    test = tokenize(tokenizer, Path(eval_text).read_text(encoding="utf-8")[:60_000])[: 16 * SEQ].reshape(16, SEQ)
-    with torch.no_grad():
-        x_train = model(train, output_hidden_states=True).hidden_states[BLOCK]
-        x_test = model(test, output_hidden_states=True).hidden_states[BLOCK]
-    arch = architecture_for("llama")
-    context = BlockContext(arch, model.config, SEQ)
-    block = model.model.layers[BLOCK]
-    kwargs = context.block_kwargs(BLOCK)
-    with torch.no_grad():
-        y_train, y_test = block(x_train, **kwargs), block(x_test, **kwargs)
-    return dict(block=block, arch=arch, context=context, kwargs=kwargs, x_train=x_train, x_test=x_test, y_train=y_train, y_test=y_test)
 
 
 def _quantized(real_block, spec: QuantSpec):

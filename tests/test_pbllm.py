@@ -11,23 +11,13 @@ from safetensors.torch import load_file, save_file
 from layerquant.errors import InvalidSpec
 from layerquant.infra.texts import load_tokenizer, tokenize
 from layerquant.solvers.architectures import BlockContext, architecture_for, run_block
-from layerquant.solvers.gptq import gptq_quantize, hessian_weighted_error
+from layerquant.solvers.gptq import gptq_quantize, hessian_weighted_error, relative_weighted_error
 from layerquant.solvers.pbllm import PBLLMResult, binarize_partial, pack_bits, payload_bits, unpack_bits
 from layerquant.solvers.reconstruct import apply_quantization_sequential, collect_hessians, stored_weight
 from layerquant.specs import QuantSpec
-
-SEQ = 128
-BLOCK = 2
+from support.stories_block import BLOCK, SEQ, one_thread  # noqa: F401 (fixtures)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny 64-wide tensors: a second intra-op thread buys nothing, and on a busy 2-core machine
-    its spin-waiting made this file 8x slower (93 s vs 11 s)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def pb(fraction: float, salient_bits: int = 4, group_size: int = 64, act_order: bool = False) -> QuantSpec:
@@ -54,10 +44,6 @@ def layers(stories_model, calib_text):
         for name in group:
             out[name] = (block.get_submodule(name).weight.detach().clone(), hessians[group[0]])
     return {"layers": out, "block": block, "context": context, "hidden": hidden, "arch": arch}
-
-
-def _relative(weight, weight_hat, hessian) -> float:
-    return hessian_weighted_error(weight, weight_hat, hessian) / hessian_weighted_error(weight, torch.zeros_like(weight), hessian)
 
 
 @pytest.mark.parametrize("bits", [1, 2, 3, 4, 8])
@@ -125,8 +111,8 @@ def test_beats_two_bit_gptq_of_larger_size(layers):
         rows, cols = weight.shape
         size_ours += spec.storage_bits(rows, cols)
         size_theirs += rival.storage_bits(rows, cols)
-        e_pb = _relative(weight, binarize_partial(weight, hessian, spec).dequantize(), hessian)
-        e_gptq = _relative(weight, gptq_quantize(weight, hessian, rival).quantized.dequantize(), hessian)
+        e_pb = relative_weighted_error(weight, binarize_partial(weight, hessian, spec).dequantize(), hessian)
+        e_gptq = relative_weighted_error(weight, gptq_quantize(weight, hessian, rival).quantized.dequantize(), hessian)
         assert e_pb < e_gptq, (name, e_pb, e_gptq)
         ours += e_pb
         theirs += e_gptq
@@ -139,14 +125,14 @@ def test_hessian_feedback_and_saliency_pay_off(layers):
     Hessian (identity Hessian: magnitude saliency, no error feedback) on every layer."""
     spec = pb(0.1, 4, 64)
     for name, (weight, hessian) in layers["layers"].items():
-        with_h = _relative(weight, binarize_partial(weight, hessian, spec).dequantize(), hessian)
-        without = _relative(weight, binarize_partial(weight, torch.eye(weight.shape[1]), spec).dequantize(), hessian)
+        with_h = relative_weighted_error(weight, binarize_partial(weight, hessian, spec).dequantize(), hessian)
+        without = relative_weighted_error(weight, binarize_partial(weight, torch.eye(weight.shape[1]), spec).dequantize(), hessian)
         assert with_h < 0.9 * without, (name, with_h, without)
 
 
 def test_error_falls_as_salient_fraction_grows(layers):
     weight, hessian = layers["layers"]["mlp.up_proj"]
-    errors = [_relative(weight, binarize_partial(weight, hessian, pb(f)).dequantize(), hessian) for f in (0.0, 0.05, 0.1, 0.2, 0.4)]
+    errors = [relative_weighted_error(weight, binarize_partial(weight, hessian, pb(f)).dequantize(), hessian) for f in (0.0, 0.05, 0.1, 0.2, 0.4)]
     assert all(b < a for a, b in zip(errors, errors[1:])), errors
     # plain binarization (no salient weights) of a real layer loses about a quarter of it
     assert 0.15 < errors[0] < 0.4
