@@ -13,11 +13,13 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from layerquant.config import RunConfig
+from layerquant.errors import InfeasibleBudget, InvalidSpec, QualityGateFailed
 from layerquant.infra.checkpoint import CheckpointReader
 from layerquant.infra.progress import BlockProgress
 from layerquant.infra.store import open_store
 from layerquant.report import build_report
-from layerquant.specs import ArtifactRef
+from layerquant.solvers.allocation import more_generous
+from layerquant.specs import ArtifactRef, QuantSpec
 from layerquant.tasks.blocks import quantize_block
 from layerquant.tasks.calibration import capture_calibration
 from layerquant.tasks.export import export_dequantized
@@ -62,7 +64,10 @@ def quantize_flow(config: dict[str, Any], force_blocks: list[int] | None = None)
         report = _run_stages(config, run_config, reader, run_id, progress, force_blocks, started)
     except Exception as exc:
         # the manifest says what failed; finished blocks stay in the store for the retry
-        record_manifest(run_config.store, run_id, "failed", {"config": config, "n_blocks": n_blocks, "error": f"{type(exc).__name__}: {exc}"})
+        failure = {"config": config, "n_blocks": n_blocks, "error": f"{type(exc).__name__}: {exc}"}
+        if getattr(exc, "report", None) is not None:
+            failure["report"] = exc.report
+        record_manifest(run_config.store, run_id, "failed", failure)
         raise
     finally:
         progress.close()
@@ -85,9 +90,16 @@ def _run_stages(config, run_config, reader, run_id, progress, force_blocks, star
                                                               "scores": [s["scores"] for s in scored]})
     inputs = calibration
     blocks: list[dict] = []
+    gate_events: list[dict] = []
+    used_specs: dict[str, dict] = {}  # full layer name -> the spec its finished block used
     for index in range(n_blocks):
         specs = block_specs(run_config, reader, index, plan["plan"] if plan else None)
         result = quantize_block(config, index, inputs, specs, force=index >= first_forced)
+        if run_config.gate_output_error is not None:
+            result, specs, plan, events = enforce_output_gate(config, run_config, reader, index, inputs, specs, result, plan,
+                                                              [s["scores"] for s in scored], used_specs)
+            gate_events += events
+        used_specs |= {reader.block_prefix(index) + name: spec for name, spec in specs.items()}
         blocks.append(result)
         inputs = result["outputs"]
         progress.advance(f"block {index:02d}{' (cached)' if result['cached'] else ''}")
@@ -110,10 +122,15 @@ def _run_stages(config, run_config, reader, run_id, progress, force_blocks, star
             "config": run_config.identity(),
             "blocks_cached": [i for i, b in enumerate(blocks) if b["cached"]],
             "plan": None if plan is None else {k: plan[k] for k in ("avg_bits", "predicted_loss", "solve_s")} | {"budget": run_config.budget},
+            "gates": gate_events,
             "wall_s": round(time.perf_counter() - started, 2),
             "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         },
     )
+    if run_config.max_ppl_increase is not None and report["ppl_quant"] > report["ppl_fp"] * (1 + run_config.max_ppl_increase):
+        error = QualityGateFailed(report["ppl_fp"], report["ppl_quant"], run_config.max_ppl_increase)
+        error.report = report  # the manifest keeps what was measured
+        raise error
     if run_config.out and run_config.pack_format == "dequantized":
         export_dequantized(config, blocks, report)
     elif run_config.out:
@@ -122,6 +139,53 @@ def _run_stages(config, run_config, reader, run_id, progress, force_blocks, star
     record_manifest(run_config.store, run_id, "completed", {"config": config, "n_blocks": n_blocks, "blocks": [b["block"] for b in blocks],
                                                             "scores": [s["scores"] for s in scored], "report": report})
     return report
+
+
+def block_output_error(result: dict) -> float:
+    return ArtifactRef.from_dict(result["block"]).meta["output_error"]
+
+
+def enforce_output_gate(config, run_config, reader, index, inputs, specs, result, plan, score_refs, used_specs):
+    """Redo block `index` with finer grids while its output error exceeds the gate.
+
+    Without a plan each layer moves to its cheapest finer candidate. With a plan the integer
+    program is solved again: finished blocks keep their specs, this block's layers may only
+    take finer candidates, and the later blocks pay for it within the same budget; when the
+    budget leaves no room the block is kept and the report says so.
+    Returns (block result, its specs, the plan now in force, what happened).
+    """
+    logger = get_run_logger()
+    threshold = run_config.gate_output_error
+    candidates = run_config.candidate_specs()
+    prefix = reader.block_prefix(index)
+    shapes = {layer["name"]: tuple(layer["shape"]) for layer in ArtifactRef.from_dict(result["block"]).meta["layers"]}
+    events = []
+    while (error := block_output_error(result)) > threshold:
+        finer = {name: more_generous(QuantSpec.from_dict(spec), candidates, shapes[name]) for name, spec in specs.items()}
+        event = {"block": index, "output_error": error, "threshold": threshold}
+        if not any(finer.values()):
+            events.append(event | {"action": "kept", "why": "no finer candidate"})
+            break
+        if plan is None:
+            new_specs = {name: candidates[finer[name][0]].to_dict() if finer[name] else spec for name, spec in specs.items()}
+        else:
+            restrict = {name: [candidates.index(QuantSpec.from_dict(spec))] for name, spec in used_specs.items()}
+            restrict |= {prefix + name: options or [candidates.index(QuantSpec.from_dict(specs[name]))] for name, options in finer.items()}
+            try:
+                replanned = plan_bits(config, score_refs, run_config.budget, restrict)
+            except (InfeasibleBudget, InvalidSpec) as exc:
+                events.append(event | {"action": "kept", "why": f"the budget leaves no room ({exc.message})"})
+                logger.warning("block %02d: output error %.3e over the gate %.3e, kept: the budget leaves no room", index, error, threshold)
+                break
+            plan = replanned
+            new_specs = block_specs(run_config, reader, index, plan["plan"])
+        logger.warning("block %02d: output error %.3e over the gate %.3e, redoing it with finer grids", index, error, threshold)
+        result = quantize_block(config, index, inputs, new_specs)
+        events.append(event | {"action": "redone", "output_error_after": block_output_error(result),
+                               "specs_before": {n: QuantSpec.from_dict(v).label() for n, v in specs.items()},
+                               "specs_after": {n: QuantSpec.from_dict(v).label() for n, v in new_specs.items()}})
+        specs = new_specs
+    return result, specs, plan, events
 
 
 def publish_summary(run_id: str, report: dict[str, Any]) -> None:

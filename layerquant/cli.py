@@ -43,6 +43,12 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--eval-windows", type=int)
     parser.add_argument("--eval-seqlen", type=int)
     parser.add_argument("--budget", type=float, help="mixed precision: average bits per weight, overhead counted")
+    parser.add_argument("--salient-fraction", type=float, help="PB-LLM: share of weights kept in salient_bits (default 0.1)")
+    parser.add_argument("--refine-steps", type=int, help="AdaQuant scale refinement steps per block (default 0 = off)")
+    parser.add_argument("--norm-tweak-steps", type=int, help="norm tweaking steps per block (default 0 = off)")
+    parser.add_argument("--gate-output-error", type=float,
+                        help="redo a block with a more generous spec when its relative output error exceeds this")
+    parser.add_argument("--max-ppl-increase", type=float, help="fail the run if perplexity rises by more than this fraction (0.05 = +5%%)")
     parser.add_argument("--pack-format", choices=["dequantized", "compressed-tensors", "gptq"],
                         help="what --out receives (default: dequantized weights any transformers loads)")
     parser.add_argument("--store", help="artifact store: a folder or s3://bucket/prefix (default .layerquant/store)")
@@ -77,6 +83,11 @@ def config_from_args(args: argparse.Namespace):
         eval_seqlen=args.eval_seqlen,
         pack_format=args.pack_format,
         budget=args.budget,
+        salient_fraction=args.salient_fraction,
+        refine_steps=args.refine_steps,
+        norm_tweak_steps=args.norm_tweak_steps,
+        gate_output_error=args.gate_output_error,
+        max_ppl_increase=args.max_ppl_increase,
         store=absolute_location(args.store or ".layerquant/store"),
         out=absolute_location(getattr(args, "out", None)),
     )

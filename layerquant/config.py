@@ -11,6 +11,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from layerquant.errors import InvalidSpec
+from layerquant.solvers.reconstruct import BlockTuning
 from layerquant.specs import QuantSpec
 
 CODE_VERSION = "0.1.0"
@@ -58,6 +59,21 @@ class RunConfig(BaseModel):
     clip_search: bool = True
     salient_fraction: float = 0.1
     damp_percent: float = Field(0.01, gt=0, le=1)
+    # after each block is quantized, fitted to the float block's outputs (0 steps = off):
+    # AdaQuant-style refinement of the scales (codes stay on their grid), then norm tweaking
+    refine_steps: int = Field(0, ge=0, le=100_000)
+    refine_lr: float = Field(3e-3, gt=0, le=1)
+    norm_tweak_steps: int = Field(0, ge=0, le=100_000)
+    norm_tweak_lr: float = Field(3e-3, gt=0, le=1)
+    norm_tweak_loss: Literal["mse", "dist"] = "mse"
+    # share of calibration samples held out to pick each tuning step's best iterate: on
+    # stories260K, choosing on the training samples kept norm tweaks that raised perplexity
+    tuning_holdout: float = Field(0.25, ge=0, lt=1)
+    # quality gates: a block whose relative output error (against the float block, same
+    # inputs) exceeds gate_output_error is redone with the next more generous spec; a run whose
+    # perplexity rises by more than max_ppl_increase (a fraction: 0.05 = +5%) fails
+    gate_output_error: float | None = Field(None, gt=0)
+    max_ppl_increase: float | None = Field(None, gt=0)
     # mixed precision: average bits per weight (scales and zeros counted) the plan must fit
     budget: float | None = Field(None, gt=0)
     # candidate specs for the plan (fields as in QuantSpec; unset fields take the defaults above)
@@ -98,6 +114,11 @@ class RunConfig(BaseModel):
             clip_search=self.clip_search,
             salient_fraction=self.salient_fraction if self.method == "pbllm" else 0.0,
         )
+
+    def block_tuning(self) -> BlockTuning:
+        return BlockTuning(refine_steps=self.refine_steps, refine_lr=self.refine_lr, norm_tweak_steps=self.norm_tweak_steps,
+                           norm_tweak_lr=self.norm_tweak_lr, norm_tweak_loss=self.norm_tweak_loss, seed=self.seed,
+                           holdout=self.tuning_holdout)
 
     def spec_for(self, layer: str) -> QuantSpec:
         base = self.default_spec()

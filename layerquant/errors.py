@@ -74,5 +74,17 @@ class ArtifactMissing(LayerquantError):
     """A referenced artifact is not in the store."""
 
 
+
 class QualityGateFailed(LayerquantError):
-    """The quantized model misses a quality bound set in the recipe."""
+    """The quantized model misses the recipe's end-to-end quality bound."""
+
+    exit_code = 3
+
+    def __init__(self, ppl_fp: float, ppl_quant: float, max_increase: float):
+        self.ppl_fp, self.ppl_quant, self.max_increase = ppl_fp, ppl_quant, max_increase
+        super().__init__(
+            f"perplexity rose {100 * (ppl_quant / ppl_fp - 1):.2f}% ({ppl_fp:.4f} -> {ppl_quant:.4f}), "
+            f"more than max_ppl_increase {100 * max_increase:g}%; no output was written",
+            "raise --bits or --budget, switch on --refine-steps / --norm-tweak-steps, or relax max_ppl_increase "
+            "(finished blocks stay in the store, so a re-run only redoes what changed)",
+        )

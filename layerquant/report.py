@@ -47,13 +47,16 @@ def build_report(
         "ppl_fp": ppl_fp["ppl"],
         "ppl_quant": ppl_quant["ppl"],
         "ppl_increase_pct": 100.0 * (ppl_quant["ppl"] / ppl_fp["ppl"] - 1.0),
+        # standard error of the quantized model's mean token NLL over the windows (noise level)
+        "nll_std_err": ppl_quant.get("nll_std_err"),
         "eval_windows": ppl_fp["windows"],
         "eval_seqlen": ppl_fp["seqlen"],
         "avg_bits": total_bits / max(total_weights, 1),
         "quantized_weights": total_weights,
         "quantized_mb": total_bits / 8 / 2**20,
         "blocks": [
-            {"index": meta["index"], "output_error": meta["output_error"], "seconds": meta["seconds"]} for meta in block_metas
+            {"index": meta["index"], "output_error": meta["output_error"], "seconds": meta["seconds"], "tuning": meta.get("tuning", {})}
+            for meta in block_metas
         ],
         "layers": layers,
         # vLLM's quantized kernels take 4/8-bit integer grids only

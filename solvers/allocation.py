@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import pulp
@@ -43,12 +43,23 @@ def vllm_servable(spec: QuantSpec) -> bool:
     return spec.method in ("gptq", "rtn") and spec.bits in (4, 8) and spec.group_size in VLLM_GROUP_SIZES
 
 
+def grid_bits(spec: QuantSpec) -> int:
+    """Bits of a spec's weight grid; PB-LLM counts as 1 (its bulk is binarized)."""
+    return 1 if spec.method == "pbllm" else spec.bits
+
+
+def more_generous(current: QuantSpec, candidates: Sequence[QuantSpec], shape: tuple[int, int]) -> list[int]:
+    """Indices of the candidates on a finer grid than `current`, cheapest first: where a
+    quality gate may send a layer whose block missed its output-error bound."""
+    options = [i for i, spec in enumerate(candidates) if grid_bits(spec) > grid_bits(current)]
+    return sorted(options, key=lambda i: (candidates[i].storage_bits(*shape), i))
+
+
 def _allowed(layer: LayerOptions, floors: dict[str, int], servable: str | None) -> list[int]:
     floor = max((bits for pattern, bits in floors.items() if re.search(pattern, layer.name)), default=0)
     keep = []
     for i, spec in enumerate(layer.candidates):
-        bits = spec.bits if spec.method != "pbllm" else 1
-        if bits < floor or (servable == "vllm" and not vllm_servable(spec)):
+        if grid_bits(spec) < floor or (servable == "vllm" and not vllm_servable(spec)):
             continue
         keep.append(i)
     if not keep:
@@ -64,6 +75,7 @@ def allocate_bits(
     floors: dict[str, int] | None = None,
     servable: str | None = None,
     solver: str = "cbc",
+    restrict: Mapping[str, Collection[int]] | None = None,
 ) -> Allocation:
     """One-hot choice per layer minimising the summed scores subject to
     sum(storage bits) <= budget x weights (avg_bits) or budget x 8 (total_bytes).
@@ -71,6 +83,8 @@ def allocate_bits(
     Layers in one tie group (fed by one input, fused by engines: q/k/v, gate/up) take the same
     candidate index, so their candidate lists must be equal. `floors` maps a regex on the layer
     name to minimum bits (e.g. {"down_proj": 3}); servable="vllm" keeps 4/8-bit grids vLLM runs.
+    `restrict` maps layer names to the only candidate indices they may take (re-planning around
+    layers that are already quantized, or that a quality gate sent to more generous specs).
     """
     start = time.perf_counter()
     floors = floors or {}
@@ -84,6 +98,12 @@ def allocate_bits(
         raise InvalidSpec(f"budget kind {budget_kind!r} is unknown", "use avg_bits or total_bytes")
 
     allowed = {layer.name: _allowed(layer, floors, servable) for layer in layers}
+    for name, indices in (restrict or {}).items():
+        if name in allowed:
+            allowed[name] = [i for i in allowed[name] if i in set(indices)]
+            if not allowed[name]:
+                raise InvalidSpec(f"no allowed candidate of {name} is among the restricted ones {sorted(indices)}",
+                                  "relax the floors / servable constraints or the restriction")
     cost = {layer.name: [c.storage_bits(*layer.shape) for c in layer.candidates] for layer in layers}
     groups: list[list[str]] = [list(g) for g in tie_groups if all(n in by_name for n in g)]
     tied = {n for g in groups for n in g}

@@ -23,8 +23,12 @@ def stream_perplexity(
     for block in blocks:
         hidden = block(hidden)
     targets = torch.cat([windows[:, 1:], torch.full((windows.shape[0], 1), -100, dtype=windows.dtype)], dim=1)
-    total = 0.0
-    for row in range(windows.shape[0]):
-        total += float(nll(hidden[row], targets[row]))
-    count = int((targets >= 0).sum())
-    return {"ppl": math.exp(total / count), "nll": total / count, "tokens": count}
+    per_window = [float(nll(hidden[row], targets[row])) for row in range(windows.shape[0])]
+    counts = (targets >= 0).sum(dim=1).tolist()
+    count = sum(counts)
+    mean = sum(per_window) / count
+    # standard error of the mean token NLL, treating windows as the independent samples: the
+    # noise level below which two perplexities on these windows cannot be told apart
+    window_means = [total / n for total, n in zip(per_window, counts)]
+    spread = sum((m - mean) ** 2 for m in window_means) / max(len(window_means) - 1, 1)
+    return {"ppl": math.exp(mean), "nll": mean, "nll_std_err": math.sqrt(spread / len(window_means)), "tokens": count}

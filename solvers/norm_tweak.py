@@ -214,6 +214,7 @@ def tweak_norms(
     seed: int = 0,
     eval_every: int | None = None,
     loss: str = "dist",
+    validation: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[dict[str, torch.Tensor], TweakStats]:
     """Tweak `norm_weights` so block_forward(weights, inputs) matches `float_outputs`.
 
@@ -232,8 +233,12 @@ def tweak_norms(
         perplexity (2-bit g32: 30.3 -> 31.9 at lr 1e-3), while "mse" lowers both MSE and
         perplexity (30.3 -> 23.2 at lr 3e-3); with RTN both help.
 
+    validation: (inputs, float outputs) of held-out samples; when given, the best weights are
+        chosen by the loss on them instead of on the training inputs, so steps that only fit
+        the training samples are not kept.
+
     Returns (best weights seen, stats): copies in each given tensor's dtype, never worse than
-    `norm_weights` on the dataset loss.
+    `norm_weights` on the dataset (or validation) loss.
     """
     _check_args(inputs, float_outputs, steps, lr, batch_size)
     if eval_every is not None and eval_every < 1:
@@ -252,11 +257,16 @@ def tweak_norms(
     target = reference.result()
     energy = float(reference.total_sq.sum()) / reference.n  # mean squared float output per token
 
+    select_inputs, select_outputs = validation if validation is not None else (inputs, float_outputs)
+    if validation is not None:
+        _check_args(select_inputs, select_outputs, steps, lr, batch_size)
+    select_target = target if validation is None else channel_stats(select_outputs)
+
     def dataset_loss() -> float:
         weights = {k: v.detach().to(dtypes[k]) for k, v in params.items()}
         if loss == "dist":
-            return dataset_distribution_loss(block_forward, weights, inputs, target, batch_size)
-        return dataset_relative_mse(block_forward, weights, inputs, float_outputs, batch_size)
+            return dataset_distribution_loss(block_forward, weights, select_inputs, select_target, batch_size)
+        return dataset_relative_mse(block_forward, weights, select_inputs, select_outputs, batch_size)
 
     def batch_loss(outputs: torch.Tensor, reference_outputs: torch.Tensor) -> torch.Tensor:
         if loss == "dist":

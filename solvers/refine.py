@@ -97,6 +97,7 @@ def refine_scales(
     eval_every: int | None = None,
     optimize_zeros: bool = False,
     zero_lr: float = 0.02,
+    validation: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[dict[str, QuantizedWeight], RefineStats]:
     """Tune the scales of `layers` (block-relative name -> QuantizedWeight) on block output MSE.
 
@@ -109,6 +110,8 @@ def refine_scales(
         of a scale per Adam step (3e-3 beat 1e-3 on every stories260K block tried).
     optimize_zeros: also tune the integer zero points of asymmetric layers, with Adam steps of
         `zero_lr` code units (a zero moves only once it crosses a rounding boundary).
+    validation: (inputs, float outputs) of held-out samples that choose the best step instead
+        of the training inputs.
 
     Returns (layers with refined fp16-exact scales, identical codes; stats). Layers are new
     `QuantizedWeight`s; the inputs are not modified.
@@ -134,9 +137,11 @@ def refine_scales(
     energy = sum(float(float_outputs[i : i + batch_size].double().pow(2).sum()) for i in range(0, n, batch_size))
     energy /= max(1, float_outputs[..., 0].numel())
 
+    select_inputs, select_outputs = validation if validation is not None else (inputs, float_outputs)
+
     def dataset_loss(candidate: Mapping[str, QuantizedWeight]) -> float:
         weights = {f"{name}.weight": qw.dequantize() for name, qw in candidate.items()}
-        return dataset_relative_mse(block_forward, weights, inputs, float_outputs, batch_size)
+        return dataset_relative_mse(block_forward, weights, select_inputs, select_outputs, batch_size)
 
     best = {name: layer.stored() for name, layer in state.items()}
     initial = dataset_loss(best)

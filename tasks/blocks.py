@@ -17,8 +17,11 @@ BLOCK_STAGE = "block"
 HIDDEN_STAGE = "hidden"
 
 
-def block_key(inputs_sha: str, weights_fp: str, specs: dict[str, dict], damp_percent: float) -> str:
-    return artifact_key(BLOCK_STAGE, CODE_VERSION, [inputs_sha, weights_fp], {"specs": specs, "damp": damp_percent})
+def block_key(inputs_sha: str, weights_fp: str, specs: dict[str, dict], damp_percent: float, tuning: dict) -> str:
+    settings = {"specs": specs, "damp": damp_percent}
+    if tuning:  # absent when off: plain runs keep the keys they always had
+        settings["tuning"] = tuning
+    return artifact_key(BLOCK_STAGE, CODE_VERSION, [inputs_sha, weights_fp], settings)
 
 
 @task(name="reconstruct", task_run_name="block-{index:02d} / reconstruct", cache_policy=NO_CACHE,
@@ -33,7 +36,8 @@ def quantize_block(config: dict, index: int, inputs: dict, specs: dict[str, dict
     weights = reader.block_weights(index, dtype=None)
     weights_fp = tensors_fingerprint(sorted(weights.items()))
     inputs_ref = ref_of(inputs)
-    key = block_key(inputs_ref.sha256, weights_fp, specs, ctx.config.damp_percent)
+    tuning = ctx.config.block_tuning()
+    key = block_key(inputs_ref.sha256, weights_fp, specs, ctx.config.damp_percent, tuning.identity())
     block_hit = None if force else cached(ctx.store, BLOCK_STAGE, key, logger)
     outputs_hit = None if force else cached(ctx.store, HIDDEN_STAGE, key, logger)
     if block_hit is not None and outputs_hit is not None:
@@ -45,19 +49,20 @@ def quantize_block(config: dict, index: int, inputs: dict, specs: dict[str, dict
     result = reconstruct_block(
         reader.arch, reader.config, index, {name: t.float() for name, t in weights.items()}, hidden["hidden"],
         {name: QuantSpec.from_dict(spec) for name, spec in specs.items()},
-        damp_percent=ctx.config.damp_percent, layer_prefix=reader.block_prefix(index),
+        damp_percent=ctx.config.damp_percent, layer_prefix=reader.block_prefix(index), tuning=tuning,
     )
     tensors = {f"{o.name}.{part}": value for o in result.outcomes for part, value in o.tensors.items()}
+    tensors |= {f"override.{param}": value for param, value in result.overrides.items()}
     layers = []
     for o in result.outcomes:
         out_features, in_features = o.shape
         layers.append({
-            "name": o.name, "spec": o.spec.to_dict(), "error": o.error, "damp": o.damp_used,
+            "name": o.name, "spec": o.spec.to_dict(), "shape": [out_features, in_features], "error": o.error, "damp": o.damp_used,
             "seconds": round(o.seconds, 3), "n_weights": out_features * in_features,
             "storage_bits": o.spec.storage_bits(out_features, in_features),
         })
     meta = {"index": index, "weights_fp": weights_fp, "layers": layers, "output_error": result.output_error,
-            "seconds": round(result.seconds, 3), "stage": BLOCK_STAGE}
+            "tuning": result.tuning, "seconds": round(result.seconds, 3), "stage": BLOCK_STAGE}
     # outputs first: a block artifact is only trusted once the inputs of the next block exist
     outputs_ref = ctx.store.put_tensors(HIDDEN_STAGE, key, {"hidden": result.outputs}, {"index": index + 1, "stage": HIDDEN_STAGE})
     block_ref = ctx.store.put_tensors(BLOCK_STAGE, key, tensors, meta)

@@ -60,15 +60,17 @@ def score_block(config: dict, index: int, inputs: dict) -> dict:
     return {"scores": scores_ref.to_dict(), "outputs": outputs_ref.to_dict(), "hessian": hessian_ref.to_dict()}
 
 
-def solve_plan(config: RunConfig, store: ArtifactStore, score_refs: list[dict], tie_groups: list[list[str]]) -> Allocation:
-    """The integer program over every layer's stored scores (no Hessian is recomputed)."""
+def solve_plan(config: RunConfig, store: ArtifactStore, score_refs: list[dict], tie_groups: list[list[str]],
+               restrict: dict[str, list[int]] | None = None) -> Allocation:
+    """The integer program over every layer's stored scores (no Hessian is recomputed);
+    `restrict`: layer name -> the candidate indices it may take."""
     candidates = tuple(config.candidate_specs())
     layers = []
     for ref in score_refs:
         for layer in store.get_json(ref_of(ref))["layers"]:
             layers.append(LayerOptions(layer["name"], tuple(layer["shape"]), candidates, tuple(layer["scores"])))
     return allocate_bits(layers, config.budget, tie_groups=tie_groups if config.tie_fused else (), floors=config.floors,
-                         servable=config.servable, solver=config.ip_solver)
+                         servable=config.servable, solver=config.ip_solver, restrict=restrict)
 
 
 def fused_groups(reader) -> list[list[str]]:
@@ -78,10 +80,10 @@ def fused_groups(reader) -> list[list[str]]:
 
 @task(name="plan", task_run_name="plan / budget {budget}", cache_policy=NO_CACHE, persist_result=False,
       retries=3, retry_delay_seconds=[2, 5, 10], retry_condition_fn=retry_transient)
-def plan_bits(config: dict, score_refs: list[dict], budget: float) -> dict[str, Any]:
+def plan_bits(config: dict, score_refs: list[dict], budget: float, restrict: dict[str, list[int]] | None = None) -> dict[str, Any]:
     logger = get_run_logger()
     ctx = RunContext.open(config)
-    allocation = solve_plan(ctx.config, ctx.store, score_refs, fused_groups(ctx.reader))
+    allocation = solve_plan(ctx.config, ctx.store, score_refs, fused_groups(ctx.reader), restrict)
     logger.info("plan for %.3f bits/weight: %.4f achieved, predicted loss %.4g, solved in %.2fs",
                 budget, allocation.avg_bits, allocation.predicted_loss, allocation.seconds)
     return {"plan": {name: spec.to_dict() for name, spec in allocation.plan.items()}, "avg_bits": allocation.avg_bits,

@@ -51,3 +51,24 @@ def test_replanning_reuses_scores_and_takes_seconds(store, capsys):
         main(["plan", "--run", report["run_id"], "--store", str(store)])  # --budget is required
     assert main(["plan", "--run", report["run_id"], "--budget", "1.0", "--store", str(store)]) == 2
     assert "smallest achievable" in capsys.readouterr().err
+
+
+def test_a_block_over_the_gate_is_redone_within_the_budget(store):
+    budget = 3.25
+    base = quantize_flow(RunConfig(store=str(store), budget=budget, **PROTOCOL).model_dump())
+    errors = [block["output_error"] for block in base["blocks"]]
+    # the worst block that has later blocks left to pay for its upgrade, pushed over the gate
+    target = max(range(len(errors) - 1), key=errors.__getitem__)
+    gated = quantize_flow(RunConfig(store=str(store), budget=budget, gate_output_error=errors[target] * 0.999, **PROTOCOL).model_dump())
+    first = next(event for event in gated["gates"] if event["block"] == target)
+    assert first["action"] == "redone" and first["output_error_after"] < first["output_error"]
+    assert gated["avg_bits"] <= budget + 1e-9
+    assert gated["plan"]["avg_bits"] <= budget + 1e-9
+
+    def block_bits(report, index):
+        rows = [layer for layer in report["layers"] if layer["name"].startswith(f"model.layers.{index}.")]
+        return sum(layer["bits_per_weight"] * layer["n_weights"] for layer in rows)
+
+    assert block_bits(gated, target) > block_bits(base, target)
+    for index in range(target):  # finished blocks keep their specs
+        assert block_bits(gated, index) == block_bits(base, index)

@@ -1,8 +1,6 @@
 """The core pipeline end to end, on the real stories260K model and real TinyStories text."""
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -10,6 +8,7 @@ from safetensors.torch import load_file
 from layerquant.config import RunConfig
 from layerquant.flows.quantize import quantize_flow
 from layerquant.infra.store import LocalStore
+from support.perplexity import transformers_perplexity
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
 
@@ -68,11 +67,6 @@ def test_same_inputs_give_bit_identical_weights(tmp_path):
 
 
 def test_output_folder_loads_in_transformers_with_the_reported_perplexity(tmp_path, eval_text):
-    from transformers import AutoModelForCausalLM
-
-    from layerquant.infra.texts import load_tokenizer, read_text, tokenize
-    from layerquant.solvers.windows import make_windows
-
     out = tmp_path / "out"
     report = run(tmp_path, "export", bits=4, method="gptq", nsamples=32, eval_windows=20, out=str(out))
     saved = (out / "report.json").read_text()
@@ -80,10 +74,4 @@ def test_output_folder_loads_in_transformers_with_the_reported_perplexity(tmp_pa
     for layer in report["layers"]:
         assert {"name", "bits", "group_size", "method", "error"} <= set(layer)
         assert 0 < layer["error"] < 0.2
-    model = AutoModelForCausalLM.from_pretrained(out).eval()
-    tokenizer = load_tokenizer(out)
-    windows = make_windows(tokenize(tokenizer, read_text(eval_text)), 20, 256, tokenizer.bos_token_id)
-    with torch.no_grad():
-        logits = model(windows).logits
-    nll = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), windows[:, 1:].reshape(-1))
-    assert math.exp(nll.item()) == pytest.approx(report["ppl_quant"], rel=1e-4)
+    assert transformers_perplexity(out, eval_text, 20) == pytest.approx(report["ppl_quant"], rel=1e-4)
