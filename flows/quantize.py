@@ -19,22 +19,29 @@ from layerquant.infra.progress import BlockProgress
 from layerquant.infra.store import open_store
 from layerquant.report import build_report
 from layerquant.solvers.allocation import more_generous
+from layerquant.solvers.granularity import auto_group_sizes
 from layerquant.specs import ArtifactRef, QuantSpec
 from layerquant.tasks.blocks import quantize_block
 from layerquant.tasks.calibration import capture_calibration
 from layerquant.tasks.export import export_dequantized
 from layerquant.tasks.manifest import record_manifest
 from layerquant.tasks.pack import pack_model
-from layerquant.tasks.planning import plan_bits, score_block
+from layerquant.tasks.planning import higgs_coefficient, plan_bits, predicted_perplexity, score_block
 from layerquant.tasks.validation import evaluate
 
 
 def block_specs(config: RunConfig, reader: CheckpointReader, index: int, plan: dict[str, dict] | None) -> dict[str, dict]:
-    """The block's layer specs: from the bit plan when there is one, else the config's."""
+    """The block's layer specs: from the bit plan when there is one, else the config's (group
+    sizes chosen per matrix under granularity "auto", unless an override sets one)."""
     prefix = reader.block_prefix(index)
     if plan is not None:
         return {name: plan[prefix + name] for name in reader.arch.linear_names}
-    return {name: config.spec_for(prefix + name).to_dict() for name in reader.arch.linear_names}
+    specs = {name: config.spec_for(prefix + name) for name in reader.arch.linear_names}
+    if config.granularity == "auto":
+        # data-free: the weights alone decide, so this needs no calibration pass
+        chosen = auto_group_sizes(reader.block_weights(index), specs)
+        specs = {name: spec if "group_size" in config.overrides.get(prefix + name, {}) else chosen[name] for name, spec in specs.items()}
+    return {name: spec.to_dict() for name, spec in specs.items()}
 
 
 def run_name() -> str:
@@ -108,6 +115,10 @@ def _run_stages(config, run_config, reader, run_id, progress, force_blocks, star
 
     ppl_fp = evaluate(config, "float", blocks)
     ppl_quant = evaluate(config, "quant", blocks)
+    if plan is not None:
+        # fitted on this store's earlier finished runs of the same setting (not on this one)
+        calibration = higgs_coefficient(open_store(run_config.store), run_config)
+        plan = plan | {"higgs": calibration, "predicted_ppl": predicted_perplexity(ppl_fp["ppl"], plan["predicted_loss"], calibration)}
     metas = [ArtifactRef.from_dict(b["block"]).meta for b in blocks]
     report = build_report(
         metas,
@@ -121,7 +132,8 @@ def _run_stages(config, run_config, reader, run_id, progress, force_blocks, star
             "n_blocks": n_blocks,
             "config": run_config.identity(),
             "blocks_cached": [i for i, b in enumerate(blocks) if b["cached"]],
-            "plan": None if plan is None else {k: plan[k] for k in ("avg_bits", "predicted_loss", "solve_s")} | {"budget": run_config.budget},
+            "plan": None if plan is None else {k: plan[k] for k in ("avg_bits", "predicted_loss", "predicted_ppl", "higgs", "solve_s")}
+            | {"budget": run_config.budget},
             "gates": gate_events,
             "wall_s": round(time.perf_counter() - started, 2),
             "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),

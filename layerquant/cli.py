@@ -29,7 +29,8 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--calib", help="calibration text (.txt or datasets folder)")
     parser.add_argument("--eval", dest="eval_text", help="evaluation text (.txt or datasets folder)")
     parser.add_argument("--bits", type=int)
-    parser.add_argument("--group-size", type=int, help="0 = per-channel")
+    parser.add_argument("--group-size", type=group_size_arg,
+                        help="columns per scale; 0 = per-channel; auto = chosen per matrix from its weights")
     parser.add_argument("--asym", action="store_true", default=None, help="asymmetric grid (default symmetric)")
     parser.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=None,
                         help="GPTQ column order by Hessian diagonal, static groups (default on)")
@@ -54,6 +55,15 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--store", help="artifact store: a folder or s3://bucket/prefix (default .layerquant/store)")
 
 
+def group_size_arg(value: str) -> int | str:
+    if value == "auto":
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a group size: use an integer (0 = per-channel) or auto") from None
+
+
 def absolute_location(location: str | None) -> str | None:
     """Local paths become absolute (the run's manifest must stay valid from any directory)."""
     if location is None or location.startswith("s3://"):
@@ -70,7 +80,8 @@ def config_from_args(args: argparse.Namespace):
         calib=args.calib,
         eval=args.eval_text,
         bits=args.bits,
-        group_size=args.group_size,
+        group_size=None if args.group_size == "auto" else args.group_size,
+        granularity="auto" if args.group_size == "auto" else None,
         sym=False if args.asym else None,
         act_order=args.act_order,
         clip_search=args.clip_search,
@@ -157,7 +168,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from layerquant.flows.retry import load_run_config
     from layerquant.infra.checkpoint import CheckpointReader
     from layerquant.infra.store import open_store
-    from layerquant.tasks.planning import fused_groups, solve_plan
+    from layerquant.tasks.planning import fused_groups, higgs_coefficient, predicted_perplexity, solve_plan
 
     store_location = absolute_location(args.store)
     manifest = load_run_config(store_location, args.run)
@@ -167,7 +178,11 @@ def cmd_plan(args: argparse.Namespace) -> int:
     allocation = solve_plan(config, open_store(store_location), manifest["scores"], fused_groups(CheckpointReader(config.model)))
     for row in allocation.per_layer:
         print(f"{row['name']:48s} {row['spec']:28s} {row['bits_per_weight']:6.3f} bits/w  score {row['score']:.3e}")
+    store = open_store(store_location)
+    calibration = higgs_coefficient(store, config)
+    ppl_fp = (manifest.get("report") or {}).get("ppl_fp")
     print(json.dumps({"budget": args.budget, "avg_bits": allocation.avg_bits, "predicted_loss": allocation.predicted_loss,
+                      "predicted_ppl": predicted_perplexity(ppl_fp, allocation.predicted_loss, calibration), "higgs": calibration,
                       "solve_s": round(allocation.seconds, 3), "layers": len(allocation.plan)}))
     return 0
 

@@ -51,6 +51,9 @@ class RunConfig(BaseModel):
     # the default spec of every decoder linear layer
     bits: int = 4
     group_size: int = 128
+    # "auto": each matrix's group size chosen from its weights (FineQuant-style, data-free;
+    # solvers/granularity.py); with a budget it filters the candidates instead
+    granularity: Literal["fixed", "auto"] = "fixed"
     sym: bool = True
     method: Literal["rtn", "gptq", "pbllm"] = "gptq"
     # on by default: both cost nothing at inference (static groups keep natural column order)

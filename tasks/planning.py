@@ -3,15 +3,18 @@ integer program over all layers. Scores do not depend on the budget, so re-plann
 budget reuses them."""
 from __future__ import annotations
 
+import math
 from typing import Any
 
+import torch
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from layerquant.config import CODE_VERSION, RunConfig
-from layerquant.infra.checkpoint import tensors_fingerprint
+from layerquant.infra.checkpoint import CheckpointReader, tensors_fingerprint
 from layerquant.infra.store import ArtifactStore, artifact_key
 from layerquant.solvers.allocation import Allocation, LayerOptions, allocate_bits
+from layerquant.solvers.granularity import granularity_filter
 from layerquant.solvers.reconstruct import float_block_hessians
 from layerquant.solvers.sensitivity import score_block_sensitivity
 from layerquant.specs import QuantSpec
@@ -60,11 +63,35 @@ def score_block(config: dict, index: int, inputs: dict) -> dict:
     return {"scores": scores_ref.to_dict(), "outputs": outputs_ref.to_dict(), "hessian": hessian_ref.to_dict()}
 
 
+def granularity_restrict(reader, candidates: list[QuantSpec], tie_groups: list[list[str]]) -> dict[str, list[int]]:
+    """Layer name -> the candidates whose group size is the one `choose_group_size` picks for
+    that layer at the candidate's bits (layers fed by one input judged together, as engines
+    fuse them); a bit-width whose pick is not among the candidates keeps all its group sizes."""
+    restrict: dict[str, list[int]] = {}
+    for index in range(reader.n_blocks):
+        prefix = reader.block_prefix(index)
+        weights = reader.block_weights(index)
+        names = [prefix + name for name in reader.arch.linear_names]
+        fused = [group for group in tie_groups if group[0] in names]
+        grouped = {name for group in fused for name in group}
+        for group in fused + [[name] for name in names if name not in grouped]:
+            matrix = torch.cat([weights[name[len(prefix):] + ".weight"] for name in group])
+            restrict |= {name: granularity_filter(matrix, candidates) for name in group}
+    return restrict
+
+
 def solve_plan(config: RunConfig, store: ArtifactStore, score_refs: list[dict], tie_groups: list[list[str]],
-               restrict: dict[str, list[int]] | None = None) -> Allocation:
+               restrict: dict[str, list[int]] | None = None, reader=None) -> Allocation:
     """The integer program over every layer's stored scores (no Hessian is recomputed);
-    `restrict`: layer name -> the candidate indices it may take."""
+    `restrict`: layer name -> the candidate indices it may take. With granularity "auto" the
+    group sizes are filtered by the data-free heuristic (`reader` supplies the weights)."""
     candidates = tuple(config.candidate_specs())
+    if config.granularity == "auto":
+        ties = tie_groups if config.tie_fused else []
+        filtered = granularity_restrict(reader or CheckpointReader(config.model), list(candidates), ties)
+        for name, allowed in (restrict or {}).items():
+            filtered[name] = [i for i in filtered.get(name, allowed) if i in allowed] or list(allowed)
+        restrict = filtered
     layers = []
     for ref in score_refs:
         for layer in store.get_json(ref_of(ref))["layers"]:
@@ -83,8 +110,40 @@ def fused_groups(reader) -> list[list[str]]:
 def plan_bits(config: dict, score_refs: list[dict], budget: float, restrict: dict[str, list[int]] | None = None) -> dict[str, Any]:
     logger = get_run_logger()
     ctx = RunContext.open(config)
-    allocation = solve_plan(ctx.config, ctx.store, score_refs, fused_groups(ctx.reader), restrict)
+    allocation = solve_plan(ctx.config, ctx.store, score_refs, fused_groups(ctx.reader), restrict, ctx.reader)
     logger.info("plan for %.3f bits/weight: %.4f achieved, predicted loss %.4g, solved in %.2fs",
                 budget, allocation.avg_bits, allocation.predicted_loss, allocation.seconds)
     return {"plan": {name: spec.to_dict() for name, spec in allocation.plan.items()}, "avg_bits": allocation.avg_bits,
             "predicted_loss": allocation.predicted_loss, "solve_s": allocation.seconds, "per_layer": allocation.per_layer}
+
+
+# settings that do not change what a plan's predicted loss means for perplexity
+_NOT_CALIBRATION_CONTEXT = {"budget", "gate_output_error", "max_ppl_increase", "store", "out", "pack_format"}
+
+
+def higgs_coefficient(store: ArtifactStore, config: RunConfig) -> dict[str, Any] | None:
+    """The factor c in ln(ppl_quant / ppl_fp) ~= c * predicted_loss (HIGGS's linearity theorem:
+    the loss increase is close to a weighted sum of per-layer relative errors), fitted through
+    the origin on the finished budget runs of this store that share the model, texts, windows,
+    candidates and tuning of `config`. None until one such run has finished."""
+    context = {k: v for k, v in config.model_dump().items() if k not in _NOT_CALIBRATION_CONTEXT}
+    points = []
+    for path in store.list_paths("runs"):
+        if not path.endswith("/manifest.json"):
+            continue
+        manifest = store.read_manifest(path.split("/")[-2]) or {}
+        report = manifest.get("report") or {}
+        plan = report.get("plan") or {}
+        other = {k: v for k, v in manifest.get("config", {}).items() if k not in _NOT_CALIBRATION_CONTEXT}
+        if manifest.get("status") == "completed" and plan.get("predicted_loss") and other == context:
+            points.append((plan["predicted_loss"], math.log(report["ppl_quant"] / report["ppl_fp"])))
+    if not points:
+        return None
+    slope = sum(x * y for x, y in points) / sum(x * x for x, _ in points)
+    return {"coefficient": slope, "runs": len(points)}
+
+
+def predicted_perplexity(ppl_fp: float | None, predicted_loss: float, calibration: dict[str, Any] | None) -> float | None:
+    if calibration is None or ppl_fp is None:
+        return None
+    return ppl_fp * math.exp(calibration["coefficient"] * predicted_loss)

@@ -3,6 +3,7 @@ configuration of the same size, and re-planning reuses the stored scores."""
 from __future__ import annotations
 
 import json
+import math
 import time
 
 import pytest
@@ -45,6 +46,13 @@ def test_replanning_reuses_scores_and_takes_seconds(store, capsys):
     elapsed = time.perf_counter() - started
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["avg_bits"] <= 3.0 and summary["layers"] == 35
+    # HIGGS: ln(ppl_q / ppl_fp) ~= c * predicted loss, c fitted on this store's finished budget runs
+    assert summary["higgs"]["runs"] >= 2 and summary["higgs"]["coefficient"] > 0
+    finished = [LocalStore(store).read_manifest(RunConfig(store=str(store), budget=b, **PROTOCOL).run_id())["report"] for b in (3.25, 2.5)]
+    for measured in finished:
+        predicted = measured["ppl_fp"] * math.exp(summary["higgs"]["coefficient"] * measured["plan"]["predicted_loss"])
+        print("HIGGS", measured["plan"]["budget"], measured["ppl_quant"], predicted)
+    assert finished[0]["ppl_fp"] < summary["predicted_ppl"] < finished[1]["ppl_quant"] * 1.5
     assert elapsed < 15
     assert local.list_paths("cas/hessian") == hessians_before  # nothing recomputed
     with pytest.raises(SystemExit):
