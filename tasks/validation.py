@@ -39,11 +39,13 @@ def model_perplexity(ctx: RunContext, windows, block_refs: list[dict] | None, ba
             yield lambda hidden, block=block, index=index: arch_ops.run_block(block, context, index, hidden, batch_size)
 
     norm = arch_ops.final_norm(reader.arch, reader.config, reader.final_norm_weight())
-    head = reader.lm_head_weight()
+    embed = reader.embed_weight()
+    # tied embeddings: one tensor serves both ends (Gemma 3's is 671 MB in float32)
+    head = reader.lm_head_weight() if reader.has(reader.arch.lm_head_name) else embed
     softcap = getattr(reader.config, "final_logit_softcapping", None)
     return stream_perplexity(
         windows,
-        lambda tokens: arch_ops.embed_tokens(reader.arch, reader.config, reader.embed_weight(), tokens),
+        lambda tokens: arch_ops.embed_tokens(reader.arch, reader.config, embed, tokens),
         blocks(),
         lambda hidden, targets: arch_ops.token_nll(hidden, norm, head, targets, softcap),
     )
