@@ -76,3 +76,22 @@ def write_rows(name: str, rows: list[dict]) -> Path:
     path = RESULTS / f"{name}.json"
     path.write_text(json.dumps(rows, indent=2) + "\n")
     return path
+
+
+def load_rows(name: str) -> list[dict]:
+    path = RESULTS / f"{name}.json"
+    return json.loads(path.read_text()) if path.is_file() else []
+
+
+def run_layerquant_case(case: str, flags: list[str], store: str, out_root: str, env: dict[str, str] | None = None) -> dict:
+    """One `layerquant quantize` in its own process (peak RSS of its whole tree, Prefect's
+    temporary server included); returns its report plus the measured wall time and memory."""
+    import sys
+
+    out = Path(out_root) / case
+    command = [sys.executable, "-m", "layerquant.cli", "quantize", *flags, "--store", store, "--out", str(out), "--overwrite"]
+    measured = run_measured(command, env=env)
+    if measured["returncode"] != 0:
+        raise RuntimeError(f"{case} failed ({measured['returncode']}): {measured['stderr'][-2000:]}")
+    report = json.loads((out / "report.json").read_text())
+    return {"report": report, "wall_s": measured["wall_s"], "peak_rss_mb": measured["peak_rss_mb"]}
