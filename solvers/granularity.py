@@ -60,10 +60,13 @@ def choose_group_size(weight: torch.Tensor, bits: int, sym: bool = True,
     return min(coarse_first, key=lambda size: scores[size])
 
 
-def granularity_filter(weight: torch.Tensor, candidates: Sequence[QuantSpec]) -> list[int]:
+def granularity_filter(weight: torch.Tensor | Sequence[torch.Tensor], candidates: Sequence[QuantSpec]) -> list[int]:
     """Indices of the candidates worth scoring for `weight`: for each grid (method, bits, sym),
     only the group size `choose_group_size` picks among that grid's candidate sizes. PB-LLM
-    candidates, and grids whose pick is not among their sizes, are all kept."""
+    candidates, and grids whose pick is not among their sizes, are all kept. A sequence of
+    matrices fed by one input (q/k/v, gate/up) is judged as the fused matrix engines run."""
+    if not isinstance(weight, torch.Tensor):
+        weight = torch.cat(list(weight))
     picks: dict[tuple, int] = {}
     for spec in candidates:
         grid = (spec.method, spec.bits, spec.sym)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import math
 from typing import Any
 
-import torch
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
@@ -75,8 +74,8 @@ def granularity_restrict(reader, candidates: list[QuantSpec], tie_groups: list[l
         fused = [group for group in tie_groups if group[0] in names]
         grouped = {name for group in fused for name in group}
         for group in fused + [[name] for name in names if name not in grouped]:
-            matrix = torch.cat([weights[name[len(prefix):] + ".weight"] for name in group])
-            restrict |= {name: granularity_filter(matrix, candidates) for name in group}
+            allowed = granularity_filter([weights[name[len(prefix):] + ".weight"] for name in group], candidates)
+            restrict |= {name: allowed for name in group}
     return restrict
 
 

@@ -60,3 +60,16 @@ def test_auto_granularity_end_to_end_on_stories(tmp_path, stories_model):
         for layer in (l for l in report["layers"] if l["name"].startswith(prefix)):
             assert layer["group_size"] == expected[layer["name"][len(prefix):]].group_size
     assert report["ppl_quant"] < report["ppl_fp"] * 1.1
+
+
+def test_budget_candidates_are_filtered_per_layer_and_fused_layers_agree(stories_model):
+    from layerquant.tasks.planning import fused_groups, granularity_restrict
+
+    reader = CheckpointReader(stories_model)
+    candidates = RunConfig(budget=3.0, granularity="auto").candidate_specs()
+    restrict = granularity_restrict(reader, candidates, fused_groups(reader))
+    assert len(restrict) == 5 * 7
+    for name, allowed in restrict.items():
+        assert sorted(candidates[i].bits for i in allowed) == [2, 3, 4, 8], name  # one group size per bit-width
+    for group in fused_groups(reader):
+        assert len({tuple(restrict[name]) for name in group}) == 1
