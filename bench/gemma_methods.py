@@ -1,8 +1,7 @@
-"""Gemma 3 270M: GPTQ, norm tweaking, refinement, PB-LLM and integer-programming mixed
-precision against uniform configurations of the same size.
+"""Gemma 3 270M: GPTQ, norm tweaking, refinement and PB-LLM at 4, 3 and about 2 bits.
 
 Run: .venv/bin/python bench/gemma_methods.py [--cases a,b] [--force]
-(about 90 minutes on 2 cores for every case; finished cases are kept and skipped on a re-run)
+(10-30 minutes per case on 2 cores; finished cases are kept and skipped on a re-run)
 Writes bench/results/gemma_methods.json.
 
 Protocol (the llm-compressor reference in the project's assets README): calibration = the first
@@ -20,6 +19,7 @@ import os
 import subprocess
 import sys
 from datetime import datetime, timezone
+from importlib.metadata import version
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -31,21 +31,21 @@ PROTOCOL = ["--calib", str(DATA / "wikitext2_valid_tokens.txt"), "--eval", str(D
             "--nsamples", "32", "--seqlen", "512", "--calib-selection", "first", "--eval-windows", "6", "--eval-seqlen", "2048",
             "--group-size", "128"]
 TUNED = ["--refine-steps", "100", "--norm-tweak-steps", "100"]
+# in the order they are worth running (each takes 10-30 min here); the mixed-precision and
+# uniform-of-the-same-size cases live in bench/peers/run_all.py, next to llm-compressor's
 CASES: dict[str, list[str]] = {
     "gptq-w4": ["--bits", "4"],
-    "gptq-w3": ["--bits", "3"],
     "gptq-w2-g64": ["--bits", "2", "--group-size", "64"],
-    "gptq-w4+normtweak": ["--bits", "4", "--norm-tweak-steps", "100"],
-    "gptq-w3+normtweak": ["--bits", "3", "--norm-tweak-steps", "100"],
+    "pbllm-s0.05": ["--method", "pbllm", "--salient-fraction", "0.05"],
     "gptq-w2-g64+normtweak": ["--bits", "2", "--group-size", "64", "--norm-tweak-steps", "100"],
-    "gptq-w3+refine": ["--bits", "3", "--refine-steps", "100"],
+    "gptq-w3+normtweak": ["--bits", "3", "--norm-tweak-steps", "100"],
     "gptq-w2-g64+refine": ["--bits", "2", "--group-size", "64", "--refine-steps", "100"],
-    "gptq-w3+refine+normtweak": ["--bits", "3", *TUNED],
+    "gptq-w3+refine": ["--bits", "3", "--refine-steps", "100"],
+    "gptq-w3": ["--bits", "3"],
+    "gptq-w4+normtweak": ["--bits", "4", "--norm-tweak-steps", "100"],
+    "gptq-w4+refine": ["--bits", "4", "--refine-steps", "100"],
     "pbllm-s0.1": ["--method", "pbllm", "--salient-fraction", "0.1"],
-    "gptq-w3-g64": ["--bits", "3", "--group-size", "64"],
-    "ip-3.25": ["--budget", "3.25"],
-    "gptq-w2-g32": ["--bits", "2", "--group-size", "32"],
-    "ip-2.5": ["--budget", "2.5"],
+    "gptq-w3+refine+normtweak": ["--bits", "3", *TUNED],
 }
 
 
@@ -57,6 +57,7 @@ def main() -> int:
     parser.add_argument("--out-root", default=str(Path.home() / ".cache" / "layerquant" / "bench-out" / "gemma"))
     args = parser.parse_args()
     model = subprocess.run([sys.executable, str(HERE / "prepare_gemma.py")], check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
+    model_mb = round(sum(f.stat().st_size for f in Path(model).glob("*.safetensors")) / 2**20, 1)
     chosen = args.cases.split(",") if args.cases else list(CASES)
     rows = [row for row in load_rows("gemma_methods") if args.force is False or row["case"] not in chosen]
     done = {row["case"] for row in rows}
@@ -68,7 +69,8 @@ def main() -> int:
         report = result["report"]
         config = report["config"]
         rows.append({
-            "bench": "gemma_methods", "case": case, "tool": "layerquant", "tool_version": "0.1.0", "model": "gemma-3-270m",
+            "bench": "gemma_methods", "case": case, "tool": "layerquant", "tool_version": version("layerquant"), "model": "gemma-3-270m",
+            "model_mb": model_mb, "n_blocks": report["n_blocks"],
             "method": case, "bits": config["bits"] if not config.get("budget") else None, "group_size": config["group_size"],
             "budget": config.get("budget"), "refine_steps": config["refine_steps"], "norm_tweak_steps": config["norm_tweak_steps"],
             "avg_bits": report["avg_bits"], "ppl": report["ppl_quant"], "ppl_fp": report["ppl_fp"], "nll_std_err": report["nll_std_err"],

@@ -14,7 +14,9 @@ from layerquant.errors import InvalidSpec
 from layerquant.solvers.reconstruct import BlockTuning
 from layerquant.specs import QuantSpec
 
-CODE_VERSION = "0.1.0"
+# part of every artifact key: bumped whenever stored artifacts or the numbers in them change
+# (0.1.1: float32 batch Hessians, PB-LLM positions as indices when smaller)
+CODE_VERSION = "0.1.1"
 
 
 def asset_path(*parts: str) -> str:

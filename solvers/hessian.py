@@ -10,15 +10,17 @@ def accumulate_hessian(hessian: torch.Tensor | None, n_seen: int, inputs: torch.
     """Fold one batch of layer inputs ([..., in_features]) into a running-mean Hessian.
 
     Kept as a running mean (not a sum) in float64 so that long calibration runs neither
-    overflow nor lose small contributions.
+    overflow nor lose small contributions. The batch's own Gram matrix is formed in float32:
+    a batch is a few thousand rows, whose float32 sum is good to ~1e-6 relative (GPTQ factors
+    in float32 anyway), and the float64 product was a sixth of a block's quantization time.
     """
-    x = inputs.reshape(-1, inputs.shape[-1]).to(torch.float64)
+    x = inputs.reshape(-1, inputs.shape[-1]).to(torch.float32)
     n_new = x.shape[0]
     if hessian is None:
         hessian = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64)
     total = n_seen + n_new
-    # in place: no full-size temporaries (a 4096-wide float64 Hessian is 134 MB)
-    hessian.mul_(n_seen / total).addmm_(x.T, x, alpha=2.0 / total)
+    # in place: no full-size float64 temporaries (a 4096-wide float64 Hessian is 134 MB)
+    hessian.mul_(n_seen / total).add_(x.T @ x, alpha=2.0 / total)
     return hessian, total
 
 

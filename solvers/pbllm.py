@@ -16,10 +16,13 @@ ceil(salient_fraction * n_weights), because `QuantSpec.storage_bits` counts exac
 salient codes: a global ranking on the original weights fixes how many salient weights each lazy
 block gets, and each block re-ranks its own (error-updated) weights when it starts.
 
-Storage (`to_tensors`, all safetensors dtypes): the salient mask, the signs (one per weight,
-salient or not, as the spec counts them) and the salient codes as dense LSB-first bitstreams in
-uint8; per-row fp16 salient scale; per-row-per-group fp16 alpha and mean; and a 2-element int64
-`shape` that, like a safetensors header's shapes, is layout metadata and not counted as payload.
+Storage (`to_tensors`, all safetensors dtypes), dense LSB-first bitstreams in uint8: where the
+salient weights are, as a bitmap (`mask`) or, when smaller, as per-row counts
+(`salient_counts`) plus column indices in row-major order (`salient_columns`), the choice and
+its cost given by `specs.salient_position_encoding`; the signs of the binarized weights only
+(`signs`, row-major over the non-salient positions); the salient codes. Then per-row fp16
+salient scale; per-row-per-group fp16 alpha and mean; and a 2-element int64 `shape` that, like
+a safetensors header's shapes, is layout metadata and not counted as payload.
 """
 from __future__ import annotations
 
@@ -29,7 +32,7 @@ from dataclasses import dataclass
 import torch
 
 from layerquant.errors import InvalidSpec
-from layerquant.specs import QuantSpec
+from layerquant.specs import QuantSpec, salient_position_encoding
 from layerquant.solvers.gptq import LAZY_BLOCK, hessian_weighted_error
 from layerquant.solvers.grid import expand_groups, fit_grid, group_bounds, quantize_codes
 from layerquant.solvers.hessian import damped_inverse_cholesky
@@ -37,7 +40,8 @@ from layerquant.solvers.hessian import damped_inverse_cholesky
 # 2-means refinement steps of each group's two binary levels (see _binary_params)
 LLOYD_STEPS = 3
 # tensors whose bytes are the stored payload; "shape" is layout metadata (see module docstring)
-PAYLOAD_KEYS = ("mask", "signs", "salient_codes", "salient_scale", "alpha", "mean")
+PAYLOAD_KEYS = ("mask", "salient_counts", "salient_columns", "signs", "salient_codes", "salient_scale", "alpha", "mean")
+REQUIRED_KEYS = ("shape", "signs", "salient_codes", "salient_scale", "alpha", "mean")
 
 
 # -- bitstreams -------------------------------------------------------------------------------
@@ -47,11 +51,12 @@ def pack_bits(values: torch.Tensor, bits: int) -> torch.Tensor:
     Value i occupies stream bits [i*bits, (i+1)*bits); stream bit b is bit (b % 8) of byte b // 8.
     n values take ceil(n*bits/8) bytes; the tail of the last byte is zero.
     """
-    if not 1 <= bits <= 8:
-        raise InvalidSpec(f"cannot bit-pack {bits}-bit values", "use 1 to 8 bits")
-    v = values.reshape(-1).to(torch.uint8)
-    shifts = torch.arange(bits, dtype=torch.uint8)
-    stream = ((v[:, None] >> shifts) & 1).reshape(-1)
+    if not 1 <= bits <= 32:
+        raise InvalidSpec(f"cannot bit-pack {bits}-bit values", "use 1 to 32 bits")
+    # codes and flags (<= 8 bits) in uint8; column indices need up to 32 bits
+    v = values.reshape(-1).to(torch.uint8 if bits <= 8 else torch.int64)
+    shifts = torch.arange(bits, dtype=v.dtype)
+    stream = ((v[:, None] >> shifts) & 1).reshape(-1).to(torch.uint8)
     pad = (-stream.numel()) % 8
     if pad:
         stream = torch.cat([stream, torch.zeros(pad, dtype=torch.uint8)])
@@ -123,11 +128,16 @@ class PBLLMResult:
 
     def to_tensors(self) -> dict[str, torch.Tensor]:
         rows, cols = self.shape
-        return {
-            "shape": torch.tensor([rows, cols], dtype=torch.int64),
-            "mask": pack_bits(self.mask, 1),
-            # salient positions carry a zero sign bit: the spec pays for a sign on every weight
-            "signs": pack_bits(self.signs & ~self.mask, 1),
+        n_salient = int(self.salient_codes.numel())
+        encoding, _, count_bits, column_bits = salient_position_encoding(rows, cols, n_salient)
+        tensors = {"shape": torch.tensor([rows, cols], dtype=torch.int64)}
+        if encoding == "bitmap":
+            tensors["mask"] = pack_bits(self.mask, 1)
+        elif encoding == "index":
+            tensors["salient_counts"] = pack_bits(self.mask.sum(dim=1), count_bits)
+            tensors["salient_columns"] = pack_bits(self.mask.nonzero()[:, 1], column_bits)  # row-major, as codes are
+        return tensors | {
+            "signs": pack_bits(self.signs[~self.mask], 1),
             "salient_codes": pack_bits(self.salient_codes, self.spec.salient_bits),
             "salient_scale": self.salient_scale.to(torch.float16),
             "alpha": self.alpha.to(torch.float16),
@@ -136,33 +146,68 @@ class PBLLMResult:
 
     @classmethod
     def from_tensors(cls, tensors: dict[str, torch.Tensor], spec: QuantSpec) -> "PBLLMResult":
-        missing = {"shape", *PAYLOAD_KEYS} - set(tensors)
+        missing = set(REQUIRED_KEYS) - set(tensors)
         if missing:
             raise InvalidSpec(f"PB-LLM tensors lack {sorted(missing)}", "re-run quantization: the block artifact is incomplete")
         rows, cols = (int(v) for v in tensors["shape"].tolist())
-        mask = _unpack_flags(tensors["mask"], rows, cols)
-        n_salient = int(mask.sum())
         expected = salient_count(spec, rows, cols)
-        if n_salient != expected:
-            raise InvalidSpec(
-                f"PB-LLM mask marks {n_salient} salient weights, the spec {spec.label()} needs {expected}",
-                "the tensors were written under another spec; re-run quantization",
-            )
+        mask = _decode_positions(tensors, rows, cols, expected, spec)
         groups = spec.n_groups(cols)
         if tuple(tensors["alpha"].shape) != (rows, groups) or tuple(tensors["mean"].shape) != (rows, groups):
             raise InvalidSpec(
                 f"PB-LLM alpha/mean shapes {tuple(tensors['alpha'].shape)} do not fit [{rows}, {groups}]",
                 "the tensors were written under another group size; re-run quantization",
             )
+        signs = torch.zeros(rows, cols, dtype=torch.bool)
+        signs[~mask] = _unpack_flags(tensors["signs"], 1, rows * cols - expected).reshape(-1)
         return cls(
             mask=mask,
-            signs=_unpack_flags(tensors["signs"], rows, cols),
-            salient_codes=unpack_bits(tensors["salient_codes"], spec.salient_bits, n_salient),
+            signs=signs,
+            salient_codes=unpack_bits(tensors["salient_codes"], spec.salient_bits, expected),
             salient_scale=tensors["salient_scale"].float(),
             alpha=tensors["alpha"].float(),
             mean=tensors["mean"].float(),
             spec=spec,
         )
+
+
+def _decode_positions(tensors: dict[str, torch.Tensor], rows: int, cols: int, n_salient: int, spec: QuantSpec) -> torch.Tensor:
+    """The salient mask [rows, cols] from whichever position encoding the tensors carry, checked
+    against the count the spec pays for."""
+    encoding, _, count_bits, column_bits = salient_position_encoding(rows, cols, n_salient)
+    stored = "mask" if "mask" in tensors else "index" if "salient_counts" in tensors and "salient_columns" in tensors else "none"
+    if {"mask": "bitmap"}.get(stored, stored) != encoding:
+        raise InvalidSpec(
+            f"PB-LLM tensors store salient positions as {stored!r}, the spec {spec.label()} needs {encoding!r} "
+            f"for {n_salient} salient weights",
+            "the tensors were written under another spec (salient fraction); re-run quantization",
+        )
+    if encoding == "none":
+        return torch.zeros(rows, cols, dtype=torch.bool)
+    if encoding == "bitmap":
+        mask = _unpack_flags(tensors["mask"], rows, cols)
+        found = int(mask.sum())
+    else:
+        counts = unpack_bits(tensors["salient_counts"], count_bits, rows)
+        found = int(counts.sum())
+        if found != n_salient:
+            raise InvalidSpec(
+                f"PB-LLM counts mark {found} salient weights, the spec {spec.label()} needs {n_salient}",
+                "the tensors were written under another spec; re-run quantization",
+            )
+        columns = unpack_bits(tensors["salient_columns"], column_bits, n_salient)
+        if n_salient and int(columns.max()) >= cols:
+            raise InvalidSpec(f"PB-LLM column index {int(columns.max())} is outside {cols} columns",
+                              "the stored PB-LLM tensors are corrupt; re-run quantization")
+        mask = torch.zeros(rows, cols, dtype=torch.bool)
+        mask[torch.repeat_interleave(torch.arange(rows), counts), columns] = True
+        found = int(mask.sum())  # a repeated column would collapse
+    if found != n_salient:
+        raise InvalidSpec(
+            f"PB-LLM mask marks {found} salient weights, the spec {spec.label()} needs {n_salient}",
+            "the tensors were written under another spec; re-run quantization",
+        )
+    return mask
 
 
 def salient_count(spec: QuantSpec, rows: int, cols: int) -> int:
@@ -172,7 +217,7 @@ def salient_count(spec: QuantSpec, rows: int, cols: int) -> int:
 
 def payload_bits(tensors: dict[str, torch.Tensor]) -> int:
     """Bits of stored payload in `to_tensors()` output (the `shape` metadata excluded)."""
-    return sum(tensors[key].numel() * tensors[key].element_size() * 8 for key in PAYLOAD_KEYS)
+    return sum(tensors[key].numel() * tensors[key].element_size() * 8 for key in PAYLOAD_KEYS if key in tensors)
 
 
 # -- solver -----------------------------------------------------------------------------------

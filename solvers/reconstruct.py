@@ -38,30 +38,53 @@ def quantize_layer(weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec,
     return result.quantized.to_tensors(), result.quantized.dequantize(), result.damp_used
 
 
-def collect_hessians(block: nn.Module, forward: BlockForward, inputs: torch.Tensor, layer_names: Sequence[str]) -> dict[str, torch.Tensor]:
-    """Input Hessians of the named linear layers over all `inputs`, one block forward in all.
+class _InputsSeen(Exception):
+    """Raised by a Hessian hook once every hooked layer has seen the batch: the rest of the
+    block's forward would be thrown away."""
 
-    Layers reading the same tensor (q/k/v, gate/up) are hooked once per group by the caller
-    passing only the group's first layer name.
+
+def collect_hessians(
+    block: nn.Module, forward: BlockForward, inputs: torch.Tensor, layer_names: Sequence[str], batch_size: int = 8,
+    keep_outputs: bool = False,
+) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
+    """Input Hessians of the named linear layers over all `inputs`, and the block's outputs
+    when `keep_outputs` (else None).
+
+    `forward` is called on `batch_size` samples at a time and must run them as one batch.
+    Without `keep_outputs` each batch stops at the last hooked layer, so the Hessian of an
+    attention projection does not pay for the MLP behind it. Layers reading the same tensor
+    (q/k/v, gate/up) are hooked once per group by the caller passing only the group's first
+    layer name.
     """
     state: dict[str, tuple[torch.Tensor | None, int]] = {name: (None, 0) for name in layer_names}
+    waiting: set[str] = set()
 
     def make_hook(name: str):
         def hook(_module, args):
             hessian, seen = state[name]
             state[name] = accumulate_hessian(hessian, seen, args[0].detach())
+            waiting.discard(name)
+            if not waiting and not keep_outputs:
+                raise _InputsSeen
 
         return hook
 
     handles = [block.get_submodule(name).register_forward_pre_hook(make_hook(name)) for name in layer_names]
+    outputs = []
     try:
-        forward(block, inputs)
+        for start in range(0, inputs.shape[0], batch_size):
+            waiting.update(layer_names)
+            try:
+                outputs.append(forward(block, inputs[start : start + batch_size]))
+            except _InputsSeen:
+                pass
     finally:
         for handle in handles:
             handle.remove()
     # accumulated in float64 for accuracy, handed on in float32: GPTQ factors in float32 and
     # a float64 copy alive next to the factorization doubled a block's peak memory
-    return {name: hessian.to(torch.float32) for name, (hessian, _) in state.items()}
+    hessians = {name: hessian.to(torch.float32) for name, (hessian, _) in state.items()}
+    return hessians, torch.cat(outputs) if keep_outputs else None
 
 
 def apply_quantization_sequential(
@@ -72,19 +95,26 @@ def apply_quantization_sequential(
     specs: dict[str, QuantSpec],
     damp_percent: float = 0.01,
     layer_prefix: str = "",
+    batch_size: int = 8,
+    float_hessians: dict[str, torch.Tensor] | None = None,
 ) -> list[LayerOutcome]:
     """Quantize `block`'s linear layers in place; returns what happened to each layer.
 
     Layers without a spec stay float. Each group's Hessian comes from running the partially
     quantized block, so later groups compensate earlier groups' error (true-sequential). In
     place, because a second copy of a block is the largest avoidable allocation of a run.
+    `float_hessians` (layer -> Hessian, collected on the unquantized block) are used while no
+    layer has been quantized yet, when they are the same thing.
     """
     outcomes: list[LayerOutcome] = []
     for group in groups:
         todo = [name for name in group if name in specs]
         if not todo:
             continue
-        hessian = collect_hessians(block, forward, inputs, [todo[0]])[todo[0]]
+        if not outcomes and float_hessians and todo[0] in float_hessians:
+            hessian = float_hessians[todo[0]]
+        else:
+            hessian = collect_hessians(block, forward, inputs, [todo[0]], batch_size)[0][todo[0]]
         for name in todo:
             start = time.perf_counter()
             linear = block.get_submodule(name)
@@ -177,8 +207,11 @@ def reconstruct_block(
     def forward(module: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
         return run_block(module, context, index, hidden, batch_size)
 
-    float_outputs = forward(block, inputs)
-    outcomes = apply_quantization_sequential(block, forward, inputs, arch.linear_groups, specs, damp_percent, layer_prefix=layer_prefix)
+    # the float pass also yields the first group's Hessian: nothing before it is quantized yet
+    first = next((name for group in arch.linear_groups for name in group if name in specs), None)
+    float_hessians, float_outputs = collect_hessians(block, forward, inputs, [first] if first else [], batch_size, keep_outputs=True)
+    outcomes = apply_quantization_sequential(block, forward, inputs, arch.linear_groups, specs, damp_percent, layer_prefix=layer_prefix,
+                                             batch_size=batch_size, float_hessians=float_hessians)
     overrides: dict[str, torch.Tensor] = {}
     report: dict = {}
     if tuning is not None and tuning.enabled:
@@ -285,5 +318,5 @@ def float_block_hessians(
     def forward(module: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
         return run_block(module, context, index, hidden, batch_size)
 
-    hessians = collect_hessians(block, forward, inputs, [group[0] for group in arch.linear_groups])
-    return forward(block, inputs), hessians
+    hessians, outputs = collect_hessians(block, forward, inputs, [group[0] for group in arch.linear_groups], batch_size, keep_outputs=True)
+    return outputs, hessians

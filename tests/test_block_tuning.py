@@ -1,5 +1,6 @@
-"""Refinement and norm tweaking wired into the flow, on real stories260K data: each lowers
-perplexity below 4 bits against the same run without it, at the same size."""
+"""Below 4 bits through the flow, on real stories260K data: refinement and norm tweaking each
+lower perplexity against the same run without them, at the same size; PB-LLM near 2 bits beats
+the 2-bit GPTQ it was published against; quality gates redo blocks and fail runs."""
 from __future__ import annotations
 
 import math
@@ -47,6 +48,17 @@ def test_refinement_lowers_perplexity_at_the_same_size(store, bits):
     refined = quantize(store, bits=bits, refine_steps=100)
     assert refined["avg_bits"] == plain["avg_bits"]
     assert refined["ppl_quant"] < plain["ppl_quant"] * 0.97, (bits, plain["ppl_quant"], refined["ppl_quant"])
+
+
+def test_pbllm_near_two_bits_beats_plain_two_bit_gptq_of_larger_size(store):
+    """PB-LLM's claim against the GPTQ it was published against (min-max grid, no clip search,
+    as llm-compressor's GPTQ): 3% salient 8-bit weights, the rest binarized per row, every
+    position, sign and scale counted (2.14 bits), beat 2-bit group-64 GPTQ (2.26 bits). Our
+    default GPTQ searches the clip range and beats both at this size (README)."""
+    partial = quantize(store, method="pbllm", salient_fraction=0.03, group_size=0)
+    plain_gptq = quantize(store, bits=2, group_size=64, clip_search=False)
+    assert partial["avg_bits"] < 2.2 and partial["avg_bits"] < plain_gptq["avg_bits"], (partial["avg_bits"], plain_gptq["avg_bits"])
+    assert partial["ppl_quant"] < 0.7 * plain_gptq["ppl_quant"], (partial["ppl_quant"], plain_gptq["ppl_quant"])
 
 
 def test_tuned_blocks_are_stored_and_exported_as_measured(store, tmp_path, eval_text):

@@ -14,7 +14,7 @@ from layerquant.solvers.architectures import BlockContext, architecture_for, run
 from layerquant.solvers.gptq import gptq_quantize, hessian_weighted_error, relative_weighted_error
 from layerquant.solvers.pbllm import PBLLMResult, binarize_partial, pack_bits, payload_bits, unpack_bits
 from layerquant.solvers.reconstruct import apply_quantization_sequential, collect_hessians, stored_weight
-from layerquant.specs import QuantSpec
+from layerquant.specs import QuantSpec, salient_position_encoding
 from support.stories_block import BLOCK, SEQ, one_thread  # noqa: F401 (fixtures)
 
 
@@ -38,7 +38,7 @@ def layers(stories_model, calib_text):
     arch = architecture_for("llama")
     context = BlockContext(arch, model.config, SEQ)
     block = model.model.layers[BLOCK]
-    hessians = collect_hessians(block, lambda m, h: run_block(m, context, BLOCK, h), hidden, [g[0] for g in arch.linear_groups])
+    hessians, _ = collect_hessians(block, lambda m, h: run_block(m, context, BLOCK, h), hidden, [g[0] for g in arch.linear_groups])
     out = {}
     for group in arch.linear_groups:
         for name in group:
@@ -81,8 +81,15 @@ def test_storage_is_exact_and_counted(layers, spec, tmp_path):
         if n_salient:
             assert 0 <= int(result.salient_codes.min()) and int(result.salient_codes.max()) < (1 << spec.salient_bits)
         # every stored bit is accounted for by QuantSpec.storage_bits; the only slack is the
-        # zero tail of each of the three bitstreams' last byte
-        streams = {"mask": n, "signs": n, "salient_codes": n_salient * spec.salient_bits}
+        # zero tail of each bitstream's last byte
+        encoding, position_bits, count_bits, column_bits = salient_position_encoding(rows, cols, n_salient)
+        streams = {"signs": n - n_salient, "salient_codes": n_salient * spec.salient_bits}
+        if encoding == "bitmap":
+            streams["mask"] = n
+        elif encoding == "index":
+            streams |= {"salient_counts": rows * count_bits, "salient_columns": n_salient * column_bits}
+        assert sum(bits for key, bits in streams.items() if key not in ("signs", "salient_codes")) == position_bits
+        assert set(streams) | {"shape", "salient_scale", "alpha", "mean"} == set(tensors)
         padding = sum(math.ceil(bits / 8) * 8 - bits for bits in streams.values())
         assert all(tensors[key].numel() * 8 - bits < 8 for key, bits in streams.items())
         assert payload_bits(tensors) == spec.storage_bits(rows, cols) + padding, name
@@ -93,11 +100,47 @@ def test_storage_is_exact_and_counted(layers, spec, tmp_path):
 
 def test_exact_storage_count_on_aligned_layers(layers):
     """With byte-aligned streams the stored payload equals storage_bits to the bit."""
-    spec = pb(0.125, 8, 64)  # 64x64, 32x64, 172x64, 64x172 layers: n and n/8 salient codes are whole bytes
+    # n/8 salient weights: on the 64x64, 32x64 and 64x172 layers every stream is whole bytes
+    # (172 rows of 7-bit counts, gate/up's, are not)
+    spec = pb(0.125, 8, 64)
+    checked = 0
     for name, (weight, hessian) in layers["layers"].items():
         rows, cols = weight.shape
+        if rows % 8:
+            continue
         tensors = binarize_partial(weight, hessian, spec).to_tensors()
         assert payload_bits(tensors) == spec.storage_bits(rows, cols), name
+        checked += 1
+    assert checked == 5
+
+
+def test_sparse_salient_sets_are_stored_as_indices():
+    """On a wide matrix a small salient fraction is cheaper as column indices than as a bitmap
+    (below 1/11 on 2048 columns), and the stored size is what the spec counts, to the bit:
+    8 counts of 12 bits, 512 indices of 11 bits, 15872 signs, 512 codes, all whole bytes."""
+    rows, cols = 8, 2048
+    spec = pb(1 / 32, 8, 128)
+    g = torch.Generator().manual_seed(0)
+    weight = torch.randn(rows, cols, generator=g)
+    x = torch.randn(4 * cols, cols, generator=g)
+    result = binarize_partial(weight, x.T @ x / x.shape[0], spec)
+    tensors = result.to_tensors()
+    assert "mask" not in tensors and {"salient_counts", "salient_columns"} <= set(tensors)
+    assert payload_bits(tensors) == spec.storage_bits(rows, cols)
+    # a sign per binarized weight, (index + code) per salient weight, the counts and the scales
+    assert spec.bits_per_weight(rows, cols) == pytest.approx(31 / 32 + (11 + 8) / 32 + 12 / cols + 2 * 16 / 128 + 16 / cols)
+    restored = PBLLMResult.from_tensors(load_round_trip(tensors), spec)
+    assert torch.equal(restored.mask, result.mask) and torch.equal(restored.dequantize(), result.dequantize())
+    bad = dict(tensors)
+    bad["salient_counts"] = pack_bits(torch.full((rows,), cols // 32 + 1), 12)
+    with pytest.raises(InvalidSpec, match="salient"):
+        PBLLMResult.from_tensors(bad, spec)
+
+
+def load_round_trip(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load, save
+
+    return load(save(tensors))
 
 
 def test_beats_two_bit_gptq_of_larger_size(layers):

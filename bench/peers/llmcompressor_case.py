@@ -1,73 +1,115 @@
-"""One llm-compressor GPTQ case, run inside the peers virtual environment (not the project's).
+"""One llm-compressor case, run inside the peers virtual environment (never the project's).
 
-Usage: python llmcompressor_case.py MODEL_DIR WINDOWS.safetensors OUT_DIR BITS GROUP [LAYER=GROUP ...]
-WINDOWS holds the calibration token windows layerquant uses ("tokens" [N, L] int64), so both
-tools see exactly the same calibration tokens. Writes OUT_DIR as a plain float checkpoint whose
-linear weights are llm-compressor's fake-quantized ones (layerquant's evaluator then measures
-both tools the same way) plus OUT_DIR/llmcompressor.json (version, per-layer group sizes).
-LAYER=GROUP pairs give a layer-name suffix its own group size (stories260K's down_proj has 172
-input columns: llm-compressor refuses ragged groups, so 43 there).
+Usage: python llmcompressor_case.py --model DIR --out DIR --method gptq|rtn|float
+                                    [--windows CALIB.safetensors] [--bits B] [--group G] [--special SUFFIX=G ...]
+
+--windows holds the calibration token windows layerquant uses ("tokens" [N, L] int64, the first
+N x L tokens of the calibration text, BOS-prefixed), so both tools see exactly the same tokens.
+  gptq   GPTQModifier with its defaults (act-order "static", dampening 0.01, block 128, minmax
+         observer), symmetric int weights, one scale per group, embeddings and LM head float.
+  rtn    QuantizationModifier, the same scheme (absmax scales per group, round to nearest),
+         data-free.
+  float  no quantization: the model only goes through this environment's load and save path
+         (checks that the path itself changes nothing).
+--special gives layers ending in SUFFIX their own group size: stories260K's down_proj has 172
+input columns and llm-compressor refuses a group size that does not divide the columns.
+
+OUT receives a plain float32 checkpoint whose linear weights are llm-compressor's fake-quantized
+weights (quantize then dequantize with its own scales; scale/zero tensors dropped), config without
+quantization_config, the tokenizer, and llmcompressor.json (version, per-layer group sizes and
+shapes). layerquant's evaluator then measures it exactly as it measures layerquant's output.
 """
 from __future__ import annotations
 
+import argparse
 import json
-import sys
+import time
 from pathlib import Path
 
 import torch
 
 
 def main() -> int:
-    model_dir, windows_path, out_dir, bits, group = sys.argv[1], sys.argv[2], Path(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
-    special = dict(pair.split("=") for pair in sys.argv[6:])
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--out", required=True, type=Path)
+    parser.add_argument("--method", required=True, choices=["gptq", "rtn", "float"])
+    parser.add_argument("--windows")
+    parser.add_argument("--bits", type=int, default=4)
+    parser.add_argument("--group", type=int, default=128)
+    parser.add_argument("--special", nargs="*", default=[])
+    args = parser.parse_args()
+    started = time.perf_counter()
+
     import llmcompressor
-    from datasets import Dataset
-    from llmcompressor import oneshot
-    from llmcompressor.modifiers.quantization import GPTQModifier
     from safetensors.torch import load_file, save_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch.manual_seed(0)
-    tokens = load_file(windows_path)["tokens"]
-    dataset = Dataset.from_dict({"input_ids": tokens.tolist(), "attention_mask": torch.ones_like(tokens).tolist()})
-    model = AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    weights = {"num_bits": bits, "type": "int", "symmetric": True, "strategy": "group", "group_size": group}
-    linear_names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and "lm_head" not in n]
-    groups = {"default": {"targets": [f"re:.*({'|'.join(sorted({n.rsplit('.', 1)[-1] for n in linear_names} - set(special)))})$"],
-                          "weights": weights}}
-    for index, (suffix, size) in enumerate(special.items()):
-        groups[f"special{index}"] = {"targets": [f"re:.*{suffix}$"], "weights": {**weights, "group_size": int(size)}}
-    recipe = GPTQModifier(config_groups=groups, ignore=["lm_head"])
-    oneshot(model=model, dataset=dataset, recipe=recipe, max_seq_length=tokens.shape[1], num_calibration_samples=tokens.shape[0])
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    linear = {n: tuple(m.weight.shape) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and "lm_head" not in n}
+    special = {suffix: int(size) for suffix, size in (pair.split("=") for pair in args.special)}
+    layer_groups: dict[str, int] = {}
+    if args.method != "float":
+        from llmcompressor import oneshot
 
-    from compressed_tensors.quantization.lifecycle.forward import fake_quantize
+        weights = {"num_bits": args.bits, "type": "int", "symmetric": True, "strategy": "group", "group_size": args.group}
+        suffixes = sorted({name.rsplit(".", 1)[-1] for name in linear})
+        plain = [s for s in suffixes if s not in special]
+        groups = {"default": {"targets": [f"re:.*\\.({'|'.join(plain)})$"], "weights": weights}}
+        for index, (suffix, size) in enumerate(sorted(special.items())):
+            groups[f"special{index}"] = {"targets": [f"re:.*\\.{suffix}$"], "weights": {**weights, "group_size": size}}
+        if args.method == "gptq":
+            from datasets import Dataset
+            from llmcompressor.modifiers.gptq import GPTQModifier
+
+            tokens = load_file(args.windows)["tokens"]
+            dataset = Dataset.from_dict({"input_ids": tokens.tolist(), "attention_mask": torch.ones_like(tokens).tolist()})
+            oneshot(model=model, dataset=dataset, recipe=GPTQModifier(config_groups=groups, ignore=["lm_head"]),
+                    max_seq_length=tokens.shape[1], num_calibration_samples=tokens.shape[0])
+        else:
+            from llmcompressor.modifiers.quantization import QuantizationModifier
+
+            oneshot(model=model, recipe=QuantizationModifier(config_groups=groups, ignore=["lm_head"]))
+
+        from compressed_tensors.quantization.lifecycle.forward import fake_quantize
+
+        for name, module in model.named_modules():
+            scheme = getattr(module, "quantization_scheme", None)
+            if scheme is None or scheme.weights is None:
+                continue
+            if not hasattr(module, "weight_scale"):
+                raise SystemExit(f"error: {name} has a quantization scheme but no weight_scale")
+            with torch.no_grad():
+                # GPTQ has already written its quantized weights (this is then a no-op on the grid);
+                # RTN's are still float and become quantize-dequantize of them
+                module.weight.copy_(fake_quantize(module.weight, module.weight_scale, getattr(module, "weight_zero_point", None),
+                                                  scheme.weights))
+            layer_groups[name] = scheme.weights.group_size
+        missing = sorted(set(linear) - set(layer_groups))
+        if missing:
+            raise SystemExit(f"error: {len(missing)} linear layers were not quantized, e.g. {missing[0]}")
 
     state = {}
-    layer_groups = {}
-    for name, module in model.named_modules():
-        scheme = getattr(module, "quantization_scheme", None)
-        if scheme is not None and scheme.weights is not None and hasattr(module, "weight_scale"):
-            zero = getattr(module, "weight_zero_point", None)
-            with torch.no_grad():
-                module.weight.copy_(fake_quantize(module.weight, module.weight_scale, zero, scheme.weights))
-            layer_groups[name] = scheme.weights.group_size
     for name, tensor in model.state_dict().items():
-        if name.endswith((".weight_scale", ".weight_zero_point", ".weight_g_idx")) or "observer" in name:
+        if name.endswith((".weight_scale", ".weight_zero_point", ".weight_g_idx", ".weight_global_scale")) or "observer" in name:
             continue
         if model.config.tie_word_embeddings and name == "lm_head.weight":
             continue
         state[name] = tensor.detach().contiguous().float()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    save_file(state, out_dir / "model.safetensors", metadata={"format": "pt"})
+    args.out.mkdir(parents=True, exist_ok=True)
+    save_file(state, args.out / "model.safetensors", metadata={"format": "pt"})
     config = model.config.to_dict()
     config.pop("quantization_config", None)
-    config["torch_dtype"] = "float32"
-    (out_dir / "config.json").write_text(json.dumps(config, indent=2))
-    tokenizer.save_pretrained(out_dir)
-    (out_dir / "llmcompressor.json").write_text(json.dumps({"version": llmcompressor.__version__, "group_sizes": layer_groups}))
+    config["torch_dtype"] = config["dtype"] = "float32"
+    (args.out / "config.json").write_text(json.dumps(config, indent=2))
+    tokenizer.save_pretrained(args.out)
+    (args.out / "llmcompressor.json").write_text(json.dumps({
+        "version": llmcompressor.__version__, "method": args.method, "bits": args.bits, "group_sizes": layer_groups,
+        "shapes": {name: list(shape) for name, shape in linear.items()}, "seconds": round(time.perf_counter() - started, 2)}, indent=1))
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

@@ -1,16 +1,48 @@
-"""Side by side with llm-compressor: the same models, calibration tokens and evaluation windows,
-measured by the same evaluator (layerquant's), on this machine.
+"""Side by side with llm-compressor and GPTQModel (issue #7): the same models, calibration tokens and
+evaluation windows, each tool's GPTQ/RTN defaults, one evaluator (layerquant's) for all, on this machine.
 
-Run: .venv/bin/python bench/peers/run_all.py [--models stories260K,gemma-3-270m] [--force]
-First run: ~5 min to build the peers venv, then stories260K ~5 min, Gemma 3 270M ~60 min
-(2 cores). Finished cases are kept in bench/results/peers.json and skipped on a re-run.
-Writes bench/results/peers.json, peers.md (table) and peers.png (perplexity vs average bits).
+Run (from the repository root, one command):
+    .venv/bin/python bench/peers/run_all.py [--models stories260K,gemma-3-270m] [--tools layerquant,llm-compressor,gptqmodel]
+                                            [--force] [--only SUBSTR]
+Measured duration: see the README's "Side by side" section (first full run on 2 shared cores: about 5 min to
+build the peers venv if absent, ~2 min the GPTQModel venv, stories260K ~35 min, Gemma 3 270M several hours).
+Writes bench/results/peers.json (one row per case, kept after every case: a re-run skips the
+rows it finds unless --force), peers.md (table) and peers.png (perplexity vs average bits).
 
-llm-compressor runs in its own virtual environment (~/.cache/layerquant/venvs/peers), so the
-project's stays clean. Its output is saved as a float checkpoint holding its fake-quantized
-weights and evaluated by `layerquant eval` on the same windows as ours. llm-compressor has no bit
-allocator: at the mixed budgets its row is the best uniform configuration of that size or less.
-GPTQModel is not included: it needs CUDA kernels to quantize (no CPU path in its releases here).
+How each tool is measured
+- layerquant: `layerquant quantize` in its own process; wall_s and peak_rss_mb are those of the
+  quantization (imports, Prefect's temporary server, calibration, scoring, blocks, export) with
+  the evaluation that the CLI runs before exiting cut out by its log lines (eval_wall_s,
+  total_wall_s and peak_rss_total_mb give the rest). One store for all cases, so the float
+  perplexity is computed once and the calibration capture is reused (the row's `reused` lists
+  what was found cached); a model's budget cases share a store of their own, emptied before the
+  first of them, so the first budget's sensitivity scoring is timed in full and the second's
+  reuse of those scores is marked.
+- llm-compressor 0.14.0.1, in its own venv (~/.cache/layerquant/venvs/peers, torch 2.13.0 CPU,
+  transformers 5.17.0, the newest it accepts): bench/peers/llmcompressor_case.py is fed the very
+  calibration windows layerquant uses, and writes its fake-quantized weights as a plain float
+  checkpoint, which `layerquant eval` then measures on the same windows. wall_s / peak_rss_mb
+  are its whole process (load, oneshot, save). Its `float` row only goes through that load/save
+  path and must match layerquant's float perplexity.
+- GPTQModel 7.6.0, in its own venv (~/.cache/layerquant/venvs/gptqmodel, torch 2.13.0 CPU: 7.6.0 is
+  the newest GPTQModel that accepts it; transformers 5.23.0, what it resolved to): GPTQ only (its
+  GPTQConfig defaults with the row's bits / group, sym=True; act_group_aware (GAR) is on by default),
+  fed the same calibration windows, loaded in float32 (it defaults to bf16 on CPU).
+  bench/peers/gptqmodel_case.py dequantizes its packed checkpoint (qweight/qzeros/scales/g_idx) to
+  a plain float checkpoint, measured by `layerquant eval` like the others; wall_s / peak_rss_mb are
+  its whole process (load, quantize, pack, save, unpack). It accepts stories260K's ragged last group
+  (down_proj: 172 columns, group 32), so its rows need no per-layer override; its 3-bit packer
+  crashes on layers whose width is not a multiple of 32, which the case script works around
+  (padding the lossless packing step only; see its docstring and tool_info.patched_packing).
+- Sizes: avg_bits counts the codes plus one fp16 scale per group (symmetric, no zeros) for all
+  tools. GPTQModel's real file also stores packed zeros (qzeros) and g_idx, but with sym=True every
+  zero is 2^(bits-1) (checked), so they carry no information and are not counted.
+- llm-compressor and GPTQModel have no bit allocator: next to layerquant's `--budget 3.25 / 2.5`
+  (ip-*) rows the best uniform configuration whose size fits the budget is run through every tool
+  (uniform-3.25 / uniform-2.5), so the IP plan is compared with uniform GPTQ of the same size from each.
+- --tools runs a subset of the tools; rows of the others are kept. Each row is merged into
+  peers.json as its case ends (the file is re-read first), so two runs of this script on
+  different cases do not overwrite each other's rows.
 """
 from __future__ import annotations
 
@@ -18,9 +50,11 @@ import argparse
 import json
 import math
 import os
+import shlex
+import shutil
 import subprocess
 import sys
-import tempfile
+import time
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -28,186 +62,434 @@ HERE = Path(__file__).resolve().parent
 BENCH = HERE.parent
 ROOT = BENCH.parent
 sys.path.insert(0, str(BENCH))
-from common import RESULTS, load_rows, machine, run_layerquant_case, run_measured, write_rows  # noqa: E402
+sys.path.insert(0, str(HERE))
+from common import RESULTS, load_rows, machine, run_measured  # noqa: E402
+from measure import layerquant_phases, run_streamed  # noqa: E402
 
 CACHE = Path.home() / ".cache" / "layerquant"
 PEERS_VENV = CACHE / "venvs" / "peers"
-PEER_PACKAGES = ["torch==2.13.0", "llmcompressor==0.14.0.1", "matplotlib"]
+# what llmcompressor 0.14.0.1 resolves to here: it caps transformers at 5.17.0 and needs
+# compressed-tensors 0.19.0; torch 2.13.0 is the CPU wheel in /opt/wheels (newer pulls CUDA)
+PEER_PINS = {"llmcompressor": "0.14.0.1", "torch": "2.13.0", "transformers": "5.17.0", "compressed-tensors": "0.19.0",
+             "matplotlib": "3.11.2"}
+GPTQMODEL_VENV = CACHE / "venvs" / "gptqmodel"
+# gptqmodel 7.7.0 needs torch>=2.14.1, so 7.6.0 is the newest on the CPU wheel; the rest is what it
+# resolved to (its requirements are lower bounds only; torchao is tied to the torch version and
+# Defuser rewrites model definitions at load, so both are pinned too; it pins numpy itself)
+GPTQMODEL_PINS = {"gptqmodel": "7.6.0", "torch": "2.13.0", "transformers": "5.23.0", "torchao": "0.18.0", "defuser": "0.0.28"}
+# each peer: its own venv (their torch/transformers pins conflict), the script that runs one case
+# in it, the json that script writes next to the plain float checkpoint, and its scratch folder
+TOOLS = {
+    "llm-compressor": dict(venv=PEERS_VENV, pins=PEER_PINS, script="llmcompressor_case.py", info="llmcompressor.json", slug="llmcompressor",
+                           scratch=None),
+    # scratch: the folder next to OUT that the script removes itself, unless the tool kills the process first
+    "gptqmodel": dict(venv=GPTQMODEL_VENV, pins=GPTQMODEL_PINS, script="gptqmodel_case.py", info="gptqmodel.json", slug="gptqmodel",
+                      scratch=".gptqmodel-tmp"),
+}
+ALL_TOOLS = ["layerquant", *TOOLS]
 ASSETS = ROOT / "layerquant" / "assets"
+DATA = BENCH / "data"  # WikiText-2 copies (CC BY-SA 3.0), see bench/data/README.md
+LAYERQUANT = [sys.executable, "-m", "layerquant.cli"]
+README_BEGIN, README_END = "<!-- peers table: written by bench/peers/run_all.py -->", "<!-- end of peers table -->"
+
+
+def gemma_folder() -> str:
+    result = subprocess.run([sys.executable, str(BENCH / "prepare_gemma.py")], check=True, stdout=subprocess.PIPE, text=True)
+    return result.stdout.strip().splitlines()[-1]
+
 
 MODELS = {
-    "stories260K": dict(
-        path=lambda: str(ASSETS / "models" / "stories260K"),
-        calib=str(ASSETS / "text" / "tinystories_calib_190k.txt"), eval=str(ASSETS / "text" / "tinystories_eval_600k.txt"),
-        nsamples=128, seqlen=256, eval_windows=200, eval_seqlen=256, group=32,
-        peer_special={"down_proj": 43},  # 172 columns: llm-compressor refuses a ragged group
-        # (label, bits, group) of llm-compressor's uniform rows (its 2-bit row is its config nearest 2.5 bits)
-        peer_cases=[("gptq-w4", 4, 32), ("gptq-w3", 3, 32), ("gptq-w2", 2, 32)],
-    ),
-    "gemma-3-270m": dict(
-        path=lambda: subprocess.run([sys.executable, str(BENCH / "prepare_gemma.py")], check=True, capture_output=True,
-                                    text=True).stdout.strip().splitlines()[-1],
-        calib=str(BENCH / "data" / "wikitext2_valid_tokens.txt"), eval=str(BENCH / "data" / "wikitext2_test_gptq_join.txt"),
-        nsamples=32, seqlen=512, eval_windows=6, eval_seqlen=2048, group=128, peer_special={},
-        peer_cases=[("gptq-w4", 4, 128), ("gptq-w3", 3, 128)],
-    ),
-}
-# layerquant's rows: (label, extra flags)
-OURS = {
-    "stories260K": [("gptq-w4", ["--bits", "4"]), ("gptq-w3", ["--bits", "3"]), ("ip-3.25", ["--budget", "3.25"]),
-                    ("ip-2.5", ["--budget", "2.5"]), ("gptq-w3+refine+normtweak", ["--bits", "3", "--refine-steps", "100", "--norm-tweak-steps", "100"]),
-                    ("ip-2.5+refine+normtweak", ["--budget", "2.5", "--refine-steps", "100", "--norm-tweak-steps", "100"])],
-    "gemma-3-270m": [("gptq-w4", ["--bits", "4"]), ("gptq-w3", ["--bits", "3"]),
-                     ("gptq-w3+refine+normtweak", ["--bits", "3", "--refine-steps", "100", "--norm-tweak-steps", "100"])],
+    "stories260K": dict(path=lambda: str(ASSETS / "models" / "stories260K"),
+                        calib=ASSETS / "text" / "tinystories_calib_190k.txt", eval=ASSETS / "text" / "tinystories_eval_600k.txt",
+                        nsamples=128, seqlen=256, eval_windows=200, eval_seqlen=256, group=32),
+    "gemma-3-270m": dict(path=gemma_folder, calib=DATA / "wikitext2_valid_tokens.txt", eval=DATA / "wikitext2_test_gptq_join.txt",
+                         nsamples=32, seqlen=512, eval_windows=6, eval_seqlen=2048, group=128),
 }
 
 
-def ensure_peers_venv() -> Path:
-    python = PEERS_VENV / "bin" / "python"
+def ours(method: str, **row) -> dict:
+    return {"tool": "layerquant", "method": method, **row}
+
+
+def peer(method: str, kind: str, bits: int | None = None, group: int | None = None, special: dict | None = None,
+         tool: str = "llm-compressor", **row) -> dict:
+    return {"tool": tool, "method": method, "kind": kind, "bits": bits, "group_size": group, "special": special or {}, **row}
+
+
+def gptqm(method: str, bits: int, group: int, **row) -> dict:
+    """A GPTQModel case (GPTQ only; it takes any group size, so no per-layer overrides)."""
+    return peer(method, "gptq", bits, group, tool="gptqmodel", **row)
+
+
+# stories260K: down_proj has 172 input columns. layerquant and GPTQModel allow a ragged last group
+# (group 32: 6 groups, the last of 12 columns); llm-compressor needs a divisor, so its group-32 rows
+# use 43 there (4 groups) and its group-64 row 86 (2 groups); avg_bits counts each tool's real groups.
+CASES = {
+    "stories260K": [
+        peer("float", "float"),
+        ours("gptq-w4", bits=4, group_size=32, flags=["--bits", "4"]),
+        peer("gptq-w4", "gptq", 4, 32, {"down_proj": 43}),
+        gptqm("gptq-w4", 4, 32),
+        ours("gptq-w3", bits=3, group_size=32, flags=["--bits", "3"]),
+        peer("gptq-w3", "gptq", 3, 32, {"down_proj": 43}),
+        gptqm("gptq-w3", 3, 32),
+        ours("ip-3.25", budget=3.25, flags=["--budget", "3.25"]),
+        peer("uniform-3.25 (gptq-w3-g64)", "gptq", 3, 64, {"down_proj": 86}, budget=3.25),
+        gptqm("uniform-3.25 (gptq-w3-g64)", 3, 64, budget=3.25),
+        ours("ip-2.5", budget=2.5, flags=["--budget", "2.5"]),
+        peer("uniform-2.5 (gptq-w2-g32)", "gptq", 2, 32, {"down_proj": 43}, budget=2.5),
+        gptqm("uniform-2.5 (gptq-w2-g32)", 2, 32, budget=2.5),
+        ours("rtn-w4", bits=4, group_size=32, flags=["--method", "rtn", "--bits", "4"]),
+        peer("rtn-w4", "rtn", 4, 32, {"down_proj": 43}),
+        ours("rtn-w3", bits=3, group_size=32, flags=["--method", "rtn", "--bits", "3"]),
+        peer("rtn-w3", "rtn", 3, 32, {"down_proj": 43}),
+        ours("gptq-w3+refine+normtweak", bits=3, group_size=32, flags=["--bits", "3", "--refine-steps", "100", "--norm-tweak-steps", "100"]),
+        ours("ip-2.5+refine+normtweak", budget=2.5, flags=["--budget", "2.5", "--refine-steps", "100", "--norm-tweak-steps", "100"]),
+        ours("uniform-3.25 (gptq-w3-g64)", bits=3, group_size=64, flags=["--bits", "3", "--group-size", "64"]),
+        ours("uniform-2.5 (gptq-w2-g32)", bits=2, group_size=32, flags=["--bits", "2", "--group-size", "32"]),
+    ],
+    # the peers' cases first (minutes each), then ours (each one is a whole `quantize` run
+    # with two evaluations of a 262k-vocabulary model: tens of minutes on 2 cores)
+    "gemma-3-270m": [
+        peer("float", "float"),
+        peer("gptq-w4", "gptq", 4, 128),
+        peer("gptq-w3", "gptq", 3, 128),
+        peer("uniform-3.25 (gptq-w3-g64)", "gptq", 3, 64, budget=3.25),
+        peer("uniform-2.5 (gptq-w2-g32)", "gptq", 2, 32, budget=2.5),
+        peer("rtn-w4", "rtn", 4, 128),
+        peer("rtn-w3", "rtn", 3, 128),
+        gptqm("gptq-w4", 4, 128),
+        gptqm("gptq-w3", 3, 128),
+        ours("gptq-w4", bits=4, group_size=128, flags=["--bits", "4"]),
+        ours("gptq-w3", bits=3, group_size=128, flags=["--bits", "3"]),
+        ours("ip-3.25", budget=3.25, flags=["--budget", "3.25", "--recipe", str(ROOT / "recipes" / "gemma-budget.yaml")]),
+        ours("ip-2.5", budget=2.5, flags=["--budget", "2.5", "--recipe", str(ROOT / "recipes" / "gemma-budget.yaml")]),
+        ours("rtn-w4", bits=4, group_size=128, flags=["--method", "rtn", "--bits", "4"]),
+        ours("rtn-w3", bits=3, group_size=128, flags=["--method", "rtn", "--bits", "3"]),
+        ours("uniform-3.25 (gptq-w3-g64)", bits=3, group_size=64, flags=["--bits", "3", "--group-size", "64"]),
+        ours("uniform-2.5 (gptq-w2-g32)", bits=2, group_size=32, flags=["--bits", "2", "--group-size", "32"]),
+    ],
+}
+
+
+def log(message: str) -> None:
+    print(f"[{datetime.now().strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def ensure_venv(venv: Path, pins: dict[str, str]) -> Path:
+    """The venv's python, after creating the venv and installing `pins` there if any pin is off."""
+    python = venv / "bin" / "python"
     if not python.exists():
-        subprocess.run([sys.executable, "-m", "venv", str(PEERS_VENV)], check=True)
-    probe = subprocess.run([str(python), "-c", "import llmcompressor, matplotlib"], capture_output=True)
-    if probe.returncode != 0:
-        subprocess.run([str(python), "-m", "pip", "install", "-q", *PEER_PACKAGES], check=True)
+        log(f"creating {venv}")
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    probe = "import importlib.metadata as m, sys; sys.exit(any(m.version(p).split('+')[0] != v for p, v in %r.items()))" % pins
+    if subprocess.run([str(python), "-c", probe], capture_output=True).returncode != 0:
+        log(f"installing {pins} into {venv} (a few minutes)")
+        subprocess.run([str(python), "-m", "pip", "install", "-q", *[f"{p}=={v}" for p, v in pins.items()]], check=True)
     return python
 
 
-def peer_version(python: Path) -> str:
-    return subprocess.run([str(python), "-c", "import llmcompressor; print(llmcompressor.__version__)"], check=True,
-                          capture_output=True, text=True).stdout.strip()
+def ensure_peers_venv() -> Path:
+    """llm-compressor's venv (also the one plot.py runs in: it has matplotlib)."""
+    return ensure_venv(PEERS_VENV, PEER_PINS)
+
+
+_PYTHONS: dict[str, Path] = {}
+
+
+def tool_python(tool: str) -> Path:
+    """A peer tool's venv python, checked (and built if needed) once per run, when first used."""
+    if tool not in _PYTHONS:
+        _PYTHONS[tool] = ensure_venv(TOOLS[tool]["venv"], TOOLS[tool]["pins"])
+    return _PYTHONS[tool]
 
 
 def calibration_windows(spec: dict, model: str, path: Path) -> None:
-    """The calibration windows layerquant uses (first N x L tokens, BOS-prefixed) for the peer."""
+    """The calibration windows layerquant uses (first N x L tokens, BOS-prefixed), for the peer."""
     from safetensors.torch import save_file
 
     from layerquant.infra.texts import load_tokenizer, read_text, tokenize
     from layerquant.solvers.windows import make_windows
 
     tokenizer = load_tokenizer(model)
-    windows = make_windows(tokenize(tokenizer, read_text(spec["calib"])), spec["nsamples"], spec["seqlen"], tokenizer.bos_token_id, "first")
+    windows = make_windows(tokenize(tokenizer, read_text(str(spec["calib"]))), spec["nsamples"], spec["seqlen"], tokenizer.bos_token_id, "first")
     save_file({"tokens": windows.contiguous()}, path)
 
 
-def our_eval(model_dir: str, spec: dict, store: str) -> dict:
-    command = [sys.executable, "-m", "layerquant.cli", "eval", "--model", model_dir, "--text", spec["eval"],
-               "--windows", str(spec["eval_windows"]), "--seqlen", str(spec["eval_seqlen"]), "--store", store]
-    result = subprocess.run(command, check=True, capture_output=True, text=True)
-    return json.loads(result.stdout.strip().splitlines()[-1])
+def our_eval(model_dir: str, spec: dict, store: str) -> tuple[dict, float, list[str]]:
+    command = [*LAYERQUANT, "eval", "--model", model_dir, "--text", str(spec["eval"]), "--windows", str(spec["eval_windows"]),
+               "--seqlen", str(spec["eval_seqlen"]), "--store", store]
+    started = time.perf_counter()
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"layerquant eval of {model_dir} failed: {result.stderr[-2000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1]), round(time.perf_counter() - started, 1), command
 
 
-def peer_avg_bits(model: str, bits: int, group: int, special: dict[str, int]) -> float:
+def peer_avg_bits(info: dict) -> float:
     """Storage per quantized weight as layerquant counts it: codes + one fp16 scale per group."""
-    from layerquant.infra.checkpoint import CheckpointReader
-
-    reader = CheckpointReader(model)
     total = weights = 0
-    for index in range(reader.n_blocks):
-        block = reader.block_weights(index, dtype=None)
-        for name in reader.arch.linear_names:
-            rows, cols = block[f"{name}.weight"].shape
-            size = special.get(name.rsplit(".", 1)[-1], group)
-            total += rows * cols * bits + rows * math.ceil(cols / size) * 16
-            weights += rows * cols
+    for name, (rows, cols) in info["shapes"].items():
+        group = info["group_sizes"][name]
+        total += rows * cols * info["bits"] + rows * math.ceil(cols / group) * 16
+        weights += rows * cols
     return total / weights
 
 
-def render(rows: list[dict]) -> None:
-    lines = ["| model | tool | method | avg bits | perplexity (float) | quantization wall s | peak RSS MB |", "|---|---|---|---|---|---|---|"]
-    for row in sorted(rows, key=lambda r: (r["model"], -r["avg_bits"], r["tool"])):
-        lines.append(f"| {row['model']} | {row['tool']} {row['tool_version']} | {row['method']} | {row['avg_bits']:.3f} | "
-                     f"{row['ppl']:.3f} ({row['ppl_fp']:.3f}) | {row['wall_s']:.0f} | {row['peak_rss_mb']:.0f} |")
-    (RESULTS / "peers.md").write_text("\n".join(lines) + "\n")
-    plot = '''
-import json, sys
-import matplotlib
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
-rows = json.load(open(sys.argv[1]))
-models = sorted({r["model"] for r in rows})
-fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4.5), squeeze=False)
-for ax, model in zip(axes[0], models):
-    for tool in sorted({r["tool"] for r in rows if r["model"] == model}):
-        for family in ("gptq", "ip"):
-            pts = sorted((r["avg_bits"], r["ppl"]) for r in rows if r["model"] == model and r["tool"] == tool
-                         and r["method"].startswith(family) and "refine" not in r["method"])
-            if pts:
-                ax.plot(*zip(*pts), marker="o", label=f"{tool} {'uniform GPTQ' if family == 'gptq' else 'IP mixed precision'}")
-        tuned = [(r["avg_bits"], r["ppl"]) for r in rows if r["model"] == model and r["tool"] == tool and "refine" in r["method"]]
-        if tuned:
-            ax.plot(*zip(*sorted(tuned)), marker="*", linestyle="none", markersize=12, label=f"{tool} + refine + norm tweak")
-    fp = next(r["ppl_fp"] for r in rows if r["model"] == model)
-    ax.axhline(fp, color="gray", linestyle=":", label="float")
-    ax.set_yscale("log"); ax.set_xlabel("average bits per weight (scales counted)"); ax.set_ylabel("perplexity")
-    ax.set_title(model); ax.legend(fontsize=8)
-fig.tight_layout(); fig.savefig(sys.argv[2], dpi=110)
-'''
-    subprocess.run([str(PEERS_VENV / "bin" / "python"), "-c", plot, str(RESULTS / "peers.json"), str(RESULTS / "peers.png")], check=True)
+def model_facts(model: str) -> dict:
+    from layerquant.infra.checkpoint import CheckpointReader
+
+    files = list(Path(model).glob("*.safetensors"))
+    return {"model_mb": round(sum(f.stat().st_size for f in files) / 2**20, 1), "n_blocks": CheckpointReader(model).n_blocks}
+
+
+def run_ours(case: dict, name: str, spec: dict, model: str, args, env: dict) -> dict:
+    out = Path(args.out_root) / f"{name}-layerquant-{case['method']}"
+    store = args.store
+    if case.get("budget") is not None:
+        # budget runs store their sensitivity scores: the model's budget cases share a store that
+        # is emptied before the first of them in this invocation, so the first is timed in full
+        # and the later ones show the reuse (`reused`, * in the table) instead of hiding it
+        store = str(Path(args.store).with_name(Path(args.store).name + "-budget") / name)
+        if name not in args.budget_stores_emptied:
+            shutil.rmtree(store, ignore_errors=True)
+            args.budget_stores_emptied.add(name)
+    command = [*LAYERQUANT, "quantize", "--model", model, "--calib", str(spec["calib"]), "--eval", str(spec["eval"]),
+               "--nsamples", str(spec["nsamples"]), "--seqlen", str(spec["seqlen"]), "--calib-selection", "first",
+               "--eval-windows", str(spec["eval_windows"]), "--eval-seqlen", str(spec["eval_seqlen"]),
+               "--group-size", str(spec["group"]), *case["flags"], "--store", store, "--out", str(out), "--overwrite"]
+    log("  " + shlex.join(command))
+    measured = run_streamed(command, env=env, echo=(lambda line: print("    | " + line, file=sys.stderr, flush=True)) if args.verbose else None)
+    if measured["returncode"] != 0:
+        tail = "\n".join(text for _, text in measured["stderr_lines"][-30:])
+        raise RuntimeError(f"exit {measured['returncode']}: {tail[-3000:]}")
+    phases = layerquant_phases(measured)
+    report = json.loads((out / "report.json").read_text())
+    reused = [text.split(": ", 1)[-1] for _, text in measured["stderr_lines"] if "cached" in text and "perplexity" not in text]
+    row = {"tool_version": tool_version_ours(), "bits": case.get("bits"), "group_size": case.get("group_size"), "budget": case.get("budget"),
+           "avg_bits": report["avg_bits"], "ppl": report["ppl_quant"], "nll_std_err": report.get("nll_std_err"), "ppl_fp": report["ppl_fp"],
+           "wall_s": phases["quant_wall_s"], "peak_rss_mb": phases["quant_peak_rss_mb"], "eval_wall_s": phases["eval_wall_s"],
+           "total_wall_s": measured["wall_s"], "peak_rss_total_mb": measured["peak_rss_mb"], "report_wall_s": report["wall_s"],
+           "blocks_cached": report.get("blocks_cached", []), "reused": reused, "command": shlex.join(command)}
+    if case.get("budget") is not None:
+        row["bits_used"] = sorted({layer["bits"] for layer in report["layers"]})
+        row["group_sizes_used"] = sorted({layer["group_size"] for layer in report["layers"]})
+    if not args.keep_outputs:
+        for weights in out.glob("*.safetensors"):
+            weights.unlink()
+    return row
+
+
+def run_peer(case: dict, name: str, spec: dict, model: str, args) -> dict:
+    """One case of a peer tool (TOOLS[case["tool"]]): its case script in its venv writes a plain
+    float checkpoint and a json (version, per-layer group sizes and shapes), then `layerquant eval`."""
+    tool = TOOLS[case["tool"]]
+    python = tool_python(case["tool"])
+    out = Path(args.out_root) / f"{name}-{tool['slug']}-{case['method'].split()[0]}"
+    shutil.rmtree(out, ignore_errors=True)
+    windows = Path(args.out_root) / f"{name}-calib-windows.safetensors"
+    if case["kind"] == "gptq" and not windows.is_file():
+        calibration_windows(spec, model, windows)
+    command = [str(python), str(HERE / tool["script"]), "--model", model, "--out", str(out), "--method", case["kind"]]
+    if case["kind"] != "float":
+        command += ["--bits", str(case["bits"]), "--group", str(case["group_size"])]
+        command += ["--special", *[f"{k}={v}" for k, v in case["special"].items()]] if case["special"] else []
+    if case["kind"] == "gptq":
+        command += ["--windows", str(windows)]
+    log("  " + shlex.join(command))
+    try:
+        measured = run_measured(command, env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"})
+    finally:
+        if tool["scratch"]:  # GPTQModel os._exit()s when a worker thread fails, so its script cannot always clean up
+            shutil.rmtree(out.with_name(f".{out.name}{tool['scratch']}"), ignore_errors=True)
+    if measured["returncode"] != 0:
+        raise RuntimeError(f"exit {measured['returncode']}: {measured['stderr'][-3000:]}")
+    info = json.loads((out / tool["info"]).read_text())
+    result, eval_s, eval_command = our_eval(str(out), spec, args.store)
+    row = {"tool_version": info["version"], "bits": case["bits"], "group_size": case["group_size"], "budget": case.get("budget"),
+           "group_size_overrides": case["special"] or None,
+           "avg_bits": 32.0 if case["kind"] == "float" else peer_avg_bits(info), "ppl": result["ppl"], "nll_std_err": result.get("nll_std_err"),
+           "wall_s": measured["wall_s"], "peak_rss_mb": measured["peak_rss_mb"], "eval_wall_s": eval_s,
+           "command": shlex.join(command), "eval_command": shlex.join(eval_command)}
+    # what the tool reports about itself beyond the common keys (GPTQModel: its resolved quantize
+    # config, packed file size, patched packing); the per-layer tables stay in its json
+    extra = {k: v for k, v in info.items() if k not in ("version", "method", "bits", "group_sizes", "shapes", "seconds")}
+    if extra:
+        row["tool_info"] = extra
+    if not args.keep_outputs:
+        for weights in out.glob("*.safetensors"):
+            weights.unlink()
+    return row
+
+
+def save_row(row: dict) -> list[dict]:
+    """Put `row` into peers.json in place of the row with the same (model, tool, method) and return
+    all rows. The file is re-read first and replaced atomically, so rows that another run of this
+    script (other tools or cases) wrote in the meantime are kept."""
+    key = (row["model"], row["tool"], row["method"])
+    for attempt in range(5):
+        try:
+            rows = load_rows("peers")
+            break
+        except json.JSONDecodeError:  # caught another writer mid-write
+            time.sleep(0.2 * (attempt + 1))
+    else:
+        raise RuntimeError(f"{RESULTS / 'peers.json'} is not valid JSON")
+    rows = [r for r in rows if (r["model"], r["tool"], r["method"]) != key] + [row]
+    temporary = RESULTS / f".peers.json.{os.getpid()}"
+    temporary.write_text(json.dumps(rows, indent=2) + "\n")
+    os.replace(temporary, RESULTS / "peers.json")
+    return rows
+
+
+_VERSION = None
+
+
+def tool_version_ours() -> str:
+    global _VERSION
+    if _VERSION is None:
+        from importlib.metadata import version
+
+        _VERSION = version("layerquant")
+    return _VERSION
+
+
+def render(rows: list[dict], python: Path) -> None:
+    header = ("| model | tool | method | bits / group | avg bits | perplexity | vs float | quant. wall s | quant. peak RSS MB |\n"
+              "|---|---|---|---|---|---|---|---|---|")
+    lines = [header]
+    for row in sorted(rows, key=lambda r: (r["model"] != "stories260K", r["model"], -r["avg_bits"], r["tool"], r["method"])):
+        if row["method"] == "float":
+            spec = "float32"
+        elif row.get("budget") is not None and row["tool"] == "layerquant":
+            spec = f"budget {row['budget']}: bits {row.get('bits_used')} g {row.get('group_sizes_used')}"
+        else:
+            extra = ", " + ", ".join(f"{k} {v}" for k, v in row["group_size_overrides"].items()) if row.get("group_size_overrides") else ""
+            spec = f"{row['bits']} / {row['group_size']}{extra}"
+            if (row.get("tool_info") or {}).get("patched_packing"):
+                spec += " †"
+        wall = f"{row['wall_s']:.0f}" if row.get("wall_s") is not None else ""
+        if any("calibration" not in item for item in row.get("reused") or []):
+            wall += "*"
+        rss = f"{row['peak_rss_mb']:.0f}" if row.get("peak_rss_mb") else ""
+        ratio = f"{row['ppl'] / row['ppl_fp']:.3f}x" if row.get("ppl_fp") else ""
+        lines.append(f"| {row['model']} | {row['tool']} {row['tool_version']} | {row['method']} | {spec} | {row['avg_bits']:.3f} | "
+                     f"{row['ppl']:.3f} | {ratio} | {wall} | {rss} |")
+    notes = ["", "Perplexity: layerquant's evaluator for every tool (non-overlapping BOS-prefixed windows; stories260K: first 200 x 256 "
+             "tokens of tinystories_eval_600k; Gemma 3 270M: first 6 x 2048 tokens of wikitext2_test_gptq_join). "
+             "avg bits: codes + fp16 scale per group, for every tool (GPTQModel's file also stores packed zeros, but symmetric "
+             "zeros are all 2^(bits-1), so they are not counted). Quantization wall time and peak RSS of the whole process tree, evaluation "
+             "excluded (the float rows: llm-compressor's load + save only; GPTQModel's rows include its packing and our unpacking). "
+             "* = blocks or scores found cached in the store (see `reused` in peers.json). llm-compressor's and GPTQModel's "
+             "uniform-B rows are their best uniform configuration that fits layerquant's budget B (they have no bit allocator). "
+             "† GPTQModel 7.6.0's 3-bit packer crashes on layers whose width is not a multiple of 32 (stories260K's 172); "
+             "bench/peers/gptqmodel_case.py pads that lossless packing step, the quantization is GPTQModel's own. "
+             "Gemma 3 270M's weights come from a Q4_K_M GGUF (already on llama.cpp grids).",
+             f"Machine: {rows[0]['machine'] if rows else ''}; generated by bench/peers/run_all.py."]
+    table = "\n".join(lines + notes) + "\n"
+    (RESULTS / "peers.md").write_text(table)
+    subprocess.run([str(python), str(HERE / "plot.py"), str(RESULTS / "peers.json"), str(RESULTS / "peers.png")], check=True)
+    write_into_readme(table)
+
+
+def write_into_readme(table: str) -> None:
+    """Replace the README's generated block (between the two markers) with the new table, so the
+    README never shows numbers the JSON does not hold."""
+    readme = ROOT / "README.md"
+    text = readme.read_text()
+    if README_BEGIN not in text or README_END not in text:
+        log(f"README.md has no {README_BEGIN} ... {README_END} block: table left in {RESULTS / 'peers.md'} only")
+        return
+    head, rest = text.split(README_BEGIN, 1)
+    _, tail = rest.split(README_END, 1)
+    dates = sorted(r["date"][:10] for r in load_rows("peers"))
+    stamp = f"Measured {dates[0]} to {dates[-1]}." if dates else ""
+    readme.write_text(f"{head}{README_BEGIN}\n{table}{stamp}\n\n![perplexity against average bits](bench/results/peers.png)\n{README_END}{tail}")
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", default=",".join(MODELS))
-    parser.add_argument("--force", action="store_true")
-    parser.add_argument("--store", default=str(CACHE / "bench-store" / "peers"))
-    parser.add_argument("--out-root", default=str(CACHE / "bench-out" / "peers"))
+    parser.add_argument("--models", default=",".join(MODELS), help="comma-separated subset of " + ", ".join(MODELS))
+    parser.add_argument("--tools", default=",".join(ALL_TOOLS), help="comma-separated subset of " + ", ".join(ALL_TOOLS))
+    parser.add_argument("--only", help="run only cases whose method contains this text")
+    parser.add_argument("--force", action="store_true", help="redo the chosen cases even if peers.json has them (empties --store)")
+    parser.add_argument("--store", default=str(CACHE / "peers" / "store"), help="layerquant artifact store shared by the cases")
+    parser.add_argument("--out-root", default=str(CACHE / "peers" / "out"))
+    parser.add_argument("--keep-outputs", action="store_true", help="keep the quantized weights (deleted after measuring by default)")
+    parser.add_argument("--verbose", action="store_true", help="echo layerquant's log")
     args = parser.parse_args()
-    python = ensure_peers_venv()
-    version = peer_version(python)
-    rows = load_rows("peers")
-    chosen = args.models.split(",")
+    args.budget_stores_emptied = set()
+    chosen = [m for m in args.models.split(",") if m]
+    unknown = set(chosen) - set(MODELS)
+    if unknown:
+        parser.error(f"unknown model(s) {sorted(unknown)}: choose from {list(MODELS)}")
+    tools = [t for t in args.tools.split(",") if t]
+    if set(tools) - set(ALL_TOOLS) or not tools:
+        parser.error(f"unknown tool(s) {sorted(set(tools) - set(ALL_TOOLS))}: choose from {ALL_TOOLS}")
     if args.force:
-        rows = [row for row in rows if row["model"] not in chosen]
-    done = {(row["model"], row["tool"], row["method"]) for row in rows}
-    env = {**os.environ, "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120"}
-    stamp = {"machine": machine(), "date": datetime.now(timezone.utc).date().isoformat(), "workers": 1}
+        shutil.rmtree(args.store, ignore_errors=True)  # cached blocks would fake the timings of redone cases
+    Path(args.out_root).mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    python = ensure_peers_venv()  # plot.py runs there
+    rows = load_rows("peers")
+    env = {**os.environ, "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120", "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    failures = []
     for name in chosen:
         spec = MODELS[name]
         model = spec["path"]()
-        protocol = ["--calib", spec["calib"], "--eval", spec["eval"], "--nsamples", str(spec["nsamples"]), "--seqlen", str(spec["seqlen"]),
-                    "--calib-selection", "first", "--eval-windows", str(spec["eval_windows"]), "--eval-seqlen", str(spec["eval_seqlen"]),
-                    "--group-size", str(spec["group"])]
-        common_row = {"bench": "peers", "model": name, "eval_text": Path(spec["eval"]).stem, "eval_windows": spec["eval_windows"],
-                      "eval_seqlen": spec["eval_seqlen"], **stamp}
-        # bench/gemma_methods.py runs the same protocol: its uncached measurements are reused
-        shared = {row["case"]: row for row in load_rows("gemma_methods")} if name == "gemma-3-270m" else {}
-        for label, flags in OURS[name]:
-            if (name, "layerquant", label) in done:
+        facts = model_facts(model)
+        common_row = {"bench": "peers", "model": name, **facts, "eval_text": Path(spec["eval"]).stem, "eval_windows": spec["eval_windows"],
+                      "eval_seqlen": spec["eval_seqlen"], "calib_text": Path(spec["calib"]).stem,
+                      "calib": f"first {spec['nsamples']} x {spec['seqlen']} tokens", "workers": 1}
+        ppl_fp = None
+        for case in CASES[name]:
+            if case["tool"] not in tools or (args.only and args.only not in case["method"]):
                 continue
-            if label in shared:
-                row = shared[label]
-                rows.append({**common_row, "tool": "layerquant", "tool_version": row["tool_version"], "method": label, "avg_bits": row["avg_bits"],
-                             "ppl": row["ppl"], "ppl_fp": row["ppl_fp"], "wall_s": row["wall_s"], "peak_rss_mb": row["peak_rss_mb"],
-                             "source": "bench/results/gemma_methods.json"})
-                write_rows("peers", rows)
+            key = (name, case["tool"], case["method"])
+            existing = [r for r in rows if (r["model"], r["tool"], r["method"]) == key]
+            if existing and not args.force:
                 continue
-            result = run_layerquant_case(f"{name}-{label}", ["--model", model, *protocol, *flags], args.store, args.out_root, env)
-            report = result["report"]
-            rows.append({**common_row, "tool": "layerquant", "tool_version": "0.1.0", "method": label, "avg_bits": report["avg_bits"],
-                         "ppl": report["ppl_quant"], "ppl_fp": report["ppl_fp"], "wall_s": result["wall_s"], "peak_rss_mb": result["peak_rss_mb"]})
-            write_rows("peers", rows)
-            print(f"{name} layerquant {label}: {report['ppl_quant']:.3f} at {report['avg_bits']:.3f} bits", file=sys.stderr, flush=True)
-        ppl_fp = our_eval(model, spec, args.store)["ppl"]
-        for label, bits, group in spec["peer_cases"]:
-            if (name, "llm-compressor", label) in done:
+            if ppl_fp is None:
+                floats = [r for r in rows if r["model"] == name and r["tool"] == "layerquant" and r["method"] == "float"]
+                if floats and not args.force:
+                    ppl_fp = floats[0]["ppl"]
+                else:
+                    log(f"{name}: float perplexity with layerquant's evaluator")
+                    result, eval_s, command = our_eval(model, spec, args.store)
+                    ppl_fp = result["ppl"]
+                    rows = save_row({**common_row, "tool": "layerquant", "tool_version": tool_version_ours(), "method": "float", "bits": None,
+                                     "group_size": None, "avg_bits": 32.0, "ppl": ppl_fp, "nll_std_err": result.get("nll_std_err"),
+                                     "ppl_fp": ppl_fp, "wall_s": None, "peak_rss_mb": None, "eval_wall_s": eval_s, "command": shlex.join(command),
+                                     "machine": machine(), "date": datetime.now(timezone.utc).isoformat(timespec="seconds")})
+                    log(f"{name}: float {ppl_fp:.4f} ({eval_s:.0f} s)")
+            log(f"{name} {case['tool']} {case['method']}")
+            load = os.getloadavg()[0]
+            case_started = time.perf_counter()
+            try:
+                if case["tool"] == "layerquant":
+                    measured = run_ours(case, name, spec, model, args, env)
+                else:
+                    measured = run_peer(case, name, spec, model, args)
+            except Exception as exc:  # one failed case must not lose the others
+                failures.append(f"{name} {case['tool']} {case['method']}: {exc}")
+                log(f"  FAILED: {str(exc)[-1500:]}")
                 continue
-            with tempfile.TemporaryDirectory() as work:
-                windows = Path(work) / "calib.safetensors"
-                calibration_windows(spec, model, windows)
-                out = Path(args.out_root) / f"{name}-llmcompressor-{label}"
-                special = spec["peer_special"]
-                measured = run_measured([str(python), str(HERE / "llmcompressor_case.py"), model, str(windows), str(out), str(bits), str(group),
-                                         *[f"{k}={v}" for k, v in special.items()]])
-            if measured["returncode"] != 0:
-                raise RuntimeError(f"llm-compressor {name} {label} failed: {measured['stderr'][-3000:]}")
-            ppl = our_eval(str(out), spec, args.store)["ppl"]
-            rows.append({**common_row, "tool": "llm-compressor", "tool_version": version, "method": label,
-                         "avg_bits": peer_avg_bits(model, bits, group, special), "ppl": ppl, "ppl_fp": ppl_fp,
-                         "wall_s": measured["wall_s"], "peak_rss_mb": measured["peak_rss_mb"]})
-            write_rows("peers", rows)
-            print(f"{name} llm-compressor {label}: {ppl:.3f}", file=sys.stderr, flush=True)
-    render(rows)
-    return 0
+            row = {**common_row, "tool": case["tool"], "method": case["method"], "ppl_fp": ppl_fp, **measured,
+                   "case_wall_s": round(time.perf_counter() - case_started, 1), "loadavg_1min_at_start": round(load, 2),
+                   "machine": machine(), "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+            if case["tool"] == "layerquant" and abs(measured["ppl_fp"] - ppl_fp) > 1e-6 * ppl_fp:
+                row["note"] = f"report's ppl_fp {measured['ppl_fp']:.6f} differs from `layerquant eval` {ppl_fp:.6f}"
+            row["ppl_fp"] = ppl_fp
+            rows = save_row(row)  # after every case: an interruption loses nothing finished
+            log(f"  ppl {row['ppl']:.4f} at {row['avg_bits']:.3f} bits, quantization {row['wall_s']:.0f} s, "
+                f"peak {row['peak_rss_mb']:.0f} MB (case {row['case_wall_s']:.0f} s)")
+    rows = load_rows("peers")  # with whatever a concurrent run added
+    if rows:
+        render(rows, python)
+    log(f"done in {time.perf_counter() - started:.0f} s; {len(failures)} failed case(s)")
+    for failure in failures:
+        log("  " + failure[:500])
+    return 1 if failures else 0
 
 
 if __name__ == "__main__":
