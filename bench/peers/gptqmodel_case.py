@@ -148,6 +148,8 @@ def main() -> int:
     work = args.out.parent / f".{args.out.name}.gptqmodel-tmp"  # GPTQModel's packed output and disk offload
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
+    args.model, args.windows = str(Path(args.model).resolve()), str(Path(args.windows).resolve())
+    os.chdir(work)  # GPTQModel writes per-layer logs to ./logs: keep them in the scratch folder
     try:
         tokens = load_file(args.windows)["tokens"]
         samples = [{"input_ids": window.unsqueeze(0), "attention_mask": torch.ones(1, tokens.shape[1], dtype=torch.long)} for window in tokens]
