@@ -46,6 +46,11 @@ CASES: dict[str, list[str]] = {
     "gptq-w4+refine": ["--bits", "4", "--refine-steps", "100"],
     "pbllm-s0.1": ["--method", "pbllm", "--salient-fraction", "0.1"],
     "gptq-w3+refine+normtweak": ["--bits", "3", *TUNED],
+    # tuning losses measured after the next block's input norm (--tuning-space next_norm): Gemma
+    # keeps most of its residual energy in one channel the next norm all but ignores
+    "gptq-w2-g64+refine@next_norm": ["--bits", "2", "--group-size", "64", "--refine-steps", "100", "--tuning-space", "next_norm"],
+    "gptq-w2-g64+normtweak@next_norm": ["--bits", "2", "--group-size", "64", "--norm-tweak-steps", "100", "--tuning-space", "next_norm"],
+    "gptq-w3+refine@next_norm": ["--bits", "3", "--refine-steps", "100", "--tuning-space", "next_norm"],
 }
 
 
@@ -73,6 +78,7 @@ def main() -> int:
             "model_mb": model_mb, "n_blocks": report["n_blocks"],
             "method": case, "bits": config["bits"] if not config.get("budget") else None, "group_size": config["group_size"],
             "budget": config.get("budget"), "refine_steps": config["refine_steps"], "norm_tweak_steps": config["norm_tweak_steps"],
+            "tuning_space": config.get("tuning_space", "residual"),
             "avg_bits": report["avg_bits"], "ppl": report["ppl_quant"], "ppl_fp": report["ppl_fp"], "nll_std_err": report["nll_std_err"],
             "eval_text": "wikitext2_test_gptq_join", "eval_windows": 6, "eval_seqlen": 2048,
             "wall_s": result["wall_s"], "peak_rss_mb": result["peak_rss_mb"], "workers": 1,

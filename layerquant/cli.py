@@ -47,6 +47,8 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--salient-fraction", type=float, help="PB-LLM: share of weights kept in salient_bits (default 0.1)")
     parser.add_argument("--refine-steps", type=int, help="AdaQuant scale refinement steps per block (default 0 = off)")
     parser.add_argument("--norm-tweak-steps", type=int, help="norm tweaking steps per block (default 0 = off)")
+    parser.add_argument("--tuning-space", choices=["residual", "next_norm"],
+                        help="where tuning compares block outputs: as they are (default), or after the next block's input norm")
     parser.add_argument("--gate-output-error", type=float,
                         help="redo a block with a more generous spec when its relative output error exceeds this")
     parser.add_argument("--max-ppl-increase", type=float, help="fail the run if perplexity rises by more than this fraction (0.05 = +5%%)")
@@ -97,6 +99,7 @@ def config_from_args(args: argparse.Namespace):
         salient_fraction=args.salient_fraction,
         refine_steps=args.refine_steps,
         norm_tweak_steps=args.norm_tweak_steps,
+        tuning_space=args.tuning_space,
         gate_output_error=args.gate_output_error,
         max_ppl_increase=args.max_ppl_increase,
         store=absolute_location(args.store or ".layerquant/store"),

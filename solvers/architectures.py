@@ -32,6 +32,7 @@ class Architecture:
     # linear layers of a block in true-sequential order; layers in one group share one input
     linear_groups: tuple[tuple[str, ...], ...] = LLAMA_GROUPS
     norms: tuple[str, ...] = ("input_layernorm", "post_attention_layernorm")
+    input_norm: str = "input_layernorm"  # the norm a block applies to its input first
     norm_offset: float = 0.0  # Gemma's RMSNorm scales by (1 + w)
     embed_scaled: bool = False  # Gemma multiplies embeddings by sqrt(hidden_size)
     rotary_per_layer_type: bool = False  # Gemma 3 keeps local and global rope tables
@@ -171,7 +172,8 @@ def embed_tokens(arch: Architecture, config, embed_weight: torch.Tensor, tokens:
     return hidden
 
 
-def final_norm(arch: Architecture, config, norm_weight: torch.Tensor) -> nn.Module:
+def family_norm(arch: Architecture, config, norm_weight: torch.Tensor) -> nn.Module:
+    """The family's own RMSNorm with `norm_weight` (the final norm, or a block's input norm)."""
     norm = getattr(arch.modeling(), f"{arch.class_prefix}RMSNorm")(config.hidden_size, eps=config.rms_norm_eps)
     norm.load_state_dict({"weight": norm_weight})
     return norm.eval()

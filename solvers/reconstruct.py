@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from layerquant.errors import InvalidSpec
 from layerquant.specs import QuantSpec
 from layerquant.solvers.gptq import quantize_weight, relative_weighted_error
 from layerquant.solvers.hessian import accumulate_hessian
@@ -154,6 +155,9 @@ class BlockTuning:
     # share of the calibration samples held out to choose each step's best iterate (0 = the
     # training samples choose, which lets a step keep changes that only fit them)
     holdout: float = 0.0
+    # "residual": the loss compares block outputs; "next_norm": it compares them after the
+    # next block's input norm (the caller passes that norm to `reconstruct_block`)
+    space: str = "residual"
 
     @property
     def enabled(self) -> bool:
@@ -168,6 +172,8 @@ class BlockTuning:
             out["norm_tweak"] = {"steps": self.norm_tweak_steps, "lr": self.norm_tweak_lr, "loss": self.norm_tweak_loss}
         if out:
             out |= {"batch_size": self.batch_size, "seed": self.seed, "holdout": self.holdout}
+            if self.space != "residual":  # absent by default: earlier tuned runs keep their keys
+                out["space"] = self.space
         return out
 
 
@@ -193,11 +199,14 @@ def reconstruct_block(
     layer_prefix: str = "",
     tuning: BlockTuning | None = None,
     tuning_targets: torch.Tensor | None = None,
+    next_norm: nn.Module | None = None,
 ) -> BlockReconstruction:
     """Quantize decoder block `index` (float `weights`, block-relative names) on `inputs` [N, L, H],
     then apply `tuning` (refinement, norm tweaking) if given, fitted to `tuning_targets`: by
     default the float block's outputs on `inputs`; the float model's hidden states after this
-    block let tuning also make up for the error earlier blocks left."""
+    block let tuning also make up for the error earlier blocks left. With `tuning.space`
+    "next_norm", `next_norm` (the next block's input norm, or the final norm after the last
+    block) is applied to outputs and targets before they are compared."""
     from layerquant.solvers.architectures import BlockContext, build_block, run_block
 
     start = time.perf_counter()
@@ -216,7 +225,11 @@ def reconstruct_block(
     report: dict = {}
     if tuning is not None and tuning.enabled:
         targets = float_outputs if tuning_targets is None else tuning_targets
-        overrides, report = tune_block(block, context.block_kwargs(index), arch.norms, outcomes, inputs, targets, tuning)
+        if tuning.space == "next_norm" and next_norm is None:
+            raise InvalidSpec("tuning in the next_norm space needs the next block's input norm",
+                              "pass next_norm (the final norm for the last block), or use space 'residual'")
+        project = next_norm if tuning.space == "next_norm" else None
+        overrides, report = tune_block(block, context.block_kwargs(index), arch.norms, outcomes, inputs, targets, tuning, project)
     outputs = forward(block, inputs)
     return BlockReconstruction(outcomes, outputs, relative_output_error(float_outputs, outputs), time.perf_counter() - start,
                                overrides, report)
@@ -230,9 +243,11 @@ def tune_block(
     inputs: torch.Tensor,
     float_outputs: torch.Tensor,
     tuning: BlockTuning,
+    project: nn.Module | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict]:
     """Refine the scales of `outcomes` (updated in place, with the block's weights) and tweak
-    the block's norms; returns (tuned norm weights by parameter name, what each step achieved)."""
+    the block's norms; returns (tuned norm weights by parameter name, what each step achieved).
+    `project` (a frozen module), when given, maps outputs and targets alike before every loss."""
     from layerquant.solvers.grid import QuantizedWeight
     from layerquant.solvers.norm_tweak import functional_block_forward, norm_weights_of, tweak_norms
     from layerquant.solvers.refine import refine_scales
@@ -240,6 +255,10 @@ def tune_block(
     report: dict = {}
     overrides: dict[str, torch.Tensor] = {}
     common = {"batch_size": tuning.batch_size, "seed": tuning.seed}
+    if project is not None:
+        project = project.requires_grad_(False)
+        with torch.no_grad():
+            float_outputs = torch.cat([project(float_outputs[i : i + tuning.batch_size]) for i in range(0, len(float_outputs), tuning.batch_size)])
     held_out = int(round(tuning.holdout * inputs.shape[0]))
     if 0 < held_out < inputs.shape[0]:
         common["validation"] = (inputs[-held_out:], float_outputs[-held_out:])
@@ -248,7 +267,7 @@ def tune_block(
     refinable = {o.name: o for o in outcomes if o.spec.method != "pbllm"}
     if tuning.refine_steps and refinable:
         layers = {name: QuantizedWeight.from_tensors(o.tensors, o.spec) for name, o in refinable.items()}
-        weight_forward = functional_block_forward(block, [f"{name}.weight" for name in layers], **block_kwargs)
+        weight_forward = _projected(functional_block_forward(block, [f"{name}.weight" for name in layers], **block_kwargs), project)
         refined, stats = refine_scales(weight_forward, layers, inputs, float_outputs, steps=tuning.refine_steps, lr=tuning.refine_lr, **common)
         with torch.no_grad():
             for name, quantized in refined.items():
@@ -259,7 +278,7 @@ def tune_block(
                             "seconds": round(stats.seconds, 3)}
     if tuning.norm_tweak_steps:
         start = norm_weights_of(block, norm_names)
-        norm_forward = functional_block_forward(block, norm_names, **block_kwargs)
+        norm_forward = _projected(functional_block_forward(block, norm_names, **block_kwargs), project)
         tweaked, stats = tweak_norms(norm_forward, start, inputs, float_outputs, steps=tuning.norm_tweak_steps,
                                      lr=tuning.norm_tweak_lr, loss=tuning.norm_tweak_loss, **common)
         params = dict(block.named_parameters())
@@ -270,6 +289,12 @@ def tune_block(
         report["norm_tweak"] = {"loss": tuning.norm_tweak_loss, "loss_before": stats.initial_loss, "loss_after": stats.best_loss,
                                 "best_step": stats.best_step, "seconds": round(stats.seconds, 3)}
     return overrides, report
+
+
+def _projected(forward, project: nn.Module | None):
+    if project is None:
+        return forward
+    return lambda weights, hidden: project(forward(weights, hidden))
 
 
 def stored_weight(tensors: dict[str, torch.Tensor], spec: QuantSpec) -> torch.Tensor:

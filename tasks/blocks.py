@@ -9,6 +9,7 @@ from prefect.cache_policies import NO_CACHE
 from layerquant.config import CODE_VERSION
 from layerquant.infra.checkpoint import tensors_fingerprint
 from layerquant.infra.store import artifact_key
+from layerquant.solvers.architectures import family_norm
 from layerquant.solvers.reconstruct import reconstruct_block
 from layerquant.specs import QuantSpec
 from layerquant.tasks.context import RunContext, cached, ref_of, retry_transient
@@ -37,7 +38,15 @@ def quantize_block(config: dict, index: int, inputs: dict, specs: dict[str, dict
     weights_fp = tensors_fingerprint(sorted(weights.items()))
     inputs_ref = ref_of(inputs)
     tuning = ctx.config.block_tuning()
-    key = block_key(inputs_ref.sha256, weights_fp, specs, ctx.config.damp_percent, tuning.identity())
+    tuning_identity = tuning.identity()
+    next_norm_weight = None
+    if tuning.enabled and tuning.space == "next_norm":
+        # the norm that reads this block's output: the next block's input norm, or the final one
+        next_name = (reader.block_prefix(index + 1) + reader.arch.input_norm + ".weight" if index + 1 < reader.n_blocks
+                     else reader.arch.final_norm_name)
+        next_norm_weight = reader.tensor(next_name).float()
+        tuning_identity["next_norm"] = tensors_fingerprint([(next_name, next_norm_weight)])
+    key = block_key(inputs_ref.sha256, weights_fp, specs, ctx.config.damp_percent, tuning_identity)
     block_hit = None if force else cached(ctx.store, BLOCK_STAGE, key, logger)
     outputs_hit = None if force else cached(ctx.store, HIDDEN_STAGE, key, logger)
     if block_hit is not None and outputs_hit is not None:
@@ -50,6 +59,7 @@ def quantize_block(config: dict, index: int, inputs: dict, specs: dict[str, dict
         reader.arch, reader.config, index, {name: t.float() for name, t in weights.items()}, hidden["hidden"],
         {name: QuantSpec.from_dict(spec) for name, spec in specs.items()},
         damp_percent=ctx.config.damp_percent, layer_prefix=reader.block_prefix(index), tuning=tuning,
+        next_norm=None if next_norm_weight is None else family_norm(reader.arch, reader.config, next_norm_weight),
     )
     tensors = {f"{o.name}.{part}": value for o in result.outcomes for part, value in o.tensors.items()}
     tensors |= {f"override.{param}": value for param, value in result.overrides.items()}

@@ -38,7 +38,7 @@ def model_perplexity(ctx: RunContext, windows, block_refs: list[dict] | None, ba
             block = arch_ops.build_block(reader.arch, reader.config, index, weights)
             yield lambda hidden, block=block, index=index: arch_ops.run_block(block, context, index, hidden, batch_size)
 
-    norm = arch_ops.final_norm(reader.arch, reader.config, reader.final_norm_weight())
+    norm = arch_ops.family_norm(reader.arch, reader.config, reader.final_norm_weight())
     embed = reader.embed_weight()
     # tied embeddings: one tensor serves both ends (Gemma 3's is 671 MB in float32)
     head = reader.lm_head_weight() if reader.has(reader.arch.lm_head_name) else embed

@@ -50,6 +50,16 @@ def test_refinement_lowers_perplexity_at_the_same_size(store, bits):
     assert refined["ppl_quant"] < plain["ppl_quant"] * 0.97, (bits, plain["ppl_quant"], refined["ppl_quant"])
 
 
+def test_refinement_in_the_next_norm_space_through_the_flow(store):
+    """Every block tunes as the norm after it reads its output (the final norm after the last
+    one): its own run and blocks, not the residual-space ones, and as good against plain GPTQ."""
+    plain = quantize(store, bits=3)
+    residual = quantize(store, bits=3, refine_steps=100)
+    in_next_norm_space = quantize(store, bits=3, refine_steps=100, tuning_space="next_norm")
+    assert in_next_norm_space["run_id"] != residual["run_id"] and in_next_norm_space["blocks_cached"] == []
+    assert in_next_norm_space["ppl_quant"] < plain["ppl_quant"] * 0.97, (plain["ppl_quant"], in_next_norm_space["ppl_quant"])
+
+
 def test_pbllm_near_two_bits_beats_plain_two_bit_gptq_of_larger_size(store):
     """PB-LLM's claim against the GPTQ it was published against (min-max grid, no clip search,
     as llm-compressor's GPTQ): 3% salient 8-bit weights, the rest binarized per row, every

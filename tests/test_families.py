@@ -40,7 +40,7 @@ def test_streamed_blocks_equal_transformers_blocks(tiny_model_dir, model_type):
         hidden = arch_ops.run_block(block, context, index, hidden)
         torch.testing.assert_close(hidden, captured[index][1], rtol=1e-5, atol=1e-5)
     # streamed head: NLL equals transformers' cross entropy on its own logits
-    norm = arch_ops.final_norm(reader.arch, reader.config, reader.final_norm_weight())
+    norm = arch_ops.family_norm(reader.arch, reader.config, reader.final_norm_weight())
     targets = torch.cat([tokens[0, 1:], torch.tensor([-100])])
     ours = arch_ops.token_nll(hidden[0], norm, reader.lm_head_weight(), targets, getattr(reader.config, "final_logit_softcapping", None), vocab_chunk=100)
     theirs = torch.nn.functional.cross_entropy(reference_logits[0, :-1], tokens[0, 1:], reduction="sum")

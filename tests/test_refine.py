@@ -7,16 +7,13 @@ import pytest
 import torch
 
 from layerquant.errors import InvalidSpec
-from layerquant.solvers.architectures import run_block
+from layerquant.solvers.architectures import family_norm, run_block
 from layerquant.solvers.grid import QuantizedWeight, max_code
 from layerquant.solvers.norm_tweak import dataset_relative_mse, functional_block_forward
-from layerquant.solvers.reconstruct import apply_quantization_sequential, stored_weight
+from layerquant.solvers.reconstruct import BlockTuning, apply_quantization_sequential, reconstruct_block, stored_weight, tune_block
 from layerquant.solvers.refine import refine_scales
 from layerquant.specs import QuantSpec
 from support.stories_block import BLOCK, one_thread, real_block  # noqa: F401 (fixtures)
-
-
-
 
 
 def _quantize(real_block, spec: QuantSpec):
@@ -100,3 +97,41 @@ def test_bad_arguments(real_block):
                          QuantSpec(method="pbllm", salient_fraction=0.1))
     with pytest.raises(InvalidSpec, match="PB-LLM"):
         refine_scales(forward, {"mlp.up_proj": pb}, x, y, steps=1)
+
+
+def _tuned_block(real_block, space: str):
+    """Block 2 at 2 bits, refined and norm-tweaked with its loss measured in `space`."""
+    block = copy.deepcopy(real_block["block"])
+    arch, context = real_block["arch"], real_block["context"]
+    spec = QuantSpec(2, 32, False, "gptq", act_order=True, clip_search=True)
+    outcomes = apply_quantization_sequential(block, lambda m, h: run_block(m, context, BLOCK, h), real_block["x_train"],
+                                             arch.linear_groups, {n: spec for n in arch.linear_names})
+    tuning = BlockTuning(refine_steps=40, norm_tweak_steps=40, holdout=0.25, space=space)
+    project = family_norm(arch, context.config, real_block["next_norm_weight"]) if space == "next_norm" else None
+    _, report = tune_block(block, real_block["kwargs"], arch.norms, outcomes, real_block["x_train"], real_block["y_train"], tuning, project)
+    assert report["refine"]["loss_after"] < report["refine"]["loss_before"]
+    return block
+
+
+def test_tuning_in_the_next_norm_space_fits_what_the_next_block_reads(real_block):
+    """The next block reads this block's output through its input norm: tuned in that space,
+    the block's held-out error as the next block sees it is lower than when tuned on raw outputs."""
+    next_norm = family_norm(real_block["arch"], real_block["context"].config, real_block["next_norm_weight"])
+
+    def seen_by_next_block(block) -> float:
+        with torch.no_grad():
+            out = next_norm(run_block(block, real_block["context"], BLOCK, real_block["x_test"]))
+            target = next_norm(real_block["y_test"])
+        return float((out - target).pow(2).sum() / target.pow(2).sum())
+
+    residual = seen_by_next_block(_tuned_block(real_block, "residual"))
+    in_next_norm_space = seen_by_next_block(_tuned_block(real_block, "next_norm"))
+    assert in_next_norm_space < residual, (residual, in_next_norm_space)
+
+
+def test_next_norm_space_without_the_norm_is_refused(real_block):
+    weights = {k: v.detach().clone() for k, v in real_block["block"].state_dict().items()}
+    specs = {n: QuantSpec(2, 32) for n in real_block["arch"].linear_names}
+    with pytest.raises(InvalidSpec, match="next block's input norm"):
+        reconstruct_block(real_block["arch"], real_block["context"].config, BLOCK, weights, real_block["x_train"][:4], specs,
+                          tuning=BlockTuning(refine_steps=1, space="next_norm"))

@@ -27,7 +27,8 @@ def one_thread():
 @pytest.fixture(scope="module")
 def real_block(stories_model, calib_text, eval_text):
     """Block 2 of stories260K with its real inputs: 32 calibration sequences to fit on and 16
-    sequences of the evaluation text, never seen while fitting, to judge on."""
+    sequences of the evaluation text, never seen while fitting, to judge on; and the weight of
+    the norm that reads its output (block 3's input norm)."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(stories_model, dtype=torch.float32).eval()
@@ -43,4 +44,6 @@ def real_block(stories_model, calib_text, eval_text):
     kwargs = context.block_kwargs(BLOCK)
     with torch.no_grad():
         y_train, y_test = block(x_train, **kwargs), block(x_test, **kwargs)
-    return dict(block=block, arch=arch, context=context, kwargs=kwargs, x_train=x_train, x_test=x_test, y_train=y_train, y_test=y_test)
+    next_norm_weight = model.model.layers[BLOCK + 1].input_layernorm.weight.detach().clone()
+    return dict(block=block, arch=arch, context=context, kwargs=kwargs, x_train=x_train, x_test=x_test, y_train=y_train, y_test=y_test,
+                next_norm_weight=next_norm_weight)
