@@ -48,7 +48,7 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--refine-steps", type=int, help="AdaQuant scale refinement steps per block (default 0 = off)")
     parser.add_argument("--norm-tweak-steps", type=int, help="norm tweaking steps per block (default 0 = off)")
     parser.add_argument("--tuning-space", choices=["residual", "next_norm"],
-                        help="where tuning compares block outputs: as they are (default), or after the next block's input norm")
+                        help="where tuning compares block outputs: as they are, or after the next block's input norm (default)")
     parser.add_argument("--gate-output-error", type=float,
                         help="redo a block with a more generous spec when its relative output error exceeds this")
     parser.add_argument("--max-ppl-increase", type=float, help="fail the run if perplexity rises by more than this fraction (0.05 = +5%%)")

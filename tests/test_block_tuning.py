@@ -54,7 +54,7 @@ def test_refinement_in_the_next_norm_space_through_the_flow(store):
     """Every block tunes as the norm after it reads its output (the final norm after the last
     one): its own run and blocks, not the residual-space ones, and as good against plain GPTQ."""
     plain = quantize(store, bits=3)
-    residual = quantize(store, bits=3, refine_steps=100)
+    residual = quantize(store, bits=3, refine_steps=100, tuning_space="residual")
     in_next_norm_space = quantize(store, bits=3, refine_steps=100, tuning_space="next_norm")
     assert in_next_norm_space["run_id"] != residual["run_id"] and in_next_norm_space["blocks_cached"] == []
     assert in_next_norm_space["ppl_quant"] < plain["ppl_quant"] * 0.97, (plain["ppl_quant"], in_next_norm_space["ppl_quant"])
