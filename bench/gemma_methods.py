@@ -31,26 +31,29 @@ PROTOCOL = ["--calib", str(DATA / "wikitext2_valid_tokens.txt"), "--eval", str(D
             "--nsamples", "32", "--seqlen", "512", "--calib-selection", "first", "--eval-windows", "6", "--eval-seqlen", "2048",
             "--group-size", "128"]
 TUNED = ["--refine-steps", "100", "--norm-tweak-steps", "100"]
+# the tuned rows of 2026-11-22 compared outputs in the residual space (the default then)
+RESIDUAL = ["--tuning-space", "residual"]
 # in the order they are worth running (each takes 10-30 min here); the mixed-precision and
 # uniform-of-the-same-size cases live in bench/peers/run_all.py, next to llm-compressor's
 CASES: dict[str, list[str]] = {
     "gptq-w4": ["--bits", "4"],
     "gptq-w2-g64": ["--bits", "2", "--group-size", "64"],
     "pbllm-s0.05": ["--method", "pbllm", "--salient-fraction", "0.05"],
-    "gptq-w2-g64+normtweak": ["--bits", "2", "--group-size", "64", "--norm-tweak-steps", "100"],
-    "gptq-w3+normtweak": ["--bits", "3", "--norm-tweak-steps", "100"],
-    "gptq-w2-g64+refine": ["--bits", "2", "--group-size", "64", "--refine-steps", "100"],
-    "gptq-w3+refine": ["--bits", "3", "--refine-steps", "100"],
+    "gptq-w2-g64+normtweak": ["--bits", "2", "--group-size", "64", "--norm-tweak-steps", "100", *RESIDUAL],
+    "gptq-w3+normtweak": ["--bits", "3", "--norm-tweak-steps", "100", *RESIDUAL],
+    "gptq-w2-g64+refine": ["--bits", "2", "--group-size", "64", "--refine-steps", "100", *RESIDUAL],
+    "gptq-w3+refine": ["--bits", "3", "--refine-steps", "100", *RESIDUAL],
     "gptq-w3": ["--bits", "3"],
-    "gptq-w4+normtweak": ["--bits", "4", "--norm-tweak-steps", "100"],
-    "gptq-w4+refine": ["--bits", "4", "--refine-steps", "100"],
+    "gptq-w4+normtweak": ["--bits", "4", "--norm-tweak-steps", "100", *RESIDUAL],
+    "gptq-w4+refine": ["--bits", "4", "--refine-steps", "100", *RESIDUAL],
     "pbllm-s0.1": ["--method", "pbllm", "--salient-fraction", "0.1"],
-    "gptq-w3+refine+normtweak": ["--bits", "3", *TUNED],
-    # tuning losses measured after the next block's input norm (--tuning-space next_norm): Gemma
-    # keeps most of its residual energy in one channel the next norm all but ignores
+    "gptq-w3+refine+normtweak": ["--bits", "3", *TUNED, *RESIDUAL],
+    # tuning losses measured after the next block's input norm (the default since 2026-12-02):
+    # Gemma keeps most of its residual energy in one channel the next norm all but ignores
     "gptq-w2-g64+refine@next_norm": ["--bits", "2", "--group-size", "64", "--refine-steps", "100", "--tuning-space", "next_norm"],
     "gptq-w2-g64+normtweak@next_norm": ["--bits", "2", "--group-size", "64", "--norm-tweak-steps", "100", "--tuning-space", "next_norm"],
     "gptq-w3+refine@next_norm": ["--bits", "3", "--refine-steps", "100", "--tuning-space", "next_norm"],
+    "gptq-w4+refine@next_norm": ["--bits", "4", "--refine-steps", "100", "--tuning-space", "next_norm"],
 }
 
 
