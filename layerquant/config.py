@@ -146,7 +146,9 @@ class RunConfig(BaseModel):
     def identity(self) -> dict[str, Any]:
         """The fields that define the result; store/out only say where it goes."""
         identity = self.model_dump(exclude={"store", "out", "pack_format"})
-        if identity["tuning_space"] == "residual":  # the default leaves out: earlier runs keep their ids
+        # the space means nothing without tuning, and "residual" is what runs before it had: left
+        # out in both cases, untuned and residual-space runs keep the ids they always had
+        if identity["tuning_space"] == "residual" or not self.block_tuning().enabled:
             del identity["tuning_space"]
         return identity
 

@@ -16,12 +16,18 @@ from layerquant.specs import QuantSpec
 from support.stories_block import BLOCK, one_thread, real_block  # noqa: F401 (fixtures)
 
 
-def _quantize(real_block, spec: QuantSpec):
-    """(quantized block, layer name -> QuantizedWeight) as the flow's block solver makes them."""
+def _quantized_outcomes(real_block, spec: QuantSpec):
+    """(quantized copy of the block, its layer outcomes) as the flow's block solver makes them."""
     block = copy.deepcopy(real_block["block"])
     context = real_block["context"]
     outcomes = apply_quantization_sequential(block, lambda m, h: run_block(m, context, BLOCK, h), real_block["x_train"],
                                              real_block["arch"].linear_groups, {n: spec for n in real_block["arch"].linear_names})
+    return block, outcomes
+
+
+def _quantize(real_block, spec: QuantSpec):
+    """(quantized block, layer name -> QuantizedWeight) as the flow's block solver makes them."""
+    block, outcomes = _quantized_outcomes(real_block, spec)
     return block, {o.name: QuantizedWeight.from_tensors(o.tensors, spec) for o in outcomes}
 
 
@@ -101,11 +107,8 @@ def test_bad_arguments(real_block):
 
 def _tuned_block(real_block, space: str):
     """Block 2 at 2 bits, refined and norm-tweaked with its loss measured in `space`."""
-    block = copy.deepcopy(real_block["block"])
     arch, context = real_block["arch"], real_block["context"]
-    spec = QuantSpec(2, 32, False, "gptq", act_order=True, clip_search=True)
-    outcomes = apply_quantization_sequential(block, lambda m, h: run_block(m, context, BLOCK, h), real_block["x_train"],
-                                             arch.linear_groups, {n: spec for n in arch.linear_names})
+    block, outcomes = _quantized_outcomes(real_block, QuantSpec(2, 32, False, "gptq", act_order=True, clip_search=True))
     tuning = BlockTuning(refine_steps=40, norm_tweak_steps=40, holdout=0.25, space=space)
     project = family_norm(arch, context.config, real_block["next_norm_weight"]) if space == "next_norm" else None
     _, report = tune_block(block, real_block["kwargs"], arch.norms, outcomes, real_block["x_train"], real_block["y_train"], tuning, project)
