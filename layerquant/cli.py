@@ -269,9 +269,19 @@ def return_freed_memory_to_the_os() -> None:
         pass
 
 
+def huge_pages_for_large_tensors() -> None:
+    """With large tensors in their own mappings (above), each new activation or Hessian buffer
+    is faulted in 4 KiB page by page: on Gemma 3 270M the kernel's page zeroing was a quarter
+    of the run's CPU time. PyTorch's allocator asks for transparent huge pages for buffers of
+    2 MiB and more when THP_MEM_ALLOC_ENABLE is set (512x fewer faults; a block took 15 s
+    instead of 21 s). Torch reads it once, at its first allocation: set before torch loads."""
+    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+
+
 def main(argv: list[str] | None = None) -> int:
     prefect_environment()
     return_freed_memory_to_the_os()
+    huge_pages_for_large_tensors()
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     # one line per HTTP call to the local Prefect API drowns the figures a person wants to see

@@ -8,6 +8,7 @@ from typing import Any
 
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
+from pydantic import ValidationError
 
 from layerquant.config import CODE_VERSION, RunConfig
 from layerquant.infra.checkpoint import CheckpointReader, tensors_fingerprint
@@ -120,12 +121,16 @@ def plan_bits(config: dict, score_refs: list[dict], budget: float, restrict: dic
 _NOT_CALIBRATION_CONTEXT = {"budget", "gate_output_error", "max_ppl_increase", "store", "out", "pack_format"}
 
 
+def _calibration_context(config: RunConfig) -> dict[str, Any]:
+    return {k: v for k, v in config.identity().items() if k not in _NOT_CALIBRATION_CONTEXT}
+
+
 def higgs_coefficient(store: ArtifactStore, config: RunConfig) -> dict[str, Any] | None:
     """The factor c in ln(ppl_quant / ppl_fp) ~= c * predicted_loss (HIGGS's linearity theorem:
     the loss increase is close to a weighted sum of per-layer relative errors), fitted through
     the origin on the finished budget runs of this store that share the model, texts, windows,
     candidates and tuning of `config`. None until one such run has finished."""
-    context = {k: v for k, v in config.model_dump().items() if k not in _NOT_CALIBRATION_CONTEXT}
+    context = _calibration_context(config)
     points = []
     for path in store.list_paths("runs"):
         if not path.endswith("/manifest.json"):
@@ -133,7 +138,12 @@ def higgs_coefficient(store: ArtifactStore, config: RunConfig) -> dict[str, Any]
         manifest = store.read_manifest(path.split("/")[-2]) or {}
         report = manifest.get("report") or {}
         plan = report.get("plan") or {}
-        other = {k: v for k, v in manifest.get("config", {}).items() if k not in _NOT_CALIBRATION_CONTEXT}
+        try:
+            # compared by identity, so a setting added since (at its default) does not drop the
+            # run; runs stored before tuning_space existed tuned in the residual space
+            other = _calibration_context(RunConfig(**{"tuning_space": "residual", **manifest.get("config", {})}))
+        except ValidationError:  # written by another version of layerquant: not comparable
+            continue
         if manifest.get("status") == "completed" and plan.get("predicted_loss") and other == context:
             points.append((plan["predicted_loss"], math.log(report["ppl_quant"] / report["ppl_fp"])))
     if not points:
