@@ -138,13 +138,15 @@ def higgs_coefficient(store: ArtifactStore, config: RunConfig) -> dict[str, Any]
         manifest = store.read_manifest(path.split("/")[-2]) or {}
         report = manifest.get("report") or {}
         plan = report.get("plan") or {}
+        if manifest.get("status") != "completed" or not plan.get("predicted_loss"):
+            continue
         try:
             # compared by identity, so a setting added since (at its default) does not drop the
             # run; runs stored before tuning_space existed tuned in the residual space
             other = _calibration_context(RunConfig(**{"tuning_space": "residual", **manifest.get("config", {})}))
         except ValidationError:  # written by another version of layerquant: not comparable
             continue
-        if manifest.get("status") == "completed" and plan.get("predicted_loss") and other == context:
+        if other == context:
             points.append((plan["predicted_loss"], math.log(report["ppl_quant"] / report["ppl_fp"])))
     if not points:
         return None
