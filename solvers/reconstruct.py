@@ -13,6 +13,7 @@ from layerquant.errors import InvalidSpec
 from layerquant.specs import QuantSpec
 from layerquant.solvers.gptq import quantize_weight, relative_weighted_error
 from layerquant.solvers.hessian import accumulate_hessian
+from layerquant.solvers.staged import staged_quantize
 
 BlockForward = Callable[[nn.Module, torch.Tensor], torch.Tensor]
 
@@ -88,6 +89,58 @@ def collect_hessians(
     return hessians, torch.cat(outputs) if keep_outputs else None
 
 
+def quantize_group_in_place(block: nn.Module, names: Sequence[str], hessian: torch.Tensor, specs: dict[str, QuantSpec],
+                            damp_percent: float, layer_prefix: str) -> list[LayerOutcome]:
+    """Quantize the named linears of `block` (one group, one input Hessian), replacing each
+    weight by its dequantized value; returns what happened to each."""
+    outcomes = []
+    for name in names:
+        start = time.perf_counter()
+        linear = block.get_submodule(name)
+        weight = linear.weight.detach().float()
+        tensors, weight_hat, damp_used = quantize_layer(weight, hessian, specs[name], damp_percent, layer_prefix + name)
+        error = relative_weighted_error(weight, weight_hat, hessian)
+        with torch.no_grad():
+            linear.weight.copy_(weight_hat.to(linear.weight.dtype))
+        outcomes.append(LayerOutcome(name, specs[name], tensors, tuple(weight.shape), error, damp_used, time.perf_counter() - start))
+        del weight, weight_hat
+    return outcomes
+
+
+@dataclass
+class SequentialQuantization:
+    outcomes: list[LayerOutcome]
+    outputs: torch.Tensor  # the quantized block's outputs on the inputs it was fitted on
+    seconds: dict[str, float]  # forward / hessian / solve
+
+
+def quantize_block_sequential(
+    block: nn.Module,
+    forward: BlockForward,
+    inputs: torch.Tensor,
+    groups: Sequence[Sequence[str]],
+    specs: dict[str, QuantSpec],
+    damp_percent: float = 0.01,
+    layer_prefix: str = "",
+    batch_size: int = 8,
+) -> SequentialQuantization:
+    """Quantize `block`'s linear layers in place, true-sequentially, in one forward pass.
+
+    Layers without a spec stay float. Each group's Hessian comes from the partially quantized
+    block, so later groups compensate earlier groups' error; `solvers/staged.py` gets there
+    with one pass over `inputs` instead of one pass per group. In place, because a second copy
+    of a block is the largest avoidable allocation of a run.
+    """
+    outcomes: list[LayerOutcome] = []
+    todo = [[name for name in group if name in specs] for group in groups]
+
+    def quantize_group(names: Sequence[str], hessian: torch.Tensor) -> None:
+        outcomes.extend(quantize_group_in_place(block, names, hessian, specs, damp_percent, layer_prefix))
+
+    staged = staged_quantize(block, forward, inputs, [g for g in todo if g], quantize_group, batch_size)
+    return SequentialQuantization(outcomes, staged.outputs, staged.seconds)
+
+
 def apply_quantization_sequential(
     block: nn.Module,
     forward: BlockForward,
@@ -97,38 +150,9 @@ def apply_quantization_sequential(
     damp_percent: float = 0.01,
     layer_prefix: str = "",
     batch_size: int = 8,
-    float_hessians: dict[str, torch.Tensor] | None = None,
 ) -> list[LayerOutcome]:
-    """Quantize `block`'s linear layers in place; returns what happened to each layer.
-
-    Layers without a spec stay float. Each group's Hessian comes from running the partially
-    quantized block, so later groups compensate earlier groups' error (true-sequential). In
-    place, because a second copy of a block is the largest avoidable allocation of a run.
-    `float_hessians` (layer -> Hessian, collected on the unquantized block) are used while no
-    layer has been quantized yet, when they are the same thing.
-    """
-    outcomes: list[LayerOutcome] = []
-    for group in groups:
-        todo = [name for name in group if name in specs]
-        if not todo:
-            continue
-        if not outcomes and float_hessians and todo[0] in float_hessians:
-            hessian = float_hessians[todo[0]]
-        else:
-            hessian = collect_hessians(block, forward, inputs, [todo[0]], batch_size)[0][todo[0]]
-        for name in todo:
-            start = time.perf_counter()
-            linear = block.get_submodule(name)
-            weight = linear.weight.detach().float()
-            tensors, weight_hat, damp_used = quantize_layer(weight, hessian, specs[name], damp_percent, layer_prefix + name)
-            error = relative_weighted_error(weight, weight_hat, hessian)
-            with torch.no_grad():
-                linear.weight.copy_(weight_hat.to(linear.weight.dtype))
-            outcome = LayerOutcome(name, specs[name], tensors, tuple(weight.shape), error, damp_used, time.perf_counter() - start)
-            del weight, weight_hat
-            outcomes.append(outcome)
-        del hessian
-    return outcomes
+    """`quantize_block_sequential` for callers that only need what happened to each layer."""
+    return quantize_block_sequential(block, forward, inputs, groups, specs, damp_percent, layer_prefix, batch_size).outcomes
 
 
 def relative_output_error(reference: torch.Tensor, approx: torch.Tensor) -> float:
@@ -177,6 +201,11 @@ class BlockTuning:
         return out
 
 
+# samples whose float outputs measure a block's output error when nothing else needs the float
+# block's outputs: one default batch, so the float pass costs 8/N of a forward, not a whole one
+ERROR_SAMPLES = 8
+
+
 @dataclass
 class BlockReconstruction:
     outcomes: list[LayerOutcome]
@@ -185,6 +214,12 @@ class BlockReconstruction:
     seconds: float
     overrides: dict[str, torch.Tensor] = field(default_factory=dict)  # block parameter -> tuned value (norms)
     tuning: dict = field(default_factory=dict)  # what refinement / norm tweaking achieved
+    # forward / hessian / solve / tuning seconds, and how many block forwards over all samples
+    # the reconstruction cost (the staged pass is 1; the float reference and a re-run after
+    # tuning add to it)
+    timing: dict[str, float] = field(default_factory=dict)
+    forwards: float = 1.0
+    output_error_samples: int = 0  # how many samples `output_error` was measured on
 
 
 def reconstruct_block(
@@ -200,39 +235,59 @@ def reconstruct_block(
     tuning: BlockTuning | None = None,
     tuning_targets: torch.Tensor | None = None,
     next_norm: nn.Module | None = None,
+    full_output_error: bool = False,
+    error_samples: int = ERROR_SAMPLES,
 ) -> BlockReconstruction:
     """Quantize decoder block `index` (float `weights`, block-relative names) on `inputs` [N, L, H],
     then apply `tuning` (refinement, norm tweaking) if given, fitted to `tuning_targets`: by
     default the float block's outputs on `inputs`; the float model's hidden states after this
     block let tuning also make up for the error earlier blocks left. With `tuning.space`
     "next_norm", `next_norm` (the next block's input norm, or the final norm after the last
-    block) is applied to outputs and targets before they are compared."""
+    block) is applied to outputs and targets before they are compared.
+
+    The float block runs over every sample only when something needs all its outputs (tuning,
+    or `full_output_error` for a quality gate); otherwise the output error is measured on the
+    first `error_samples` samples."""
     from layerquant.solvers.architectures import BlockContext, build_block, run_block
 
     start = time.perf_counter()
     context = BlockContext(arch, config, seq_len=inputs.shape[1])
     block = build_block(arch, config, index, weights)
+    n_samples = inputs.shape[0]
 
     def forward(module: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
         return run_block(module, context, index, hidden, batch_size)
 
-    # the float pass also yields the first group's Hessian: nothing before it is quantized yet
-    first = next((name for group in arch.linear_groups for name in group if name in specs), None)
-    float_hessians, float_outputs = collect_hessians(block, forward, inputs, [first] if first else [], batch_size, keep_outputs=True)
-    outcomes = apply_quantization_sequential(block, forward, inputs, arch.linear_groups, specs, damp_percent, layer_prefix=layer_prefix,
-                                             batch_size=batch_size, float_hessians=float_hessians)
+    tuned = tuning is not None and tuning.enabled
+    reference_count = n_samples if (tuned and tuning_targets is None) or full_output_error else min(error_samples, n_samples)
+    reference_start = time.perf_counter()
+    float_outputs = forward(block, inputs[:reference_count])
+    float_seconds = time.perf_counter() - reference_start
+    sequential = quantize_block_sequential(block, forward, inputs, arch.linear_groups, specs, damp_percent,
+                                           layer_prefix=layer_prefix, batch_size=batch_size)
+    outcomes, outputs = sequential.outcomes, sequential.outputs
+    timing = dict(sequential.seconds)
+    timing["forward"] += float_seconds
+    forwards = 1.0 + reference_count / n_samples
     overrides: dict[str, torch.Tensor] = {}
     report: dict = {}
-    if tuning is not None and tuning.enabled:
+    if tuned:
         targets = float_outputs if tuning_targets is None else tuning_targets
         if tuning.space == "next_norm" and next_norm is None:
             raise InvalidSpec("tuning in the next_norm space needs the next block's input norm",
                               "pass next_norm (the final norm for the last block), or use space 'residual'")
         project = next_norm if tuning.space == "next_norm" else None
+        tuning_start = time.perf_counter()
         overrides, report = tune_block(block, context.block_kwargs(index), arch.norms, outcomes, inputs, targets, tuning, project)
-    outputs = forward(block, inputs)
-    return BlockReconstruction(outcomes, outputs, relative_output_error(float_outputs, outputs), time.perf_counter() - start,
-                               overrides, report)
+        timing["tuning"] = time.perf_counter() - tuning_start
+        # tuning moved weights and norms: the next block reads the tuned block's outputs
+        rerun_start = time.perf_counter()
+        outputs = forward(block, inputs)
+        timing["forward"] += time.perf_counter() - rerun_start
+        forwards += 1.0
+    error = relative_output_error(float_outputs, outputs[:reference_count])
+    return BlockReconstruction(outcomes, outputs, error, time.perf_counter() - start, overrides, report,
+                               {k: round(v, 3) for k, v in timing.items()}, forwards, reference_count)
 
 
 def tune_block(

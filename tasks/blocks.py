@@ -60,6 +60,8 @@ def quantize_block(config: dict, index: int, inputs: dict, specs: dict[str, dict
         {name: QuantSpec.from_dict(spec) for name, spec in specs.items()},
         damp_percent=ctx.config.damp_percent, layer_prefix=reader.block_prefix(index), tuning=tuning,
         next_norm=None if next_norm_weight is None else family_norm(reader.arch, reader.config, next_norm_weight),
+        # a gate judges the error on every sample; otherwise a subset estimates it
+        full_output_error=ctx.config.gate_output_error is not None,
     )
     tensors = {f"{o.name}.{part}": value for o in result.outcomes for part, value in o.tensors.items()}
     tensors |= {f"override.{param}": value for param, value in result.overrides.items()}
@@ -72,7 +74,8 @@ def quantize_block(config: dict, index: int, inputs: dict, specs: dict[str, dict
             "storage_bits": o.spec.storage_bits(out_features, in_features),
         })
     meta = {"index": index, "weights_fp": weights_fp, "layers": layers, "output_error": result.output_error,
-            "tuning": result.tuning, "seconds": round(result.seconds, 3), "stage": BLOCK_STAGE}
+            "tuning": result.tuning, "seconds": round(result.seconds, 3), "stage": BLOCK_STAGE,
+            "output_error_samples": result.output_error_samples, "timing": result.timing, "forwards": result.forwards}
     # outputs first: a block artifact is only trusted once the inputs of the next block exist
     outputs_ref = ctx.store.put_tensors(HIDDEN_STAGE, key, {"hidden": result.outputs}, {"index": index + 1, "stage": HIDDEN_STAGE})
     block_ref = ctx.store.put_tensors(BLOCK_STAGE, key, tensors, meta)
