@@ -155,6 +155,28 @@ def apply_quantization_sequential(
     return quantize_block_sequential(block, forward, inputs, groups, specs, damp_percent, layer_prefix, batch_size).outcomes
 
 
+def needs_calibration(specs: dict[str, QuantSpec]) -> bool:
+    """Whether quantizing these layers needs their input Hessians (GPTQ, PB-LLM); round-to-
+    nearest needs only the weights."""
+    return any(spec.method != "rtn" for spec in specs.values())
+
+
+def quantize_block_data_free(weights: dict[str, torch.Tensor], specs: dict[str, QuantSpec]) -> list[LayerOutcome]:
+    """Round-to-nearest of a block's layers from their weights alone: no calibration sample
+    and no forward. `error` is then the relative Frobenius error ||W - W_hat||^2 / ||W||^2,
+    the Hessian-weighted error with H = I (no input statistics to weigh by)."""
+    outcomes = []
+    for name, spec in specs.items():
+        if spec.method != "rtn":
+            raise InvalidSpec(f"{name}: {spec.method} needs calibration data", "quantize it with calibration, or use method rtn")
+        start = time.perf_counter()
+        weight = weights[f"{name}.weight"].float()
+        quantized = quantize_weight(weight, None, spec).quantized
+        error = float(((quantized.dequantize() - weight) ** 2).sum(dtype=torch.float64) / (weight**2).sum(dtype=torch.float64).clamp(min=1e-30))
+        outcomes.append(LayerOutcome(name, spec, quantized.to_tensors(), tuple(weight.shape), error, 0.0, time.perf_counter() - start))
+    return outcomes
+
+
 def relative_output_error(reference: torch.Tensor, approx: torch.Tensor) -> float:
     """||approx - reference||^2 / ||reference||^2 over a block's outputs."""
     ref = reference.double()
