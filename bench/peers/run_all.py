@@ -64,7 +64,7 @@ ROOT = BENCH.parent
 sys.path.insert(0, str(BENCH))
 sys.path.insert(0, str(HERE))
 from common import RESULTS, load_rows, machine, run_measured  # noqa: E402
-from measure import layerquant_phases, run_streamed  # noqa: E402
+from measure import layerquant_phases  # noqa: E402
 
 CACHE = Path.home() / ".cache" / "layerquant"
 PEERS_VENV = CACHE / "venvs" / "peers"
@@ -259,7 +259,7 @@ def run_ours(case: dict, name: str, spec: dict, model: str, args, env: dict) -> 
                "--eval-windows", str(spec["eval_windows"]), "--eval-seqlen", str(spec["eval_seqlen"]),
                "--group-size", str(spec["group"]), *case["flags"], "--store", store, "--out", str(out), "--overwrite"]
     log("  " + shlex.join(command))
-    measured = run_streamed(command, env=env, echo=(lambda line: print("    | " + line, file=sys.stderr, flush=True)) if args.verbose else None)
+    measured = run_measured(command, env=env, echo=(lambda line: print("    | " + line, file=sys.stderr, flush=True)) if args.verbose else None)
     if measured["returncode"] != 0:
         tail = "\n".join(text for _, text in measured["stderr_lines"][-30:])
         raise RuntimeError(f"exit {measured['returncode']}: {tail[-3000:]}")
