@@ -13,7 +13,8 @@ from layerquant.flows.quantize import quantize_flow
 from layerquant.flows.retry import pack_flow
 from support.perplexity import transformers_perplexity
 
-pytestmark = pytest.mark.usefixtures("prefect_server")
+# whole quantization runs on stories260K: minutes each, so not in the fast tier
+pytestmark = [pytest.mark.usefixtures("prefect_server"), pytest.mark.slow]
 pytest.importorskip("compressed_tensors")
 
 SETTINGS = dict(nsamples=32, seqlen=256, eval_windows=20, eval_seqlen=256, group_size=32)
