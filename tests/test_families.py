@@ -48,6 +48,7 @@ def test_streamed_blocks_equal_transformers_blocks(tiny_model_dir, model_type):
     assert float(ours) == pytest.approx(float(theirs), rel=1e-5)
 
 
+@pytest.mark.slow  # a whole run per family: ~15 s each plus the Prefect server's start
 @pytest.mark.usefixtures("prefect_server")
 @pytest.mark.parametrize("model_type", FAMILIES)
 def test_family_quantizes_end_to_end(tiny_model_dir, tmp_path, model_type, calib_text, eval_text):
