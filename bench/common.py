@@ -41,28 +41,45 @@ def _rss_mb(pid: int) -> float:
     return 0.0
 
 
-def run_measured(command: list[str], env: dict[str, str] | None = None, interval: float = 0.1) -> dict:
-    """Run `command`, sampling the summed RSS of its whole process tree; returns wall time,
-    peak tree RSS, the main process's own peak, return code and output."""
+def run_measured(command: list[str], env: dict[str, str] | None = None, interval: float = 0.1, echo=None) -> dict:
+    """Run `command`, sampling the summed RSS of its whole process tree every `interval` s.
+
+    stderr is read line by line as it arrives (passed to `echo` when given) and every line and
+    memory sample is time-stamped, so a phase delimited by log lines can be cut out afterwards
+    (bench/peers/measure.py's layerquant_phases). Returns wall_s, peak tree RSS, the main
+    process's own peak, return code, stdout, stderr (whole), stderr_lines as (seconds since
+    start, text) and samples as (seconds since start, tree MB)."""
     start = time.perf_counter()
-    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    peak = {"tree": 0.0, "main": 0.0}
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, bufsize=1)
+    samples: list[tuple[float, float]] = []
+    main_peak = [0.0]
+    lines: list[tuple[float, str]] = []
+    out: list[str] = []
     done = threading.Event()
 
     def sample() -> None:
         while not done.is_set():
-            pids = _tree_pids(process.pid)
-            peak["tree"] = max(peak["tree"], sum(_rss_mb(p) for p in pids))
-            peak["main"] = max(peak["main"], _rss_mb(process.pid))
+            samples.append((time.perf_counter() - start, sum(_rss_mb(p) for p in _tree_pids(process.pid))))
+            main_peak[0] = max(main_peak[0], _rss_mb(process.pid))
             time.sleep(interval)
 
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    stdout, stderr = process.communicate()
+    def drain_stdout() -> None:
+        out.append(process.stdout.read())
+
+    threads = [threading.Thread(target=sample, daemon=True), threading.Thread(target=drain_stdout, daemon=True)]
+    for thread in threads:
+        thread.start()
+    for line in process.stderr:
+        lines.append((time.perf_counter() - start, line.rstrip("\n")))
+        if echo is not None:
+            echo(line.rstrip("\n"))
+    process.wait()
     done.set()
-    sampler.join()
-    return {"wall_s": round(time.perf_counter() - start, 2), "peak_rss_mb": round(peak["tree"], 1),
-            "peak_rss_main_mb": round(peak["main"], 1), "returncode": process.returncode, "stdout": stdout, "stderr": stderr}
+    for thread in threads:
+        thread.join()
+    return {"wall_s": round(time.perf_counter() - start, 2), "peak_rss_mb": round(max((mb for _, mb in samples), default=0.0), 1),
+            "peak_rss_main_mb": round(main_peak[0], 1), "returncode": process.returncode, "stdout": "".join(out),
+            "stderr": "".join(text + "\n" for _, text in lines), "stderr_lines": lines, "samples": samples}
 
 
 def machine() -> str:

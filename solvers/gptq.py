@@ -4,6 +4,7 @@ error onto the not-yet-quantized columns through the inverse Hessian, with lazy 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -36,6 +37,44 @@ def relative_weighted_error(weight: torch.Tensor, weight_hat: torch.Tensor, hess
     return hessian_weighted_error(weight, weight_hat, hessian) / max(denom, 1e-30)
 
 
+class ErrorFeedbackSetup(NamedTuple):
+    """What GPTQ-style solvers (GPTQ, PB-LLM) share before their column loop. A tuple, so
+    callers unpack it and can free each buffer (the weight copy, the factor) when done with it."""
+
+    weight: torch.Tensor  # float32 copy in natural column order, dead columns zeroed
+    perm: torch.Tensor  # processing position -> natural column
+    inv_perm: torch.Tensor  # natural column -> processing position
+    hinv: torch.Tensor  # upper Cholesky factor of the damped H^-1, in processing order
+    damp_used: float
+
+
+def prepare_error_feedback(
+    weight: torch.Tensor, hessian: torch.Tensor, act_order: bool, damp_percent: float, layer: str
+) -> ErrorFeedbackSetup:
+    """Zero the dead columns, order the columns (by decreasing Hessian diagonal with act_order)
+    and factor the damped inverse Hessian in that order."""
+    # accumulated in float64, factored in float32 as GPTQ does: a quarter of the float64
+    # working set for the 4-5 Hessian-sized buffers the factorization needs
+    h = hessian.to(torch.float32)
+    dead = torch.diag(h) == 0
+    w = weight.float().clone()
+    w[:, dead] = 0
+    if act_order:
+        perm = torch.argsort(torch.diag(h), descending=True, stable=True)
+        h = h.index_select(0, perm).index_select(1, perm)
+    else:
+        perm = torch.arange(w.shape[1])
+    hinv, damp_used = damped_inverse_cholesky(h, damp_percent, layer)
+    return ErrorFeedbackSetup(weight=w, perm=perm, inv_perm=torch.argsort(perm), hinv=hinv, damp_used=damp_used)
+
+
+def lazy_block_size(group_size: int, act_order: bool) -> int:
+    """Columns per lazy block. Blocks hold whole groups when possible, so a group's grid is
+    fitted on weights that already carry every earlier column's error feedback; with act_order
+    the grids are fixed up front and a block need only be as wide as one group."""
+    return max(LAZY_BLOCK, group_size) if act_order else group_size * max(1, LAZY_BLOCK // group_size)
+
+
 def gptq_quantize(
     weight: torch.Tensor,
     hessian: torch.Tensor,
@@ -49,14 +88,8 @@ def gptq_quantize(
     grid is fitted on the original weights in natural column order, so the stored codes need no
     permutation (g_idx stays c // group_size).
     """
-    w_orig = weight.float()
-    rows, cols = w_orig.shape
-    # accumulated in float64, factored in float32 as GPTQ does: a quarter of the float64
-    # working set for the 4-5 Hessian-sized buffers the factorization needs
-    h = hessian.to(torch.float32)
-    dead = torch.diag(h) == 0
-    w = w_orig.clone()
-    w[:, dead] = 0
+    w, perm, inv_perm, hinv, damp_used = prepare_error_feedback(weight, hessian, spec.act_order, damp_percent, layer)
+    rows, cols = w.shape
 
     group_size = spec.group_size or cols
     bounds = group_bounds(cols, spec.group_size)
@@ -71,14 +104,6 @@ def gptq_quantize(
         for g, (start, end) in enumerate(bounds):
             scales[g], zeros[g] = fit_grid(w[:, start:end], spec.bits, spec.sym, spec.clip_search)
         fitted = [True] * n_groups
-        perm = torch.argsort(torch.diag(h), descending=True, stable=True)
-    else:
-        perm = torch.arange(cols)
-    inv_perm = torch.argsort(perm)
-    if spec.act_order:
-        h = h.index_select(0, perm).index_select(1, perm)
-    hinv, damp_used = damped_inverse_cholesky(h, damp_percent, layer)
-    del h
     group_of_col = (perm // group_size).tolist()  # group of each processed position (natural-order group)
 
     # The column loop works on the transpose: each weight column, and each error-feedback
@@ -87,9 +112,7 @@ def gptq_quantize(
     wt = w.T[perm].contiguous()  # [cols, rows], processing order
     del w
     codes = torch.empty(cols, rows)
-    # Lazy blocks hold whole groups when possible, so a group's grid is fitted on weights that
-    # already carry every earlier column's error feedback.
-    block = max(LAZY_BLOCK, group_size) if spec.act_order else group_size * max(1, LAZY_BLOCK // group_size)
+    block = lazy_block_size(group_size, spec.act_order)
     for i1 in range(0, cols, block):
         i2 = min(i1 + block, cols)
         w1 = wt[i1:i2]  # a view: updated in place

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from layerquant.errors import InvalidSpec
+from layerquant.solvers.fitting import check_fit_args, fit_best_iterate, relative_batch_mse, sample_batches
 
 log = logging.getLogger(__name__)
 
@@ -179,30 +180,6 @@ class TweakStats:
         return self.best_step > 0
 
 
-def _check_args(inputs: torch.Tensor, float_outputs: torch.Tensor, steps: int, lr: float, batch_size: int) -> None:
-    if inputs.shape[:-1] != float_outputs.shape[:-1]:
-        raise InvalidSpec(
-            f"inputs {tuple(inputs.shape)} and float outputs {tuple(float_outputs.shape)} do not describe the same tokens",
-            "pass the float block's outputs on exactly these inputs",
-        )
-    if steps < 0 or batch_size < 1 or not (lr > 0 and math.isfinite(lr)):
-        raise InvalidSpec(
-            f"steps={steps}, lr={lr}, batch_size={batch_size} are out of range",
-            "use steps >= 0, a positive finite lr and batch_size >= 1",
-        )
-
-
-def sample_batches(n: int, batch_size: int, steps: int, seed: int) -> list[torch.Tensor]:
-    """Index batches for `steps` optimizer steps: each epoch a seeded permutation of the n
-    samples cut into fixed slices, so a run is reproducible from (n, batch_size, steps, seed)."""
-    generator = torch.Generator().manual_seed(seed)
-    batches: list[torch.Tensor] = []
-    while len(batches) < steps:
-        order = torch.randperm(n, generator=generator)
-        batches.extend(order[start : start + batch_size] for start in range(0, n, batch_size))
-    return batches[:steps]
-
-
 def tweak_norms(
     block_forward: BlockForward,
     norm_weights: Mapping[str, torch.Tensor],
@@ -240,9 +217,7 @@ def tweak_norms(
     Returns (best weights seen, stats): copies in each given tensor's dtype, never worse than
     `norm_weights` on the dataset (or validation) loss.
     """
-    _check_args(inputs, float_outputs, steps, lr, batch_size)
-    if eval_every is not None and eval_every < 1:
-        raise InvalidSpec(f"eval_every={eval_every} is out of range", "use None (once per epoch) or a step count >= 1")
+    check_fit_args(inputs, float_outputs, steps, lr, batch_size, eval_every)
     if loss not in LOSSES:
         raise InvalidSpec(f"norm-tweak loss {loss!r} is unknown", f"use one of {', '.join(LOSSES)}")
     start_time = time.perf_counter()
@@ -259,38 +234,31 @@ def tweak_norms(
 
     select_inputs, select_outputs = validation if validation is not None else (inputs, float_outputs)
     if validation is not None:
-        _check_args(select_inputs, select_outputs, steps, lr, batch_size)
+        check_fit_args(select_inputs, select_outputs, steps, lr, batch_size)
     select_target = target if validation is None else channel_stats(select_outputs)
 
-    def dataset_loss() -> float:
-        weights = {k: v.detach().to(dtypes[k]) for k, v in params.items()}
+    def dataset_loss(candidate: Mapping[str, torch.Tensor]) -> float:
+        weights = {k: v.to(dtypes[k]) for k, v in candidate.items()}
         if loss == "dist":
             return dataset_distribution_loss(block_forward, weights, select_inputs, select_target, batch_size)
         return dataset_relative_mse(block_forward, weights, select_inputs, select_outputs, batch_size)
 
-    def batch_loss(outputs: torch.Tensor, reference_outputs: torch.Tensor) -> torch.Tensor:
-        if loss == "dist":
-            return distribution_loss(outputs, reference_outputs)
-        return (outputs.float() - reference_outputs.float()).pow(2).sum(dim=-1).mean() / energy
-
-    initial = dataset_loss()
-    best_loss, best_step = initial, 0
-    best = {key: value.detach().clone() for key, value in params.items()}
-    history = [(0, initial)]
-    optimizer = torch.optim.Adam(list(params.values()), lr=lr)
-    for step, index in enumerate(sample_batches(n, batch_size, steps, seed), start=1):
+    def batch_objective(index: torch.Tensor) -> torch.Tensor:
         # the block sees each tensor in its own dtype; Adam keeps float32 masters
         outputs = block_forward({key: value.to(dtypes[key]) for key, value in params.items()}, inputs[index])
-        objective = batch_loss(outputs, float_outputs[index])
-        optimizer.zero_grad(set_to_none=True)
-        objective.backward()
-        optimizer.step()
-        if step % eval_every == 0 or step == steps:
-            current = dataset_loss()
-            history.append((step, current))
-            if current < best_loss:
-                best_loss, best_step = current, step
-                best = {key: value.detach().clone() for key, value in params.items()}
-    stats = TweakStats(initial, best_loss, best_step, steps, history, time.perf_counter() - start_time)
-    log.info("norm tweak (%s): %.4e -> %.4e (best at step %d of %d, %.1fs)", loss, initial, best_loss, best_step, steps, stats.seconds)
-    return {key: value.to(dtypes[key]) for key, value in best.items()}, stats
+        if loss == "dist":
+            return distribution_loss(outputs, float_outputs[index])
+        return relative_batch_mse(outputs, float_outputs[index], energy)
+
+    fit = fit_best_iterate(
+        torch.optim.Adam(list(params.values()), lr=lr),
+        batch_objective,
+        snapshot=lambda: {key: value.detach().clone() for key, value in params.items()},
+        evaluate=dataset_loss,
+        batches=sample_batches(n, batch_size, steps, seed),
+        eval_every=eval_every,
+    )
+    stats = TweakStats(fit.initial_loss, fit.best_loss, fit.best_step, steps, fit.history, time.perf_counter() - start_time)
+    log.info("norm tweak (%s): %.4e -> %.4e (best at step %d of %d, %.1fs)",
+             loss, fit.initial_loss, fit.best_loss, fit.best_step, steps, stats.seconds)
+    return {key: value.to(dtypes[key]) for key, value in fit.best.items()}, stats

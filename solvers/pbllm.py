@@ -33,9 +33,8 @@ import torch
 
 from layerquant.errors import InvalidSpec
 from layerquant.specs import QuantSpec, salient_position_encoding
-from layerquant.solvers.gptq import LAZY_BLOCK, hessian_weighted_error
+from layerquant.solvers.gptq import hessian_weighted_error, lazy_block_size, prepare_error_feedback
 from layerquant.solvers.grid import expand_groups, fit_grid, group_bounds, quantize_codes
-from layerquant.solvers.hessian import damped_inverse_cholesky
 
 # 2-means refinement steps of each group's two binary levels (see _binary_params)
 LLOYD_STEPS = 3
@@ -283,31 +282,19 @@ def binarize_partial(
     """
     if spec.method != "pbllm":
         raise InvalidSpec(f"binarize_partial got a {spec.method!r} spec for {layer}", "pass a spec with method='pbllm'")
-    w_orig = weight.float()
-    rows, cols = w_orig.shape
+    rows, cols = weight.shape
     if tuple(hessian.shape) != (cols, cols):
         raise InvalidSpec(
             f"Hessian of {layer} is {tuple(hessian.shape)}, the weight has {cols} input columns",
             "pass the Hessian of this layer's inputs",
         )
-    h = hessian.to(torch.float32)
-    dead = torch.diag(h) == 0
-    w = w_orig.clone()
-    w[:, dead] = 0
+    w, perm, inv_perm, hinv, damp_used = prepare_error_feedback(weight, hessian, spec.act_order, damp_percent, layer)
 
     bounds = group_bounds(cols, spec.group_size)
     group_size = spec.group_size or cols
     n_groups = len(bounds)
     n_salient = salient_count(spec, rows, cols)
 
-    if spec.act_order:
-        perm = torch.argsort(torch.diag(h), descending=True, stable=True)
-        h = h.index_select(0, perm).index_select(1, perm)
-    else:
-        perm = torch.arange(cols)
-    inv_perm = torch.argsort(perm)
-    hinv, damp_used = damped_inverse_cholesky(h, damp_percent, layer)
-    del h
     d = torch.diag(hinv)  # processing order
 
     # the salient grid is fitted once per row on the original weights: salient weights are
@@ -331,9 +318,7 @@ def binarize_partial(
             mean[:, g], alpha[:, g] = _binary_params(nat_w[:, start:end], ~nat_mask[:, start:end])
         fitted[:] = True
         del nat_mask, nat_w
-        block = max(LAZY_BLOCK, group_size)
-    else:
-        block = group_size * max(1, LAZY_BLOCK // group_size)
+    block = lazy_block_size(group_size, spec.act_order)
 
     mask = torch.zeros(rows, cols, dtype=torch.bool)
     signs = torch.zeros(rows, cols, dtype=torch.bool)
@@ -386,5 +371,5 @@ def binarize_partial(
         spec=spec,
         damp_used=damp_used,
     )
-    result.weighted_error = hessian_weighted_error(w_orig, result.dequantize(), hessian)
+    result.weighted_error = hessian_weighted_error(weight, result.dequantize(), hessian)
     return result

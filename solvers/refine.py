@@ -24,7 +24,8 @@ import torch
 
 from layerquant.errors import InvalidSpec
 from layerquant.solvers.grid import QuantizedWeight, expand_groups, max_code
-from layerquant.solvers.norm_tweak import dataset_relative_mse, sample_batches
+from layerquant.solvers.fitting import check_fit_args, fit_best_iterate, relative_batch_mse, sample_batches
+from layerquant.solvers.norm_tweak import dataset_relative_mse
 
 log = logging.getLogger(__name__)
 
@@ -116,16 +117,7 @@ def refine_scales(
     Returns (layers with refined fp16-exact scales, identical codes; stats). Layers are new
     `QuantizedWeight`s; the inputs are not modified.
     """
-    if inputs.shape[:-1] != float_outputs.shape[:-1]:
-        raise InvalidSpec(
-            f"inputs {tuple(inputs.shape)} and float outputs {tuple(float_outputs.shape)} do not describe the same tokens",
-            "pass the float block's outputs on exactly these inputs",
-        )
-    if steps < 0 or batch_size < 1 or not (lr > 0 and math.isfinite(lr)):
-        raise InvalidSpec(f"steps={steps}, lr={lr}, batch_size={batch_size} are out of range",
-                          "use steps >= 0, a positive finite lr and batch_size >= 1")
-    if eval_every is not None and eval_every < 1:
-        raise InvalidSpec(f"eval_every={eval_every} is out of range", "use None (once per epoch) or a step count >= 1")
+    check_fit_args(inputs, float_outputs, steps, lr, batch_size, eval_every)
     for name, qw in layers.items():
         if qw.spec.method == "pbllm":
             raise InvalidSpec(f"{name} is PB-LLM: it has no integer grid to refine", "refine only rtn/gptq layers")
@@ -143,28 +135,25 @@ def refine_scales(
         weights = {f"{name}.weight": qw.dequantize() for name, qw in candidate.items()}
         return dataset_relative_mse(block_forward, weights, select_inputs, select_outputs, batch_size)
 
-    best = {name: layer.stored() for name, layer in state.items()}
-    initial = dataset_loss(best)
-    best_loss, best_step = initial, 0
-    history = [(0, initial)]
     groups = [{"params": [layer.delta for layer in state.values()], "lr": lr}]
     zeros = [layer.zero for layer in state.values() if layer.zero is not None]
     if zeros:
         groups.append({"params": zeros, "lr": zero_lr})
-    optimizer = torch.optim.Adam(groups)
-    for step, index in enumerate(sample_batches(n, batch_size, steps, seed), start=1):
+
+    def batch_objective(index: torch.Tensor) -> torch.Tensor:
         weights = {f"{name}.weight": layer.weight() for name, layer in state.items()}
         outputs = block_forward(weights, inputs[index])
-        loss = (outputs.float() - float_outputs[index].float()).pow(2).sum(dim=-1).mean() / energy
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        if step % eval_every == 0 or step == steps:
-            candidate = {name: layer.stored() for name, layer in state.items()}
-            current = dataset_loss(candidate)
-            history.append((step, current))
-            if current < best_loss:
-                best, best_loss, best_step = candidate, current, step
-    stats = RefineStats(initial, best_loss, best_step, steps, history, time.perf_counter() - start_time)
-    log.info("scale refinement: output MSE %.4e -> %.4e (best at step %d of %d, %.1fs)", initial, best_loss, best_step, steps, stats.seconds)
-    return best, stats
+        return relative_batch_mse(outputs, float_outputs[index], energy)
+
+    fit = fit_best_iterate(
+        torch.optim.Adam(groups),
+        batch_objective,
+        snapshot=lambda: {name: layer.stored() for name, layer in state.items()},
+        evaluate=dataset_loss,
+        batches=sample_batches(n, batch_size, steps, seed),
+        eval_every=eval_every,
+    )
+    stats = RefineStats(fit.initial_loss, fit.best_loss, fit.best_step, steps, fit.history, time.perf_counter() - start_time)
+    log.info("scale refinement: output MSE %.4e -> %.4e (best at step %d of %d, %.1fs)",
+             fit.initial_loss, fit.best_loss, fit.best_step, steps, stats.seconds)
+    return fit.best, stats

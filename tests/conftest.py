@@ -91,3 +91,12 @@ def tiny_model_dir(tmp_path_factory, stories_model):
         return made[model_type]
 
     return make
+
+
+def pytest_collection_modifyitems(items):
+    """Mark every test that uses a real Prefect server (the session's `prefect_server`, or the
+    deployment test's own `prefect_api`) as `server`, so `-m "not server"` can leave them out
+    without each test having to remember its marker."""
+    for item in items:
+        if {"prefect_server", "prefect_api"} & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.server)

@@ -12,7 +12,8 @@ from layerquant.flows.quantize import quantize_flow
 from layerquant.infra.store import LocalStore
 from support.perplexity import transformers_perplexity
 
-pytestmark = pytest.mark.usefixtures("prefect_server")
+# whole quantization runs on stories260K: minutes each, so not in the fast tier
+pytestmark = [pytest.mark.usefixtures("prefect_server"), pytest.mark.slow]
 
 # the default recipe (4-bit group 128 GPTQ, 128 random calibration windows) with more eval windows
 PROTOCOL = dict(eval_windows=100, eval_seqlen=256)

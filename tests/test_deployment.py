@@ -52,6 +52,7 @@ def prefect_api(tmp_path):
                     pass
 
 
+@pytest.mark.slow  # its own Prefect server, a worker and a flow run in a subprocess
 def test_scheduled_deployment_runs_on_a_process_worker(prefect_api, tmp_path):
     env, processes = prefect_api
     api = env["PREFECT_API_URL"]

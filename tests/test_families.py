@@ -12,6 +12,7 @@ from layerquant.config import RunConfig
 from layerquant.errors import UnsupportedArchitecture
 from layerquant.infra.checkpoint import CheckpointReader
 from layerquant.solvers import architectures as arch_ops
+from support.perplexity import transformers_perplexity
 
 
 @pytest.mark.parametrize("model_type", FAMILIES)
@@ -47,14 +48,11 @@ def test_streamed_blocks_equal_transformers_blocks(tiny_model_dir, model_type):
     assert float(ours) == pytest.approx(float(theirs), rel=1e-5)
 
 
+@pytest.mark.slow  # a whole run per family: ~15 s each plus the Prefect server's start
 @pytest.mark.usefixtures("prefect_server")
 @pytest.mark.parametrize("model_type", FAMILIES)
 def test_family_quantizes_end_to_end(tiny_model_dir, tmp_path, model_type, calib_text, eval_text):
-    from transformers import AutoModelForCausalLM
-
     from layerquant.flows.quantize import quantize_flow
-    from layerquant.infra.texts import load_tokenizer, read_text, tokenize
-    from layerquant.solvers.windows import make_windows
 
     folder = tiny_model_dir(model_type)
     out = tmp_path / "out"
@@ -66,13 +64,7 @@ def test_family_quantizes_end_to_end(tiny_model_dir, tmp_path, model_type, calib
     assert all(0 <= layer["error"] < 0.1 for layer in report["layers"])
     # random weights: perplexity near the vocabulary size, and 4-bit barely moves it
     assert abs(math.log(report["ppl_quant"]) - math.log(report["ppl_fp"])) < 0.05
-    model = AutoModelForCausalLM.from_pretrained(out).eval()
-    tokenizer = load_tokenizer(folder)
-    windows = make_windows(tokenize(tokenizer, read_text(eval_text)), 4, 48, tokenizer.bos_token_id)
-    with torch.no_grad():
-        logits = model(windows).logits
-    nll = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), windows[:, 1:].reshape(-1))
-    assert math.exp(nll.item()) == pytest.approx(report["ppl_quant"], rel=1e-4)
+    assert transformers_perplexity(out, eval_text, 4, 48, tokenizer_dir=folder) == pytest.approx(report["ppl_quant"], rel=1e-4)
 
 
 def test_unsupported_architecture_names_the_supported_ones():

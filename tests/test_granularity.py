@@ -49,6 +49,7 @@ def test_filter_keeps_one_group_size_per_grid():
     assert {spec.group_size for spec in kept if spec.bits >= 3} == {32}
 
 
+@pytest.mark.slow  # a whole stories260K run: about a minute
 @pytest.mark.usefixtures("prefect_server")
 def test_auto_granularity_end_to_end_on_stories(tmp_path, stories_model):
     report = quantize_flow(RunConfig(store=str(tmp_path), bits=4, granularity="auto", nsamples=32, eval_windows=20).model_dump())

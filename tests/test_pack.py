@@ -3,7 +3,6 @@ we measured on the dequantized model; the GPTQ format holds what GPTQ loaders ex
 from __future__ import annotations
 
 import json
-import math
 
 import pytest
 import torch
@@ -12,25 +11,13 @@ from safetensors import safe_open
 from layerquant.config import RunConfig
 from layerquant.flows.quantize import quantize_flow
 from layerquant.flows.retry import pack_flow
+from support.perplexity import transformers_perplexity
 
-pytestmark = pytest.mark.usefixtures("prefect_server")
+# whole quantization runs on stories260K: minutes each, so not in the fast tier
+pytestmark = [pytest.mark.usefixtures("prefect_server"), pytest.mark.slow]
 pytest.importorskip("compressed_tensors")
 
 SETTINGS = dict(nsamples=32, seqlen=256, eval_windows=20, eval_seqlen=256, group_size=32)
-
-
-def perplexity(model_dir, eval_text) -> float:
-    from transformers import AutoModelForCausalLM
-
-    from layerquant.infra.texts import load_tokenizer, read_text, tokenize
-    from layerquant.solvers.windows import make_windows
-
-    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
-    tokenizer = load_tokenizer(model_dir)
-    windows = make_windows(tokenize(tokenizer, read_text(eval_text)), 20, 256, tokenizer.bos_token_id)
-    with torch.no_grad():
-        logits = model(windows).logits
-    return math.exp(torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), windows[:, 1:].reshape(-1)).item())
 
 
 def test_mixed_precision_compressed_tensors_checkpoint_loads_with_our_perplexity(tmp_path, eval_text):
@@ -48,7 +35,7 @@ def test_mixed_precision_compressed_tensors_checkpoint_loads_with_our_perplexity
         assert handle.get_tensor("model.layers.0.mlp.down_proj.weight_packed").dtype == torch.int32
     assert report["vllm_unservable"] == ["model.layers.4.self_attn.o_proj"]
     # transformers + compressed-tensors decompress it into the model we evaluated
-    assert perplexity(out, eval_text) == pytest.approx(report["ppl_quant"], rel=1e-5)
+    assert transformers_perplexity(out, eval_text, 20) == pytest.approx(report["ppl_quant"], rel=1e-5)
 
 
 def test_gptq_format_from_a_finished_run(tmp_path, tiny_model_dir):

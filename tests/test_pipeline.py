@@ -10,7 +10,8 @@ from layerquant.flows.quantize import quantize_flow
 from layerquant.infra.store import LocalStore
 from support.perplexity import transformers_perplexity
 
-pytestmark = pytest.mark.usefixtures("prefect_server")
+# whole quantization runs on stories260K: minutes each, so not in the fast tier
+pytestmark = [pytest.mark.usefixtures("prefect_server"), pytest.mark.slow]
 
 # the llm-compressor reference protocol (shared/assets/README.md): first 128 x 256 calibration
 # tokens, group 32, first 200 BOS-prefixed 256-token evaluation windows

@@ -25,10 +25,12 @@ def _quantized_outcomes(real_block, spec: QuantSpec):
     return block, outcomes
 
 
-def _quantize(real_block, spec: QuantSpec):
-    """(quantized block, layer name -> QuantizedWeight) as the flow's block solver makes them."""
+def _quantize_with_forward(real_block, spec: QuantSpec):
+    """(layer name -> QuantizedWeight as the flow's block solver makes them, the quantized
+    block's forward taking those layers' weights)."""
     block, outcomes = _quantized_outcomes(real_block, spec)
-    return block, {o.name: QuantizedWeight.from_tensors(o.tensors, spec) for o in outcomes}
+    layers = {o.name: QuantizedWeight.from_tensors(o.tensors, spec) for o in outcomes}
+    return layers, functional_block_forward(block, [f"{n}.weight" for n in layers], **real_block["kwargs"])
 
 
 def _weights(layers):
@@ -38,8 +40,7 @@ def _weights(layers):
 @pytest.mark.parametrize("spec", [QuantSpec(2, 32, False, "gptq", act_order=True, clip_search=True), QuantSpec(3, 32, True, "rtn")],
                          ids=lambda s: s.label())
 def test_refine_lowers_held_out_error_with_codes_fixed(real_block, spec):
-    block, layers = _quantize(real_block, spec)
-    forward = functional_block_forward(block, [f"{n}.weight" for n in layers], **real_block["kwargs"])
+    layers, forward = _quantize_with_forward(real_block, spec)
     refined, stats = refine_scales(forward, layers, real_block["x_train"], real_block["y_train"], steps=48, lr=3e-3)
     assert stats.best_loss < 0.95 * stats.initial_loss and stats.best_step > 0
     before = dataset_relative_mse(forward, _weights(layers), real_block["x_test"], real_block["y_test"])
@@ -60,8 +61,7 @@ def test_refine_lowers_held_out_error_with_codes_fixed(real_block, spec):
 
 def test_zero_points_stay_integers_on_the_grid(real_block):
     spec = QuantSpec(2, 32, False, "gptq", act_order=True, clip_search=True)
-    block, layers = _quantize(real_block, spec)
-    forward = functional_block_forward(block, [f"{n}.weight" for n in layers], **real_block["kwargs"])
+    layers, forward = _quantize_with_forward(real_block, spec)
     x, y = real_block["x_train"][:12], real_block["y_train"][:12]
     refined, stats = refine_scales(forward, layers, x, y, steps=12, lr=3e-3, optimize_zeros=True, zero_lr=0.05)
     assert stats.best_loss <= stats.initial_loss
@@ -70,16 +70,14 @@ def test_zero_points_stay_integers_on_the_grid(real_block):
         assert torch.equal(qw.codes, layers[name].codes)
     # symmetric grids have an implied zero: it never moves
     sym = QuantSpec(3, 32, True, "rtn")
-    block, layers = _quantize(real_block, sym)
-    forward = functional_block_forward(block, [f"{n}.weight" for n in layers], **real_block["kwargs"])
+    layers, forward = _quantize_with_forward(real_block, sym)
     refined, _ = refine_scales(forward, layers, x, y, steps=4, lr=3e-3, optimize_zeros=True)
     assert all(torch.equal(refined[n].zeros, layers[n].zeros) for n in layers)
 
 
 def test_best_seen_and_determinism(real_block):
     spec = QuantSpec(3, 32, True, "rtn")
-    block, layers = _quantize(real_block, spec)
-    forward = functional_block_forward(block, [f"{n}.weight" for n in layers], **real_block["kwargs"])
+    layers, forward = _quantize_with_forward(real_block, spec)
     x, y = real_block["x_train"][:8], real_block["y_train"][:8]
     # a learning rate that wrecks the scales: the unrefined layers come back unchanged
     wrecked, stats = refine_scales(forward, layers, x, y, steps=4, lr=3.0, eval_every=1)
@@ -92,8 +90,7 @@ def test_best_seen_and_determinism(real_block):
 
 def test_bad_arguments(real_block):
     spec = QuantSpec(3, 32, True, "rtn")
-    block, layers = _quantize(real_block, spec)
-    forward = functional_block_forward(block, [f"{n}.weight" for n in layers], **real_block["kwargs"])
+    layers, forward = _quantize_with_forward(real_block, spec)
     x, y = real_block["x_train"][:4], real_block["y_train"][:4]
     with pytest.raises(InvalidSpec, match="same tokens"):
         refine_scales(forward, layers, x, y[:, :5], steps=1)

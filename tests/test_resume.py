@@ -18,7 +18,8 @@ from layerquant.flows.quantize import quantize_flow
 from layerquant.flows.retry import retry_flow
 from layerquant.infra.store import LocalStore
 
-pytestmark = pytest.mark.usefixtures("prefect_server")
+# whole quantization runs on stories260K: minutes each, so not in the fast tier
+pytestmark = [pytest.mark.usefixtures("prefect_server"), pytest.mark.slow]
 
 SETTINGS = dict(bits=3, group_size=32, nsamples=64, seqlen=256, eval_windows=8, eval_seqlen=256)
 

@@ -4,7 +4,7 @@ evaluation windows, each tool's GPTQ/RTN defaults, one evaluator (layerquant's) 
 Run (from the repository root, one command):
     .venv/bin/python bench/peers/run_all.py [--models stories260K,gemma-3-270m] [--tools layerquant,llm-compressor,gptqmodel]
                                             [--force] [--only SUBSTR]
-Measured duration: see the README's "Side by side" section (first full run on 2 shared cores: about 5 min to
+Measured duration: see bench/README.md's "Side by side" section (first full run on 2 shared cores: about 5 min to
 build the peers venv if absent, ~2 min the GPTQModel venv, stories260K ~35 min, Gemma 3 270M several hours).
 Writes bench/results/peers.json (one row per case, kept after every case: a re-run skips the
 rows it finds unless --force), peers.md (table) and peers.png (perplexity vs average bits).
@@ -64,7 +64,7 @@ ROOT = BENCH.parent
 sys.path.insert(0, str(BENCH))
 sys.path.insert(0, str(HERE))
 from common import RESULTS, load_rows, machine, run_measured  # noqa: E402
-from measure import layerquant_phases, run_streamed  # noqa: E402
+from measure import layerquant_phases  # noqa: E402
 
 CACHE = Path.home() / ".cache" / "layerquant"
 PEERS_VENV = CACHE / "venvs" / "peers"
@@ -259,7 +259,7 @@ def run_ours(case: dict, name: str, spec: dict, model: str, args, env: dict) -> 
                "--eval-windows", str(spec["eval_windows"]), "--eval-seqlen", str(spec["eval_seqlen"]),
                "--group-size", str(spec["group"]), *case["flags"], "--store", store, "--out", str(out), "--overwrite"]
     log("  " + shlex.join(command))
-    measured = run_streamed(command, env=env, echo=(lambda line: print("    | " + line, file=sys.stderr, flush=True)) if args.verbose else None)
+    measured = run_measured(command, env=env, echo=(lambda line: print("    | " + line, file=sys.stderr, flush=True)) if args.verbose else None)
     if measured["returncode"] != 0:
         tail = "\n".join(text for _, text in measured["stderr_lines"][-30:])
         raise RuntimeError(f"exit {measured['returncode']}: {tail[-3000:]}")
@@ -393,18 +393,18 @@ def render(rows: list[dict], python: Path) -> None:
 
 
 def write_into_readme(table: str) -> None:
-    """Replace the README's generated block (between the two markers) with the new table, so the
-    README never shows numbers the JSON does not hold."""
-    readme = ROOT / "README.md"
+    """Replace the generated block of bench/README.md (between the two markers) with the new
+    table, so the benchmarks page never shows numbers the JSON does not hold."""
+    readme = BENCH / "README.md"
     text = readme.read_text()
     if README_BEGIN not in text or README_END not in text:
-        log(f"README.md has no {README_BEGIN} ... {README_END} block: table left in {RESULTS / 'peers.md'} only")
+        log(f"{readme} has no {README_BEGIN} ... {README_END} block: table left in {RESULTS / 'peers.md'} only")
         return
     head, rest = text.split(README_BEGIN, 1)
     _, tail = rest.split(README_END, 1)
     dates = sorted(r["date"][:10] for r in load_rows("peers"))
     stamp = f"Measured {dates[0]} to {dates[-1]}." if dates else ""
-    readme.write_text(f"{head}{README_BEGIN}\n{table}{stamp}\n\n![perplexity against average bits](bench/results/peers.png)\n{README_END}{tail}")
+    readme.write_text(f"{head}{README_BEGIN}\n{table}{stamp}\n\n![perplexity against average bits](results/peers.png)\n{README_END}{tail}")
 
 
 def main() -> int:

@@ -7,14 +7,17 @@ import math
 import torch
 
 
-def transformers_perplexity(model_dir, eval_text: str, n_windows: int, seq_len: int = 256) -> float:
+def transformers_perplexity(model_dir, eval_text: str, n_windows: int, seq_len: int = 256, tokenizer_dir=None) -> float:
+    """exp(mean token NLL) of `model_dir` on the first `n_windows` BOS-prefixed windows of
+    `eval_text`, cut as layerquant's evaluator cuts them. The tokenizer comes from
+    `tokenizer_dir` (default: the model folder)."""
     from transformers import AutoModelForCausalLM
 
     from layerquant.infra.texts import load_tokenizer, read_text, tokenize
     from layerquant.solvers.windows import make_windows
 
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
-    tokenizer = load_tokenizer(model_dir)
+    tokenizer = load_tokenizer(tokenizer_dir or model_dir)
     windows = make_windows(tokenize(tokenizer, read_text(eval_text)), n_windows, seq_len, tokenizer.bos_token_id)
     with torch.no_grad():
         logits = model(windows).logits
