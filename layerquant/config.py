@@ -11,8 +11,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from layerquant.errors import InvalidSpec
-from layerquant.solvers.reconstruct import BlockTuning
 from layerquant.specs import QuantSpec
+from layerquant.tuning import BlockTuning
 
 # part of every artifact key: bumped whenever stored artifacts or the numbers in them change
 # (0.1.1: float32 batch Hessians, PB-LLM positions as indices when smaller)
