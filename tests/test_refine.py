@@ -35,7 +35,7 @@ def _weights(layers):
     return {f"{name}.weight": qw.dequantize() for name, qw in layers.items()}
 
 
-@pytest.mark.parametrize("spec", [QuantSpec(2, 32, False, "gptq", act_order=True, clip_search=True), QuantSpec(3, 32, True, "rtn", clip_search=False)],
+@pytest.mark.parametrize("spec", [QuantSpec(2, 32, False, "gptq", act_order=True, clip_search=True), QuantSpec(3, 32, True, "rtn", act_order=False, clip_search=False)],
                          ids=lambda s: s.label())
 def test_refine_lowers_held_out_error_with_codes_fixed(real_block, spec):
     block, layers = _quantize(real_block, spec)
