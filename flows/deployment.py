@@ -10,7 +10,7 @@ from layerquant.flows.quantize import quantize_flow
 
 
 @flow(name="layerquant-recipe", flow_run_name="recipe {recipe}", persist_result=False)
-def quantize_recipe_flow(recipe: str, out: str, store: str = ".layerquant/store", overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+def quantize_recipe_flow(recipe: str, out: str, store: str = RunConfig.model_fields["store"].default, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     """Quantize with the settings of a YAML recipe (paths relative to the working directory)."""
     config = RunConfig.from_sources(recipe, out=out, store=store, **(overrides or {}))
     return quantize_flow(config.model_dump())

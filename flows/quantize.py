@@ -15,11 +15,9 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from layerquant.config import RunConfig
 from layerquant.errors import InfeasibleBudget, InvalidSpec, QualityGateFailed
 from layerquant.infra.checkpoint import CheckpointReader
-from layerquant.infra.progress import BlockProgress
+from layerquant.tasks.progress import BlockProgress
 from layerquant.infra.store import open_store
 from layerquant.report import build_report
-from layerquant.solvers.allocation import more_generous
-from layerquant.solvers.granularity import auto_group_sizes
 from layerquant.specs import ArtifactRef, QuantSpec
 from layerquant.tasks.blocks import quantize_block
 from layerquant.tasks.calibration import capture_calibration
@@ -27,6 +25,7 @@ from layerquant.tasks.export import export_dequantized
 from layerquant.tasks.manifest import record_manifest
 from layerquant.tasks.pack import pack_model
 from layerquant.tasks.planning import higgs_coefficient, plan_bits, predicted_perplexity, score_block
+from layerquant.tasks.spec_choice import auto_group_sizes, more_generous
 from layerquant.tasks.validation import evaluate
 
 

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from layerquant.errors import InvalidModel
-from layerquant.solvers.architectures import Architecture, architecture_for, load_config
+from layerquant.architectures import Architecture, architecture_for, load_config
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"

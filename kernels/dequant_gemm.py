@@ -26,7 +26,7 @@ import torch
 
 from layerquant.errors import InvalidSpec, LayerquantError
 from layerquant.kernels.packing import check_bits, packed_length, unpack_codes
-from layerquant.solvers.grid import dequantize_grouped
+from layerquant.quantized import dequantize_grouped
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 

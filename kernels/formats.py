@@ -46,7 +46,7 @@ import torch
 
 from layerquant.errors import InvalidSpec
 from layerquant.kernels.packing import pack_codes
-from layerquant.solvers.grid import QuantizedWeight
+from layerquant.quantized import QuantizedWeight
 
 log = logging.getLogger(__name__)
 

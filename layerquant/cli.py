@@ -23,6 +23,18 @@ def prefect_environment() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+def run_default(name: str):
+    """RunConfig's default for one setting: help texts and flags show it, never a copy of it.
+    (Run flags themselves default to None, which leaves the setting to RunConfig.)"""
+    from layerquant.config import RunConfig
+
+    return RunConfig.model_fields[name].default
+
+
+def on_off(value: bool) -> str:
+    return "on" if value else "off"
+
+
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", help="Hugging Face model folder (default: the bundled stories260K)")
     parser.add_argument("--recipe", help="YAML recipe; flags override it")
@@ -33,9 +45,9 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
                         help="columns per scale; 0 = per-channel; auto = chosen per matrix from its weights")
     parser.add_argument("--asym", action="store_true", default=None, help="asymmetric grid (default symmetric)")
     parser.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=None,
-                        help="GPTQ column order by Hessian diagonal, static groups (default on)")
+                        help=f"GPTQ column order by Hessian diagonal, static groups (default {on_off(run_default('act_order'))})")
     parser.add_argument("--clip-search", action=argparse.BooleanOptionalAction, default=None,
-                        help="search a clipped grid range per group (default on)")
+                        help=f"search a clipped grid range per group (default {on_off(run_default('clip_search'))})")
     parser.add_argument("--method", choices=["rtn", "gptq", "pbllm"])
     parser.add_argument("--nsamples", type=int)
     parser.add_argument("--seqlen", type=int)
@@ -44,17 +56,18 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--eval-windows", type=int)
     parser.add_argument("--eval-seqlen", type=int)
     parser.add_argument("--budget", type=float, help="mixed precision: average bits per weight, overhead counted")
-    parser.add_argument("--salient-fraction", type=float, help="PB-LLM: share of weights kept in salient_bits (default 0.1)")
-    parser.add_argument("--refine-steps", type=int, help="AdaQuant scale refinement steps per block (default 0 = off)")
-    parser.add_argument("--norm-tweak-steps", type=int, help="norm tweaking steps per block (default 0 = off)")
+    parser.add_argument("--salient-fraction", type=float, help=f"PB-LLM: share of weights kept in salient_bits (default {run_default('salient_fraction')})")
+    parser.add_argument("--refine-steps", type=int, help=f"AdaQuant scale refinement steps per block (default {run_default('refine_steps')}; 0 = off)")
+    parser.add_argument("--norm-tweak-steps", type=int, help=f"norm tweaking steps per block (default {run_default('norm_tweak_steps')}; 0 = off)")
     parser.add_argument("--tuning-space", choices=["residual", "next_norm"],
-                        help="where tuning compares block outputs: as they are, or after the next block's input norm (default)")
+                        help="where tuning compares block outputs: as they are (residual), or after the next block's input norm "
+                             f"(next_norm); default {run_default('tuning_space')}")
     parser.add_argument("--gate-output-error", type=float,
                         help="redo a block with a more generous spec when its relative output error exceeds this")
     parser.add_argument("--max-ppl-increase", type=float, help="fail the run if perplexity rises by more than this fraction (0.05 = +5%%)")
     parser.add_argument("--pack-format", choices=["dequantized", "compressed-tensors", "gptq"],
-                        help="what --out receives (default: dequantized weights any transformers loads)")
-    parser.add_argument("--store", help="artifact store: a folder or s3://bucket/prefix (default .layerquant/store)")
+                        help=f"what --out receives (default {run_default('pack_format')}; dequantized weights load in any transformers)")
+    parser.add_argument("--store", help=f"artifact store: a folder or s3://bucket/prefix (default {run_default('store')})")
 
 
 def group_size_arg(value: str) -> int | str:
@@ -102,7 +115,7 @@ def config_from_args(args: argparse.Namespace):
         tuning_space=args.tuning_space,
         gate_output_error=args.gate_output_error,
         max_ppl_increase=args.max_ppl_increase,
-        store=absolute_location(args.store or ".layerquant/store"),
+        store=absolute_location(args.store or run_default("store")),
         out=absolute_location(getattr(args, "out", None)),
     )
 
@@ -221,20 +234,20 @@ def build_parser() -> argparse.ArgumentParser:
     retry = sub.add_parser("retry", help="re-run failed or chosen blocks of a run, and what depends on them")
     retry.add_argument("--run", required=True, help="run id (report.json's run_id)")
     retry.add_argument("--block", type=int, action="append", help="force this block (repeatable); default: only failed ones")
-    retry.add_argument("--store", default=".layerquant/store")
+    retry.add_argument("--store", default=run_default("store"))
     retry.add_argument("--out", help="output folder (default: the run's own)")
     retry.set_defaults(func=cmd_retry)
 
     plan = sub.add_parser("plan", help="re-solve a run's bit plan for a new budget from its stored scores")
     plan.add_argument("--run", required=True)
     plan.add_argument("--budget", type=float, required=True)
-    plan.add_argument("--store", default=".layerquant/store")
+    plan.add_argument("--store", default=run_default("store"))
     plan.set_defaults(func=cmd_plan)
 
     pack = sub.add_parser("pack", help="pack a finished run for inference engines (no recomputation)")
     pack.add_argument("--run", required=True)
     pack.add_argument("--format", required=True, choices=["compressed-tensors", "gptq"])
-    pack.add_argument("--store", default=".layerquant/store")
+    pack.add_argument("--store", default=run_default("store"))
     pack.add_argument("--out", required=True)
     pack.set_defaults(func=cmd_pack)
 
@@ -248,9 +261,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = sub.add_parser("eval", help="perplexity of a model folder on a text, as JSON")
     evaluate.add_argument("--model", required=True)
     evaluate.add_argument("--text", required=True)
-    evaluate.add_argument("--windows", type=int, default=40)
-    evaluate.add_argument("--seqlen", type=int, default=256)
-    evaluate.add_argument("--store", default=".layerquant/store")
+    evaluate.add_argument("--windows", type=int, default=run_default("eval_windows"))
+    evaluate.add_argument("--seqlen", type=int, default=run_default("eval_seqlen"))
+    evaluate.add_argument("--store", default=run_default("store"))
     evaluate.set_defaults(func=cmd_eval)
     return parser
 

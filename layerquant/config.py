@@ -11,8 +11,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from layerquant.errors import InvalidSpec
-from layerquant.solvers.reconstruct import BlockTuning
-from layerquant.specs import QuantSpec
+from layerquant.specs import SUPPORTED_BITS, QuantSpec
+from layerquant.tuning import BlockTuning
 
 # part of every artifact key: bumped whenever stored artifacts or the numbers in them change
 # (0.1.1: float32 batch Hessians, PB-LLM positions as indices when smaller)
@@ -50,36 +50,31 @@ class RunConfig(BaseModel):
     seed: int = 0
     eval_windows: int = Field(40, ge=1)
     eval_seqlen: int = Field(256, ge=2, le=131_072)
-    # the default spec of every decoder linear layer
-    bits: int = 4
-    group_size: int = 128
+    # the default spec of every decoder linear layer: QuantSpec's own defaults (see there why)
+    bits: int = QuantSpec.bits
+    group_size: int = QuantSpec.group_size
     # "auto": each matrix's group size chosen from its weights (FineQuant-style, data-free;
     # solvers/granularity.py); with a budget it filters the candidates instead
     granularity: Literal["fixed", "auto"] = "fixed"
-    sym: bool = True
-    method: Literal["rtn", "gptq", "pbllm"] = "gptq"
-    # on by default: both cost nothing at inference (static groups keep natural column order)
-    # and cut 3-bit stories260K perplexity from 7.97 to 6.58 (bench/stories_methods.py)
-    act_order: bool = True
-    clip_search: bool = True
+    sym: bool = QuantSpec.sym
+    method: Literal["rtn", "gptq", "pbllm"] = QuantSpec.method
+    act_order: bool = QuantSpec.act_order
+    clip_search: bool = QuantSpec.clip_search
     salient_fraction: float = 0.1
     damp_percent: float = Field(0.01, gt=0, le=1)
     # after each block is quantized, fitted to the float block's outputs (0 steps = off):
-    # AdaQuant-style refinement of the scales (codes stay on their grid), then norm tweaking
-    refine_steps: int = Field(0, ge=0, le=100_000)
-    refine_lr: float = Field(3e-3, gt=0, le=1)
-    norm_tweak_steps: int = Field(0, ge=0, le=100_000)
-    norm_tweak_lr: float = Field(3e-3, gt=0, le=1)
-    norm_tweak_loss: Literal["mse", "dist"] = "mse"
-    # share of calibration samples held out to pick each tuning step's best iterate: on
-    # stories260K, choosing on the training samples kept norm tweaks that raised perplexity
-    tuning_holdout: float = Field(0.25, ge=0, lt=1)
+    # AdaQuant-style refinement of the scales (codes stay on their grid), then norm tweaking.
+    # Defaults are BlockTuning's (see there why)
+    refine_steps: int = Field(BlockTuning.refine_steps, ge=0, le=100_000)
+    refine_lr: float = Field(BlockTuning.refine_lr, gt=0, le=1)
+    norm_tweak_steps: int = Field(BlockTuning.norm_tweak_steps, ge=0, le=100_000)
+    norm_tweak_lr: float = Field(BlockTuning.norm_tweak_lr, gt=0, le=1)
+    norm_tweak_loss: Literal["mse", "dist"] = BlockTuning.norm_tweak_loss
+    # share of calibration samples held out to pick each tuning step's best iterate
+    tuning_holdout: float = Field(BlockTuning.holdout, ge=0, lt=1)
     # where tuning measures a block's output error: "residual" (the block's output itself) or
-    # "next_norm" (after the next block's input norm, as that block reads it). Gemma 3 keeps
-    # 53-96% of its residual energy in one channel that the next norm scales ~10-50x below
-    # its median channel, so a residual loss spends the tuning on a channel hardly read: 2-bit
-    # refinement there went 289 -> 438 in the residual space, 289 -> 215 in this one
-    tuning_space: Literal["residual", "next_norm"] = "next_norm"
+    # "next_norm" (after the next block's input norm, as that block reads it)
+    tuning_space: Literal["residual", "next_norm"] = BlockTuning.space
     # quality gates: a block whose relative output error (against the float block, same
     # inputs) exceeds gate_output_error is redone with the next more generous spec; a run whose
     # perplexity rises by more than max_ppl_increase (a fraction: 0.05 = +5%) fails
@@ -104,8 +99,8 @@ class RunConfig(BaseModel):
     @field_validator("bits")
     @classmethod
     def _bits(cls, value: int) -> int:
-        if value not in (2, 3, 4, 8):
-            raise ValueError(f"bits={value} is not supported: use 2, 3, 4 or 8")
+        if value not in SUPPORTED_BITS:
+            raise ValueError(f"bits={value} is not supported: use one of {', '.join(map(str, SUPPORTED_BITS))}")
         return value
 
     @field_validator("group_size")
@@ -141,7 +136,7 @@ class RunConfig(BaseModel):
         base = self.default_spec().to_dict()
         if self.candidates:
             return [QuantSpec.from_dict({**base, **candidate}) for candidate in self.candidates]
-        return [QuantSpec.from_dict({**base, "bits": bits, "group_size": group}) for bits in (2, 3, 4, 8) for group in (32, 64, 128)]
+        return [QuantSpec.from_dict({**base, "bits": bits, "group_size": group}) for bits in SUPPORTED_BITS for group in (32, 64, 128)]
 
     def identity(self) -> dict[str, Any]:
         """The fields that define the result; store/out only say where it goes."""

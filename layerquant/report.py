@@ -6,6 +6,9 @@ import os
 from datetime import datetime, timezone
 from typing import Any
 
+from layerquant.serving import vllm_servable
+from layerquant.specs import QuantSpec
+
 
 def machine_description() -> str:
     try:
@@ -59,8 +62,12 @@ def build_report(
             for meta in block_metas
         ],
         "layers": layers,
-        # vLLM's quantized kernels take 4/8-bit integer grids only
-        "vllm_unservable": [l["name"] for l in layers if l["method"] == "pbllm" or l["bits"] not in (4, 8)],
+        "vllm_unservable": [
+            prefix + layer["name"]
+            for meta, prefix in zip(block_metas, block_prefixes)
+            for layer in meta["layers"]
+            if not vllm_servable(QuantSpec.from_dict(layer["spec"]))
+        ],
         "machine": machine_description(),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }

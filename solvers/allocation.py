@@ -10,9 +10,9 @@ from dataclasses import dataclass, field
 import pulp
 
 from layerquant.errors import InfeasibleBudget, InvalidSpec
+from layerquant.serving import VLLM_GROUP_SIZES, vllm_servable  # noqa: F401  (re-exported)
 from layerquant.specs import QuantSpec
 
-VLLM_GROUP_SIZES = (0, 32, 64, 128)
 MIP_GAP = 1e-4  # relative optimality gap at which the solver stops
 
 
@@ -37,10 +37,6 @@ class Allocation:
     status: str
     seconds: float
     per_layer: list[dict] = field(default_factory=list)
-
-
-def vllm_servable(spec: QuantSpec) -> bool:
-    return spec.method in ("gptq", "rtn") and spec.bits in (4, 8) and spec.group_size in VLLM_GROUP_SIZES
 
 
 def grid_bits(spec: QuantSpec) -> int:

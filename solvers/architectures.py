@@ -1,96 +1,30 @@
-"""One table of supported decoder families, and the pure-torch pieces that run a model one block
-at a time: embeddings, rotary tables, attention masks, a decoder block, the final norm + LM head.
+"""The pure-torch pieces that run a model one block at a time: embeddings, rotary tables,
+attention masks, a decoder block, the final norm + LM head. The table of supported families
+itself is `layerquant.architectures`.
 
 Blocks are the families' own transformers modules, so a streamed block computes exactly what the
 transformers model computes; only the wiring between blocks lives here.
 """
 from __future__ import annotations
 
-import importlib
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
-from layerquant.errors import UnsupportedArchitecture
-
-ATTN_QKV = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
-ATTN_OUT = ("self_attn.o_proj",)
-MLP_IN = ("mlp.gate_proj", "mlp.up_proj")
-MLP_OUT = ("mlp.down_proj",)
-LLAMA_GROUPS = (ATTN_QKV, ATTN_OUT, MLP_IN, MLP_OUT)
-
-
-@dataclass(frozen=True)
-class Architecture:
-    """How one family lays out a decoder: enough to stream it block by block."""
-
-    model_type: str
-    module: str  # transformers.models.<module>.modeling_<module>
-    class_prefix: str  # <Prefix>DecoderLayer, <Prefix>RotaryEmbedding, <Prefix>RMSNorm
-    # linear layers of a block in true-sequential order; layers in one group share one input
-    linear_groups: tuple[tuple[str, ...], ...] = LLAMA_GROUPS
-    norms: tuple[str, ...] = ("input_layernorm", "post_attention_layernorm")
-    input_norm: str = "input_layernorm"  # the norm a block applies to its input first
-    norm_offset: float = 0.0  # Gemma's RMSNorm scales by (1 + w)
-    embed_scaled: bool = False  # Gemma multiplies embeddings by sqrt(hidden_size)
-    rotary_per_layer_type: bool = False  # Gemma 3 keeps local and global rope tables
-    block_prefix: str = "model.layers.{index}."
-    embed_name: str = "model.embed_tokens.weight"
-    final_norm_name: str = "model.norm.weight"
-    lm_head_name: str = "lm_head.weight"
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def linear_names(self) -> tuple[str, ...]:
-        return tuple(name for group in self.linear_groups for name in group)
-
-    def modeling(self):
-        return importlib.import_module(f"transformers.models.{self.module}.modeling_{self.module}")
-
-
-_QK_NORMS = ("self_attn.q_norm", "self_attn.k_norm")
-ARCHITECTURES: dict[str, Architecture] = {
-    "llama": Architecture("llama", "llama", "Llama"),
-    "mistral": Architecture("mistral", "mistral", "Mistral"),
-    "qwen2": Architecture("qwen2", "qwen2", "Qwen2"),
-    "qwen3": Architecture("qwen3", "qwen3", "Qwen3", norms=("input_layernorm", "post_attention_layernorm") + _QK_NORMS),
-    "gemma3_text": Architecture(
-        "gemma3_text",
-        "gemma3",
-        "Gemma3",
-        norms=(
-            "input_layernorm",
-            "post_attention_layernorm",
-            "pre_feedforward_layernorm",
-            "post_feedforward_layernorm",
-        )
-        + _QK_NORMS,
-        norm_offset=1.0,
-        embed_scaled=True,
-        rotary_per_layer_type=True,
-    ),
-}
-
-
-def architecture_for(model_type: str) -> Architecture:
-    try:
-        return ARCHITECTURES[model_type]
-    except KeyError:
-        raise UnsupportedArchitecture(model_type, list(ARCHITECTURES)) from None
-
-
-def load_config(config_dict: dict[str, Any]):
-    """A transformers config object for the family named in `config_dict['model_type']`."""
-    from transformers import AutoConfig
-
-    model_type = config_dict.get("model_type", "<missing>")
-    architecture_for(model_type)
-    config = AutoConfig.for_model(**config_dict)
-    # sdpa with an explicit mask is exact and needs no extra package
-    config._attn_implementation = "sdpa"
-    return config
+# the family table is core data (the checkpoint reader needs it too); re-exported so solvers and
+# tasks keep reading everything about a family from this module
+from layerquant.architectures import (  # noqa: F401
+    ARCHITECTURES,
+    ATTN_OUT,
+    ATTN_QKV,
+    LLAMA_GROUPS,
+    MLP_IN,
+    MLP_OUT,
+    Architecture,
+    architecture_for,
+    load_config,
+)
 
 
 def layer_types(config) -> list[str]:

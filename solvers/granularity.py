@@ -26,7 +26,7 @@ def rtn_relative_error(weight: torch.Tensor, spec: QuantSpec) -> float:
     """||RTN(W) - W||^2 / ||W||^2 on the spec's grid (absmax / min-max, no clipping search)."""
     from layerquant.solvers.grid import rtn_quantize
 
-    plain = QuantSpec(bits=spec.bits, group_size=spec.group_size, sym=spec.sym, method="rtn")
+    plain = QuantSpec(bits=spec.bits, group_size=spec.group_size, sym=spec.sym, method="rtn", act_order=False, clip_search=False)
     w = weight.float()
     error = (rtn_quantize(w, plain).dequantize() - w).pow(2).sum()
     return float(error / w.pow(2).sum().clamp(min=1e-30))
@@ -45,7 +45,7 @@ def granularity_scores(weight: torch.Tensor, bits: int, sym: bool = True,
     for size in group_sizes:
         if size and size >= shape[1]:
             continue  # a group as wide as the row is per-channel; scored as 0
-        spec = QuantSpec(bits=bits, group_size=size, sym=sym, method="rtn")
+        spec = QuantSpec(bits=bits, group_size=size, sym=sym, method="rtn", act_order=False, clip_search=False)
         scores[size] = rtn_relative_error(weight, spec) * MSE_PER_BIT ** overhead_bits_per_weight(spec, shape)
     return scores
 

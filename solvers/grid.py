@@ -6,15 +6,18 @@ stores fp16 scales reproduces the fake-quantized weights exactly.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
+# the quantized-weight type and its dequantization are core (kernels use them too); re-exported
+# because the solvers read everything about a grid from here
+from layerquant.quantized import (  # noqa: F401
+    QuantizedWeight,
+    dequantize_codes,
+    dequantize_grouped,
+    expand_groups,
+    max_code,
+)
 from layerquant.specs import QuantSpec
-
-
-def max_code(bits: int) -> int:
-    return (1 << bits) - 1
 
 
 def group_bounds(in_features: int, group_size: int) -> list[tuple[int, int]]:
@@ -76,46 +79,6 @@ def fit_grid(w: torch.Tensor, bits: int, sym: bool, clip_search: bool = False) -
 def quantize_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
     """Integer codes (float tensor holding integers) for `w` on the grid; scale/zero broadcast."""
     return torch.clamp(torch.round(w / scale) + zero, 0, max_code(bits))
-
-
-def dequantize_codes(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
-    return scale * (q - zero)
-
-
-@dataclass
-class QuantizedWeight:
-    """Integer codes plus group parameters of one matrix; exactly dequantizable.
-
-    codes: uint8 [out, in]; scales: float32 [out, n_groups] (fp16-exact); zeros: uint8 [out, n_groups].
-    """
-
-    codes: torch.Tensor
-    scales: torch.Tensor
-    zeros: torch.Tensor
-    spec: QuantSpec
-
-    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        return dequantize_grouped(self.codes, self.scales, self.zeros, self.spec.group_size).to(dtype)
-
-    def to_tensors(self) -> dict[str, torch.Tensor]:
-        return {"codes": self.codes, "scales": self.scales, "zeros": self.zeros}
-
-    @classmethod
-    def from_tensors(cls, tensors: dict[str, torch.Tensor], spec: QuantSpec) -> "QuantizedWeight":
-        return cls(codes=tensors["codes"], scales=tensors["scales"], zeros=tensors["zeros"], spec=spec)
-
-
-def expand_groups(per_group: torch.Tensor, in_features: int, group_size: int) -> torch.Tensor:
-    """[out, n_groups] -> [out, in] by repeating each group's value over its columns."""
-    size = group_size or in_features
-    return per_group.repeat_interleave(size, dim=1)[:, :in_features]
-
-
-def dequantize_grouped(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int) -> torch.Tensor:
-    in_features = codes.shape[1]
-    scale = expand_groups(scales.float(), in_features, group_size)
-    zero = expand_groups(zeros.float(), in_features, group_size)
-    return dequantize_codes(codes.float(), scale, zero)
 
 
 def rtn_quantize(weight: torch.Tensor, spec: QuantSpec) -> QuantizedWeight:

@@ -31,6 +31,7 @@ from torch import nn
 
 from layerquant.errors import InvalidSpec
 from layerquant.solvers.fitting import check_fit_args, fit_best_iterate, relative_batch_mse, sample_batches
+from layerquant.tuning import BlockTuning
 
 log = logging.getLogger(__name__)
 
@@ -186,11 +187,11 @@ def tweak_norms(
     inputs: torch.Tensor,
     float_outputs: torch.Tensor,
     steps: int = 100,
-    lr: float = 1e-3,
-    batch_size: int = 4,
-    seed: int = 0,
+    lr: float = BlockTuning.norm_tweak_lr,
+    batch_size: int = BlockTuning.batch_size,
+    seed: int = BlockTuning.seed,
     eval_every: int | None = None,
-    loss: str = "dist",
+    loss: str = BlockTuning.norm_tweak_loss,
     validation: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[dict[str, torch.Tensor], TweakStats]:
     """Tweak `norm_weights` so block_forward(weights, inputs) matches `float_outputs`.
@@ -208,7 +209,8 @@ def tweak_norms(
         choosing the best weights); or "mse", the relative output MSE. On stories260K after
         GPTQ, "dist" lowers held-out L_dist but raises held-out output MSE and barely moves
         perplexity (2-bit g32: 30.3 -> 31.9 at lr 1e-3), while "mse" lowers both MSE and
-        perplexity (30.3 -> 23.2 at lr 3e-3); with RTN both help.
+        perplexity (30.3 -> 23.2 at lr 3e-3); with RTN both help. Hence "mse" by default.
+    lr, batch_size, seed and loss default to a run's defaults (`BlockTuning`).
 
     validation: (inputs, float outputs) of held-out samples; when given, the best weights are
         chosen by the loss on them instead of on the training inputs, so steps that only fit

@@ -11,6 +11,7 @@ from torch import nn
 
 from layerquant.errors import InvalidSpec
 from layerquant.specs import QuantSpec
+from layerquant.tuning import BlockTuning  # re-exported: callers built it from here
 from layerquant.solvers.gptq import quantize_weight, relative_weighted_error
 from layerquant.solvers.hessian import accumulate_hessian
 from layerquant.solvers.staged import staged_quantize
@@ -181,46 +182,6 @@ def relative_output_error(reference: torch.Tensor, approx: torch.Tensor) -> floa
     """||approx - reference||^2 / ||reference||^2 over a block's outputs."""
     ref = reference.double()
     return float(((approx.double() - ref) ** 2).sum() / (ref**2).sum().clamp(min=1e-30))
-
-
-@dataclass(frozen=True)
-class BlockTuning:
-    """What runs after a block's layers are quantized, each step fitted to the float block's
-    outputs on the same inputs: AdaQuant-style scale refinement (codes stay on their grid),
-    then norm tweaking. Zero steps switch a step off."""
-
-    refine_steps: int = 0
-    refine_lr: float = 3e-3
-    norm_tweak_steps: int = 0
-    norm_tweak_lr: float = 3e-3
-    # "mse" (relative output MSE) rather than the paper's channel statistics: after GPTQ on
-    # stories260K, L_dist made 2-bit perplexity worse (30.3 -> 31.9) while MSE lowered it (23.2)
-    norm_tweak_loss: str = "mse"
-    batch_size: int = 4
-    seed: int = 0
-    # share of the calibration samples held out to choose each step's best iterate (0 = the
-    # training samples choose, which lets a step keep changes that only fit them)
-    holdout: float = 0.0
-    # "residual": the loss compares block outputs; "next_norm": it compares them after the
-    # next block's input norm (the caller passes that norm to `reconstruct_block`)
-    space: str = "residual"
-
-    @property
-    def enabled(self) -> bool:
-        return self.refine_steps > 0 or self.norm_tweak_steps > 0
-
-    def identity(self) -> dict:
-        """The settings that change the result (empty when nothing runs, so plain runs keep their keys)."""
-        out: dict = {}
-        if self.refine_steps:
-            out["refine"] = {"steps": self.refine_steps, "lr": self.refine_lr}
-        if self.norm_tweak_steps:
-            out["norm_tweak"] = {"steps": self.norm_tweak_steps, "lr": self.norm_tweak_lr, "loss": self.norm_tweak_loss}
-        if out:
-            out |= {"batch_size": self.batch_size, "seed": self.seed, "holdout": self.holdout}
-            if self.space != "residual":  # absent by default: earlier tuned runs keep their keys
-                out["space"] = self.space
-        return out
 
 
 # samples whose float outputs measure a block's output error when nothing else needs the float

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from layerquant.errors import InvalidSpec
+from layerquant.tuning import BlockTuning
 from layerquant.solvers.grid import QuantizedWeight, expand_groups, max_code
 from layerquant.solvers.fitting import check_fit_args, fit_best_iterate, relative_batch_mse, sample_batches
 from layerquant.solvers.norm_tweak import dataset_relative_mse
@@ -92,9 +93,9 @@ def refine_scales(
     inputs: torch.Tensor,
     float_outputs: torch.Tensor,
     steps: int = 100,
-    lr: float = 3e-3,
-    batch_size: int = 4,
-    seed: int = 0,
+    lr: float = BlockTuning.refine_lr,
+    batch_size: int = BlockTuning.batch_size,
+    seed: int = BlockTuning.seed,
     eval_every: int | None = None,
     optimize_zeros: bool = False,
     zero_lr: float = 0.02,

@@ -93,8 +93,11 @@ def staged_quantize(
         else:
             paused_at[b] = result
 
-    try:
-        with torch.no_grad():
+    # grad mode is per thread, so every paused forward shares it: each one's no_grad exit
+    # restores the mode it entered with, which must be this one (an unwound forward after
+    # it would leave grad off for the caller)
+    with torch.no_grad():
+        try:
             for group_index, names in enumerate(groups):
                 for b in range(len(workers)):
                     waiting_later = paused_at[b] is not None and paused_at[b] >= group_index
@@ -113,12 +116,12 @@ def staged_quantize(
             for b in range(len(workers)):
                 if not workers[b].dead:
                     advance(b)
-    finally:
-        for handle in handles:
-            handle.remove()
-        for worker in workers:
-            if not worker.dead:  # an error left it paused: unwind its frames now, not at GC
-                worker.throw(GreenletExit)
+        finally:
+            for handle in handles:
+                handle.remove()
+            for worker in workers:
+                if not worker.dead:  # an error left it paused: unwind its frames now, not at GC
+                    worker.throw(GreenletExit)
     total = time.perf_counter() - started
     return StagedPass(
         outputs=torch.cat(outputs),

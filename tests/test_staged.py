@@ -118,6 +118,7 @@ def test_a_failing_group_leaves_no_paused_forward_and_no_hooks(real_block):
     with pytest.raises(ValueError, match="solver failed"):
         staged_quantize(block, counted_forward(context, BLOCK, []), inputs, arch.linear_groups, fail_on_mlp)
     assert all(not m._forward_pre_hooks for m in block.modules())
+    assert torch.is_grad_enabled()  # the unwound forwards restored the caller's grad mode
     # the block still runs normally afterwards
     assert arch_ops.run_block(block, context, BLOCK, inputs[:2]).shape == inputs[:2].shape
 
