@@ -12,7 +12,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import machine, write_rows  # noqa: E402
+from common import conditions, machine, write_rows  # noqa: E402
 
 from layerquant.solvers.allocation import LayerOptions, allocate_bits  # noqa: E402
 from layerquant.specs import QuantSpec  # noqa: E402
@@ -35,10 +35,11 @@ def main() -> int:
     rows = []
     for solver in ("cbc", "highs"):
         for budget in (2.5, 3.25, 4.25):
+            at_start = conditions()
             times = [allocate_bits(instance(seed), budget, solver=solver).seconds for seed in range(3)]
             rows.append({"bench": "allocation_speed", "tool": "layerquant", "tool_version": "0.1.0", "solver": solver,
                          "layers": 560, "candidates": len(CANDIDATES), "budget": budget, "wall_s": round(statistics.median(times), 3),
-                         "wall_s_max": round(max(times), 3), "machine": machine(),
+                         "wall_s_max": round(max(times), 3), **at_start, "machine": machine(),
                          "date": datetime.now(timezone.utc).isoformat(timespec="seconds")})
             print(f"{solver:5s} budget {budget}: median {rows[-1]['wall_s']} s, max {rows[-1]['wall_s_max']} s")
     write_rows("allocation_speed", rows)

@@ -88,6 +88,17 @@ def machine() -> str:
     return machine_description()
 
 
+def conditions() -> dict:
+    """What a row's timing depends on besides the code: the 1-minute load average when the case
+    starts (other work on the cores) and the kernel's transparent-huge-pages mode (the same
+    case took 400 s one day and 228 s the next)."""
+    try:
+        thp = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text().split("[", 1)[1].split("]", 1)[0]
+    except (OSError, IndexError):
+        thp = "unknown"
+    return {"loadavg_1min_at_start": round(os.getloadavg()[0], 2), "transparent_hugepages": thp}
+
+
 def write_rows(name: str, rows: list[dict]) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.json"

@@ -23,7 +23,7 @@ from importlib.metadata import version
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import load_rows, machine, run_layerquant_case, write_rows  # noqa: E402
+from common import conditions, load_rows, machine, run_layerquant_case, write_rows  # noqa: E402
 
 HERE = Path(__file__).parent
 DATA = HERE / "data"
@@ -73,6 +73,7 @@ def main() -> int:
     for case in chosen:
         if case in done:
             continue
+        at_start = conditions()
         result = run_layerquant_case(case, ["--model", model, *PROTOCOL, *CASES[case]], args.store, args.out_root, env)
         report = result["report"]
         config = report["config"]
@@ -85,7 +86,7 @@ def main() -> int:
             "avg_bits": report["avg_bits"], "ppl": report["ppl_quant"], "ppl_fp": report["ppl_fp"], "nll_std_err": report["nll_std_err"],
             "eval_text": "wikitext2_test_gptq_join", "eval_windows": 6, "eval_seqlen": 2048,
             "wall_s": result["wall_s"], "peak_rss_mb": result["peak_rss_mb"], "workers": 1,
-            "machine": machine(), "date": datetime.now(timezone.utc).date().isoformat(),
+            **at_start, "machine": machine(), "date": datetime.now(timezone.utc).date().isoformat(),
         })
         write_rows("gemma_methods", rows)  # after every case: a crash loses nothing finished
         print(f"{case:28s} ppl {report['ppl_quant']:8.3f} (fp {report['ppl_fp']:.3f}) avg_bits {report['avg_bits']:.3f} "

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import load_rows, machine, run_measured, write_rows  # noqa: E402
+from common import conditions, load_rows, machine, run_measured, write_rows  # noqa: E402
 
 BLOCKS, VOCAB = 24, 512
 
@@ -85,6 +85,7 @@ def main() -> int:
                "--eval-windows", "2", "--eval-seqlen", "256", "--bits", "4", "--group-size", "128",
                "--store", str(workdir / "store"), "--out", str(workdir / "out"), "--overwrite"]
     shutil.rmtree(workdir / "store", ignore_errors=True)  # measure a cold run, not cache hits
+    at_start = conditions()
     result = run_measured(command, env=dict(os.environ))
     if result["returncode"] != 0:
         print(result["stderr"][-3000:], file=sys.stderr)
@@ -96,7 +97,7 @@ def main() -> int:
         "avg_bits": report["avg_bits"], "nsamples": 16, "seqlen": 256, "wall_s": result["wall_s"],
         "peak_rss_mb": result["peak_rss_mb"], "peak_rss_main_mb": result["peak_rss_main_mb"],
         "peak_rss_fraction_of_model": round(result["peak_rss_mb"] / (size / 2**20), 3), "workers": 1,
-        "machine": machine(), "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        **at_start, "machine": machine(), "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     print(json.dumps(row, indent=2))
     # one row per model size: the fixed cost (interpreter, torch, Prefect's server) weighs less

@@ -63,7 +63,7 @@ BENCH = HERE.parent
 ROOT = BENCH.parent
 sys.path.insert(0, str(BENCH))
 sys.path.insert(0, str(HERE))
-from common import RESULTS, load_rows, machine, run_measured  # noqa: E402
+from common import RESULTS, conditions, load_rows, machine, run_measured  # noqa: E402
 from measure import layerquant_phases  # noqa: E402
 
 CACHE = Path.home() / ".cache" / "layerquant"
@@ -463,7 +463,7 @@ def main() -> int:
                                      "machine": machine(), "date": datetime.now(timezone.utc).isoformat(timespec="seconds")})
                     log(f"{name}: float {ppl_fp:.4f} ({eval_s:.0f} s)")
             log(f"{name} {case['tool']} {case['method']}")
-            load = os.getloadavg()[0]
+            at_start = conditions()
             case_started = time.perf_counter()
             try:
                 if case["tool"] == "layerquant":
@@ -475,7 +475,7 @@ def main() -> int:
                 log(f"  FAILED: {str(exc)[-1500:]}")
                 continue
             row = {**common_row, "tool": case["tool"], "method": case["method"], "ppl_fp": ppl_fp, **measured,
-                   "case_wall_s": round(time.perf_counter() - case_started, 1), "loadavg_1min_at_start": round(load, 2),
+                   "case_wall_s": round(time.perf_counter() - case_started, 1), **at_start,
                    "machine": machine(), "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
             if case["tool"] == "layerquant" and abs(measured["ppl_fp"] - ppl_fp) > 1e-6 * ppl_fp:
                 row["note"] = f"report's ppl_fp {measured['ppl_fp']:.6f} differs from `layerquant eval` {ppl_fp:.6f}"
