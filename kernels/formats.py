@@ -244,3 +244,75 @@ def gptq_quantization_config(specs: Sequence[Any], checkpoint_format: str = "gpt
         "pack_dtype": "int32",
         "meta": {"quantizer": [tool]},
     }
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading packed checkpoints back (layerquant eval, or a packed model as --model)
+# ----------------------------------------------------------------------------------------------
+def ct_layer_weight(name: str, tensors: Mapping[str, torch.Tensor], args: Mapping[str, Any]) -> QuantizedWeight:
+    """Inverse of ct_layer_tensors: `tensors` holds the layer's `weight_*` entries (names
+    relative to the layer, e.g. "weight_packed"), `args` its config group's `weights`."""
+    from layerquant.kernels.packing import unpack_codes
+    from layerquant.specs import QuantSpec
+
+    bits, sym = int(args["num_bits"]), bool(args["symmetric"])
+    out_f, in_f = (int(v) for v in tensors["weight_shape"].tolist())
+    group = int(args.get("group_size") or 0) if args.get("strategy") == "group" else 0
+    codes = unpack_codes(tensors["weight_packed"].to(torch.int32), bits, in_f, axis=1)
+    scales = tensors["weight_scale"].float().reshape(out_f, -1)
+    if sym:
+        zeros = torch.full_like(scales, 1 << (bits - 1), dtype=torch.uint8)
+    else:
+        zeros = unpack_codes(tensors["weight_zero_point"].to(torch.int32), bits, out_f, axis=0)
+    return QuantizedWeight(codes=codes, scales=scales, zeros=zeros, spec=QuantSpec(bits=bits, group_size=group, sym=sym, method="rtn"))
+
+
+def gptq_layer_weight(name: str, tensors: Mapping[str, torch.Tensor], quant_config: Mapping[str, Any]) -> QuantizedWeight:
+    """Inverse of gptq_layer_tensors (v1 zeros stored minus one, v2 as they are)."""
+    from layerquant.kernels.packing import unpack_codes
+    from layerquant.specs import QuantSpec
+
+    bits, sym = int(quant_config["bits"]), bool(quant_config.get("sym", True))
+    scales = tensors["scales"].float()  # [groups, out]
+    n_groups, out_f = scales.shape
+    in_f = tensors["g_idx"].shape[0] if "g_idx" in tensors else tensors["qweight"].shape[0] * 32 // bits
+    group = int(quant_config.get("group_size", -1))
+    group = 0 if group in (-1, 0) or group >= in_f else group
+    if "g_idx" in tensors and not torch.equal(tensors["g_idx"].long(), torch.arange(in_f) // (group or in_f)):
+        raise InvalidSpec(f"{name}: g_idx is not in natural column order (desc_act checkpoint)", "this reader takes static-group GPTQ only")
+    codes = unpack_codes(tensors["qweight"].to(torch.int32), bits, in_f, axis=0).t()
+    zeros = unpack_codes(tensors["qzeros"].to(torch.int32), bits, out_f, axis=1).t().to(torch.int32)
+    if quant_config.get("checkpoint_format", "gptq") == "gptq":
+        zeros = zeros + 1
+    return QuantizedWeight(codes=codes.contiguous(), scales=scales.t().contiguous(), zeros=zeros.to(torch.uint8),
+                           spec=QuantSpec(bits=bits, group_size=group, sym=sym, method="rtn"))
+
+
+def ct_args_for(layer: str, quant_config: Mapping[str, Any]) -> Mapping[str, Any] | None:
+    for group in quant_config.get("config_groups", {}).values():
+        for target in group.get("targets", []):
+            if (target.startswith("re:") and re.match(target[3:], layer)) or target == layer:
+                return group["weights"]
+    return None
+
+
+def dequantize_packed(prefix: str, tensors: dict[str, torch.Tensor], quant_config: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """A block's tensors as read from a packed checkpoint (names relative to `prefix`) -> the
+    same block with every packed layer replaced by its dequantized `{layer}.weight` (float32)."""
+    method = quant_config.get("quant_method")
+    if method not in (CT_QUANT_METHOD, "gptq"):
+        raise InvalidSpec(f"quantization method {method!r} of the checkpoint cannot be read", "use a dequantized, compressed-tensors or GPTQ folder")
+    marker = ".weight_packed" if method == CT_QUANT_METHOD else ".qweight"
+    out = dict(tensors)
+    for key in [k for k in tensors if k.endswith(marker)]:
+        layer = key[: -len(marker)]
+        parts = {k[len(layer) + 1:]: out.pop(k) for k in list(out) if k.startswith(layer + ".") and k != layer + ".bias"}
+        if method == CT_QUANT_METHOD:
+            args = ct_args_for(prefix + layer, quant_config)
+            if args is None:
+                raise InvalidSpec(f"{prefix + layer} is packed but no config group targets it", "the checkpoint's quantization_config is incomplete")
+            qw = ct_layer_weight(prefix + layer, parts, args)
+        else:
+            qw = gptq_layer_weight(prefix + layer, parts, quant_config)
+        out[f"{layer}.weight"] = qw.dequantize(torch.float32)
+    return out

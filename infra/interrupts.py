@@ -1,0 +1,100 @@
+"""Ctrl-C and SIGTERM for CLI runs: a cancellation flag, checked between blocks and batches.
+
+Python's default turns SIGINT into a KeyboardInterrupt wherever the main thread happens to be,
+and the terminal sends it to the whole process group, Prefect's temporary API server included:
+the server died, the block kept computing, then every Prefect call failed with connection
+errors for minutes. The CLI instead (1) starts the temporary server in its own session, out of
+reach of the group's signals (it is still stopped when the CLI exits), and (2) turns the first
+SIGINT/SIGTERM into a flag that the flow and its tasks check at every block and batch; the run
+then stops with `Cancelled`, its manifest says "cancelled", and a re-run resumes from the store.
+A second signal interrupts at once.
+"""
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import signal
+import subprocess
+import threading
+import types
+
+from layerquant.errors import Cancelled
+
+_requested = threading.Event()
+_signum: list[int] = []
+
+
+def cancel_requested() -> bool:
+    return _requested.is_set()
+
+
+def raise_if_cancelled() -> None:
+    """Raise `Cancelled` if a stop was asked for (a no-op outside the CLI)."""
+    if _requested.is_set():
+        raise Cancelled(_signum[0] if _signum else signal.SIGINT)
+
+
+def request_cancel(signum: int = signal.SIGINT) -> None:
+    if not _requested.is_set():
+        _signum[:] = [int(signum)]
+        _requested.set()
+
+
+def reset() -> None:
+    _requested.clear()
+    _signum.clear()
+
+
+def _quiet_prefect_console() -> None:
+    """The run is being stopped on purpose: Prefect's own failure logs (with tracebacks) on the
+    console would bury the one line the CLI prints."""
+    for name in ("prefect", "prefect.flow_runs", "prefect.task_runs"):
+        for handler in logging.getLogger(name).handlers:
+            if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
+                handler.setLevel(logging.CRITICAL + 1)
+
+
+def _handler(signum, frame) -> None:  # noqa: ARG001 - signal handler signature
+    if _requested.is_set():
+        raise KeyboardInterrupt  # a second signal: stop now, wherever we are
+    request_cancel(signum)
+    _quiet_prefect_console()
+
+
+def install_handlers() -> None:
+    """First SIGINT / SIGTERM sets the cancellation flag (main thread only, as Python requires)."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, _handler)
+        signal.signal(signal.SIGTERM, _handler)
+
+
+def _parent_death_signal() -> None:
+    """In the server's child, before exec: its own session, and SIGTERM when the CLI dies."""
+    os.setsid()
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def shield_ephemeral_server() -> None:
+    """Start Prefect's temporary API server in a session of its own, so the terminal's Ctrl-C
+    (sent to the whole process group) does not kill it under the running flow. Prefect stops it
+    at exit as before; should the CLI be killed outright, the kernel sends it SIGTERM."""
+    from prefect.server.api import server
+
+    if isinstance(server.subprocess, types.SimpleNamespace):
+        return
+    shim = types.SimpleNamespace(**vars(subprocess))
+
+    def popen(*args, **kwargs):
+        if threading.current_thread() is threading.main_thread():
+            # the death signal follows the thread that forked: only the main thread lives as long as we do
+            kwargs.setdefault("preexec_fn", _parent_death_signal)
+        else:
+            kwargs.setdefault("start_new_session", True)
+        return subprocess.Popen(*args, **kwargs)
+
+    shim.Popen = popen
+    server.subprocess = shim
