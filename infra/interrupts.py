@@ -49,10 +49,15 @@ def reset() -> None:
 def _quiet_prefect_console() -> None:
     """The run is being stopped on purpose: Prefect's own failure logs (with tracebacks) on the
     console would bury the one line the CLI prints."""
-    for name in ("prefect", "prefect.flow_runs", "prefect.task_runs"):
-        for handler in logging.getLogger(name).handlers:
+    loggers = [logging.getLogger(), *(logging.getLogger(name) for name in ("prefect", "prefect.flow_runs", "prefect.task_runs"))]
+    for logger in loggers:
+        for handler in logger.handlers:
             if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
-                handler.setLevel(logging.CRITICAL + 1)
+                handler.addFilter(_not_prefect)
+
+
+def _not_prefect(record: logging.LogRecord) -> bool:
+    return not record.name.startswith("prefect")
 
 
 def _handler(signum, frame) -> None:  # noqa: ARG001 - signal handler signature

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from layerquant.errors import UnsupportedArchitecture
+from layerquant.infra.interrupts import raise_if_cancelled
 
 ATTN_QKV = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
 ATTN_OUT = ("self_attn.o_proj",)
@@ -160,6 +161,7 @@ def run_block(block: nn.Module, context: BlockContext, index: int, hidden: torch
     kwargs = context.block_kwargs(index)
     outputs = []
     for start in range(0, hidden.shape[0], batch_size):
+        raise_if_cancelled()  # Ctrl-C of a CLI run: stop between batches
         out = block(hidden[start : start + batch_size], **kwargs)
         outputs.append(out[0] if isinstance(out, tuple) else out)
     return torch.cat(outputs)

@@ -13,6 +13,7 @@ from layerquant.errors import InvalidSpec
 from layerquant.specs import QuantSpec
 from layerquant.solvers.gptq import quantize_weight, relative_weighted_error
 from layerquant.solvers.hessian import accumulate_hessian
+from layerquant.infra.interrupts import raise_if_cancelled
 
 BlockForward = Callable[[nn.Module, torch.Tensor], torch.Tensor]
 
@@ -74,6 +75,7 @@ def collect_hessians(
     outputs = []
     try:
         for start in range(0, inputs.shape[0], batch_size):
+            raise_if_cancelled()  # Ctrl-C of a CLI run: stop between batches, not after the block
             waiting.update(layer_names)
             try:
                 outputs.append(forward(block, inputs[start : start + batch_size]))
@@ -117,6 +119,7 @@ def apply_quantization_sequential(
         else:
             hessian = collect_hessians(block, forward, inputs, [todo[0]], batch_size)[0][todo[0]]
         for name in todo:
+            raise_if_cancelled()
             start = time.perf_counter()
             linear = block.get_submodule(name)
             weight = linear.weight.detach().float()
