@@ -67,11 +67,21 @@ def _handler(signum, frame) -> None:  # noqa: ARG001 - signal handler signature
     _quiet_prefect_console()
 
 
-def install_handlers() -> None:
-    """First SIGINT / SIGTERM sets the cancellation flag (main thread only, as Python requires)."""
+def install_handlers() -> dict[int, object]:
+    """First SIGINT / SIGTERM sets the cancellation flag (main thread only, as Python requires).
+    Returns the previous handlers, for `restore_handlers`."""
+    previous: dict[int, object] = {}
     if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGINT, _handler)
-        signal.signal(signal.SIGTERM, _handler)
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            previous[signum] = signal.signal(signum, _handler)
+    return previous
+
+
+def restore_handlers(previous: dict[int, object]) -> None:
+    """Back to the handlers before `install_handlers` (main() called in-process, e.g. by tests)."""
+    for signum, handler in previous.items():
+        signal.signal(signum, handler)
+    reset()
 
 
 def _parent_death_signal() -> None:

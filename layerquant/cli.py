@@ -350,13 +350,22 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     # one line per HTTP call to the local Prefect API drowns the figures a person wants to see
     logging.getLogger("httpx").setLevel(logging.WARNING)
-    from layerquant.errors import Cancelled
-
+    previous_handlers = {}
     if args.command in ("quantize", "retry", "pack"):
         from layerquant.infra import interrupts
 
-        interrupts.install_handlers()
+        previous_handlers = interrupts.install_handlers()
         interrupts.shield_ephemeral_server()
+    try:
+        return run_command(args)
+    finally:
+        if previous_handlers:
+            interrupts.restore_handlers(previous_handlers)
+
+
+def run_command(args: argparse.Namespace) -> int:
+    from layerquant.errors import Cancelled
+
     try:
         return args.func(args)
     except Cancelled as exc:

@@ -347,18 +347,17 @@ def test_a_deterministic_bug_in_a_task_runs_once():
 
 # -- 6. eval of packed folders ---------------------------------------------------------------------
 @pytest.mark.usefixtures("prefect_server")
-def test_eval_reads_compressed_tensors_and_gptq_outputs(capsys, tmp_path, eval_text):
+def test_eval_reads_compressed_tensors_and_gptq_outputs(capsys, tmp_path, eval_text, stories_model, tiny_model_dir):
     from layerquant.flows.quantize import quantize_flow
-    from layerquant.flows.retry import pack_flow
 
-    out = tmp_path / "ct"
-    config = RunConfig(store=str(tmp_path / "store"), out=str(out), pack_format="compressed-tensors", nsamples=16, eval_windows=4,
-                       group_size=32)
-    report = quantize_flow(config.model_dump())
-    pack_flow(report["run_id"], str(tmp_path / "store"), "gptq", str(tmp_path / "gptq"))
-    capsys.readouterr()
-    for folder in (out, tmp_path / "gptq"):
-        assert main(["eval", "--model", str(folder), "--text", eval_text, "--windows", "4", "--seqlen", "256",
+    # stories260K's 172-wide MLP does not fill GPTQ's int32 words: the tiny llama takes that format
+    for model, fmt in ((stories_model, "compressed-tensors"), (str(tiny_model_dir("llama")), "gptq")):
+        out = tmp_path / fmt
+        config = RunConfig(model=model, store=str(tmp_path / "store"), out=str(out), pack_format=fmt, nsamples=16, eval_windows=4,
+                           group_size=32)
+        report = quantize_flow(config.model_dump())
+        capsys.readouterr()
+        assert main(["eval", "--model", str(out), "--text", eval_text, "--windows", "4", "--seqlen", "256",
                      "--store", str(tmp_path / "store")]) == 0
         result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-        assert result["ppl"] == pytest.approx(report["ppl_quant"], rel=1e-6), folder
+        assert result["ppl"] == pytest.approx(report["ppl_quant"], rel=1e-6), fmt
