@@ -249,11 +249,12 @@ def gptq_quantization_config(specs: Sequence[Any], checkpoint_format: str = "gpt
 # ----------------------------------------------------------------------------------------------
 # Reading packed checkpoints back (layerquant eval, or a packed model as --model)
 # ----------------------------------------------------------------------------------------------
-def ct_layer_weight(name: str, tensors: Mapping[str, torch.Tensor], args: Mapping[str, Any]) -> QuantizedWeight:
-    """Inverse of ct_layer_tensors: `tensors` holds the layer's `weight_*` entries (names
-    relative to the layer, e.g. "weight_packed"), `args` its config group's `weights`."""
+def ct_layer_weight(name: str, tensors: Mapping[str, torch.Tensor], args: Mapping[str, Any]) -> torch.Tensor:
+    """Inverse of ct_layer_tensors, dequantized (float32): `tensors` holds the layer's `weight_*`
+    entries (names relative to the layer, e.g. "weight_packed"), `args` its config group's
+    `weights`. The group size may be one no QuantSpec takes (a regrouped ragged layer)."""
     from layerquant.kernels.packing import unpack_codes
-    from layerquant.specs import QuantSpec
+    from layerquant.solvers.grid import dequantize_grouped
 
     bits, sym = int(args["num_bits"]), bool(args["symmetric"])
     out_f, in_f = (int(v) for v in tensors["weight_shape"].tolist())
@@ -264,13 +265,13 @@ def ct_layer_weight(name: str, tensors: Mapping[str, torch.Tensor], args: Mappin
         zeros = torch.full_like(scales, 1 << (bits - 1), dtype=torch.uint8)
     else:
         zeros = unpack_codes(tensors["weight_zero_point"].to(torch.int32), bits, out_f, axis=0)
-    return QuantizedWeight(codes=codes, scales=scales, zeros=zeros, spec=QuantSpec(bits=bits, group_size=group, sym=sym, method="rtn"))
+    return dequantize_grouped(codes, scales, zeros, group)
 
 
-def gptq_layer_weight(name: str, tensors: Mapping[str, torch.Tensor], quant_config: Mapping[str, Any]) -> QuantizedWeight:
-    """Inverse of gptq_layer_tensors (v1 zeros stored minus one, v2 as they are)."""
+def gptq_layer_weight(name: str, tensors: Mapping[str, torch.Tensor], quant_config: Mapping[str, Any]) -> torch.Tensor:
+    """Inverse of gptq_layer_tensors, dequantized (v1 zeros stored minus one, v2 as they are)."""
     from layerquant.kernels.packing import unpack_codes
-    from layerquant.specs import QuantSpec
+    from layerquant.solvers.grid import dequantize_grouped
 
     bits, sym = int(quant_config["bits"]), bool(quant_config.get("sym", True))
     scales = tensors["scales"].float()  # [groups, out]
@@ -284,8 +285,7 @@ def gptq_layer_weight(name: str, tensors: Mapping[str, torch.Tensor], quant_conf
     zeros = unpack_codes(tensors["qzeros"].to(torch.int32), bits, out_f, axis=1).t().to(torch.int32)
     if quant_config.get("checkpoint_format", "gptq") == "gptq":
         zeros = zeros + 1
-    return QuantizedWeight(codes=codes.contiguous(), scales=scales.t().contiguous(), zeros=zeros.to(torch.uint8),
-                           spec=QuantSpec(bits=bits, group_size=group, sym=sym, method="rtn"))
+    return dequantize_grouped(codes.contiguous(), scales.t().contiguous(), zeros, group)
 
 
 def ct_args_for(layer: str, quant_config: Mapping[str, Any]) -> Mapping[str, Any] | None:
@@ -311,8 +311,7 @@ def dequantize_packed(prefix: str, tensors: dict[str, torch.Tensor], quant_confi
             args = ct_args_for(prefix + layer, quant_config)
             if args is None:
                 raise InvalidSpec(f"{prefix + layer} is packed but no config group targets it", "the checkpoint's quantization_config is incomplete")
-            qw = ct_layer_weight(prefix + layer, parts, args)
+            out[f"{layer}.weight"] = ct_layer_weight(prefix + layer, parts, args).float()
         else:
-            qw = gptq_layer_weight(prefix + layer, parts, quant_config)
-        out[f"{layer}.weight"] = qw.dequantize(torch.float32)
+            out[f"{layer}.weight"] = gptq_layer_weight(prefix + layer, parts, quant_config).float()
     return out
