@@ -113,3 +113,32 @@ def shield_ephemeral_server() -> None:
 
     shim.Popen = popen
     server.subprocess = shim
+
+
+_prefect_capture_sigterm: list = []
+
+
+def keep_sigterm_for_cancellation() -> None:
+    """Prefect's flow engine swaps in its own SIGTERM handler for every flow run: a bridge for
+    a runner's cancellations (a CLI run has no runner) that raises wherever the code happens to
+    be, ending the run Crashed with a traceback. CLI runs keep ours: SIGTERM stops like Ctrl-C."""
+    import contextlib
+
+    from prefect import flow_engine
+
+    if _prefect_capture_sigterm:
+        return
+
+    @contextlib.contextmanager
+    def keep_ours():
+        yield
+
+    _prefect_capture_sigterm.append(flow_engine.capture_sigterm)
+    flow_engine.capture_sigterm = keep_ours
+
+
+def give_sigterm_back_to_prefect() -> None:
+    from prefect import flow_engine
+
+    if _prefect_capture_sigterm:
+        flow_engine.capture_sigterm = _prefect_capture_sigterm.pop()

@@ -356,11 +356,13 @@ def main(argv: list[str] | None = None) -> int:
 
         previous_handlers = interrupts.install_handlers()
         interrupts.shield_ephemeral_server()
+        interrupts.keep_sigterm_for_cancellation()
     try:
         return run_command(args)
     finally:
-        if previous_handlers:
+        if args.command in ("quantize", "retry", "pack"):
             interrupts.restore_handlers(previous_handlers)
+            interrupts.give_sigterm_back_to_prefect()
 
 
 def run_command(args: argparse.Namespace) -> int:
