@@ -13,8 +13,9 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from layerquant.config import RunConfig
-from layerquant.errors import InfeasibleBudget, InvalidSpec, QualityGateFailed
+from layerquant.errors import Cancelled, InfeasibleBudget, InvalidSpec, QualityGateFailed
 from layerquant.infra.checkpoint import CheckpointReader
+from layerquant.cancellation import raise_if_cancelled
 from layerquant.tasks.progress import BlockProgress
 from layerquant.infra.store import open_store
 from layerquant.report import build_report
@@ -24,7 +25,7 @@ from layerquant.tasks.calibration import capture_calibration
 from layerquant.tasks.export import export_dequantized
 from layerquant.tasks.manifest import record_manifest
 from layerquant.tasks.pack import pack_model
-from layerquant.tasks.planning import higgs_coefficient, plan_bits, predicted_perplexity, score_block
+from layerquant.tasks.planning import check_budget, check_overrides, higgs_coefficient, plan_bits, predicted_perplexity, score_block
 from layerquant.tasks.spec_choice import auto_group_sizes, more_generous
 from layerquant.tasks.validation import evaluate
 
@@ -63,42 +64,52 @@ def quantize_flow(config: dict[str, Any], force_blocks: list[int] | None = None)
     n_blocks = reader.n_blocks
     run_id = run_config.run_id()
     logger.info("run %s: %d blocks of %s, store %s", run_id, n_blocks, reader.arch.model_type, open_store(run_config.store).describe())
+    # bad settings fail here, before calibration, from the checkpoint headers alone
+    check_overrides(run_config, reader)
+    if run_config.budget is not None:
+        check_budget(run_config, reader)
     record_manifest(run_config.store, run_id, "running", {"config": config, "n_blocks": n_blocks})
     progress = BlockProgress(run_id, n_blocks)
+    state: dict[str, Any] = {}  # what is finished so far (scores, blocks): kept by a failed run's manifest
 
     try:
-        report = _run_stages(config, run_config, reader, run_id, progress, force_blocks, started)
+        report = _run_stages(config, run_config, reader, run_id, progress, force_blocks, started, state)
     except Exception as exc:
-        # the manifest says what failed; finished blocks stay in the store for the retry
-        failure = {"config": config, "n_blocks": n_blocks, "error": f"{type(exc).__name__}: {exc}"}
+        # the manifest says what failed; finished blocks (and scores) stay in the store for the retry
+        status = "cancelled" if isinstance(exc, Cancelled) else "failed"
+        failure = {"config": config, "n_blocks": n_blocks, "error": f"{type(exc).__name__}: {exc}", **state}
         if getattr(exc, "report", None) is not None:
             failure["report"] = exc.report
-        record_manifest(run_config.store, run_id, "failed", failure)
+        record_manifest(run_config.store, run_id, status, failure)
         raise
     finally:
         progress.close()
     return report
 
 
-def _run_stages(config, run_config, reader, run_id, progress, force_blocks, started) -> dict[str, Any]:
+def _run_stages(config, run_config, reader, run_id, progress, force_blocks, started, state) -> dict[str, Any]:
     n_blocks = reader.n_blocks
     first_forced = min(force_blocks) if force_blocks else n_blocks
+    raise_if_cancelled()
     calibration = capture_calibration(config)
     plan, scored = None, []
     if run_config.budget is not None:
         # pass 1 on the float model: scores for every (layer, candidate), then one integer program
         inputs = calibration
         for index in range(n_blocks):
+            raise_if_cancelled()
             scored.append(score_block(config, index, inputs))
             inputs = scored[-1]["outputs"]
-        plan = plan_bits(config, [s["scores"] for s in scored], run_config.budget)
-        record_manifest(run_config.store, run_id, "running", {"config": config, "n_blocks": n_blocks,
-                                                              "scores": [s["scores"] for s in scored]})
+        # recorded before planning: `layerquant plan` can re-solve from them whatever happens next
+        state["scores"] = [s["scores"] for s in scored]
+        record_manifest(run_config.store, run_id, "running", {"config": config, "n_blocks": n_blocks, "scores": state["scores"]})
+        plan = plan_bits(config, state["scores"], run_config.budget)
     inputs = calibration
     blocks: list[dict] = []
     gate_events: list[dict] = []
     used_specs: dict[str, dict] = {}  # full layer name -> the spec its finished block used
     for index in range(n_blocks):
+        raise_if_cancelled()
         specs = block_specs(run_config, reader, index, plan["plan"] if plan else None)
         result = quantize_block(config, index, inputs, specs, force=index >= first_forced)
         if run_config.gate_output_error is not None:
@@ -109,11 +120,15 @@ def _run_stages(config, run_config, reader, run_id, progress, force_blocks, star
         blocks.append(result)
         inputs = result["outputs"]
         progress.advance(f"block {index:02d}{' (cached)' if result['cached'] else ''}")
+        state["blocks"] = [b["block"] for b in blocks]
         record_manifest(run_config.store, run_id, "running", {"config": config, "n_blocks": n_blocks, "blocks": [b["block"] for b in blocks],
                                                               "scores": [s["scores"] for s in scored]})
 
+    raise_if_cancelled()
     ppl_fp = evaluate(config, "float", blocks)
+    raise_if_cancelled()
     ppl_quant = evaluate(config, "quant", blocks)
+    raise_if_cancelled()
     if plan is not None:
         # fitted on this store's earlier finished runs of the same setting (not on this one)
         calibration = higgs_coefficient(open_store(run_config.store), run_config)

@@ -56,8 +56,13 @@ def _check_safetensors_file(path: Path) -> tuple[dict[str, Any], int]:
 class CheckpointReader:
     """Reads tensors by name from a model folder on demand."""
 
-    def __init__(self, model_dir: str | os.PathLike[str]):
+    def __init__(self, model_dir: str | os.PathLike[str],
+                 unpack_layers: Callable[[str, dict[str, torch.Tensor], dict], dict[str, torch.Tensor]] | None = None):
+        """`unpack_layers(prefix, tensors, quantization_config)` turns a packed folder's block
+        tensors (compressed-tensors, GPTQ) into float weights; the caller supplies it because
+        the formats are kernels' knowledge and this reader only does I/O."""
         self.model_dir = Path(model_dir)
+        self.unpack_layers = unpack_layers
         if not self.model_dir.is_dir():
             raise InvalidModel(f"model folder {self.model_dir} does not exist", "pass --model a Hugging Face model folder")
         config_path = self.model_dir / "config.json"
@@ -137,9 +142,23 @@ class CheckpointReader:
         if not names:
             raise InvalidModel(f"block {index} has no weights under {prefix}", "the checkpoint does not match its config.json")
         out = {}
+        quant_config = self.config_dict.get("quantization_config")
         for name in names:
             t = self.tensor(name)
-            out[name[len(prefix) :]] = t.to(dtype) if dtype is not None else t
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                bad = (~torch.isfinite(t)).nonzero()[0].tolist()
+                kind = "NaN" if bool(torch.isnan(t).any()) else "Inf"
+                raise InvalidModel(f"tensor {name} of {self.model_dir} holds {kind} values (first at index {bad})",
+                                   "the checkpoint is damaged or diverged: re-download it or use an earlier one")
+            keep = quant_config and not t.is_floating_point()  # packed codes stay integers until dequantized
+            out[name[len(prefix) :]] = t.to(dtype) if dtype is not None and not keep else t
+        if quant_config:
+            # a packed folder (ours or another tool's): its layers read back dequantized
+            if self.unpack_layers is None:
+                raise InvalidModel(f"{self.model_dir} holds packed (quantized) weights",
+                                   "open it through a task context (layerquant eval), which knows the packed formats")
+            out = {name: t.to(dtype) if dtype is not None and t.is_floating_point() else t
+                   for name, t in self.unpack_layers(prefix, out, quant_config).items()}
         return out
 
     def embed_weight(self) -> torch.Tensor:
@@ -190,11 +209,38 @@ def atomic_output_dir(out_dir: str | os.PathLike[str]) -> Iterator[Path]:
     tmp_dir.mkdir()
     try:
         yield tmp_dir
+        share_like_the_umask(tmp_dir)
         if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp_dir, out_dir)
+            # the old folder moves aside first: at every moment one complete output is in place
+            old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+            os.replace(out_dir, old)
+            os.replace(tmp_dir, out_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp_dir, out_dir)
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
+
+
+def current_umask() -> int:
+    try:  # read, not set-and-restore: other threads may be creating files
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def share_like_the_umask(folder: Path) -> None:
+    """Files as any program writes them (0644 under the usual umask 022): some writers (the
+    safetensors library, temp files) create them 0600, unreadable to the engine that serves them."""
+    mask = current_umask()
+    folder.chmod(0o777 & ~mask)
+    for path in folder.rglob("*"):
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~mask)
 
 
 _DTYPE_NAMES = {dtype: name for name, dtype in _SAFETENSORS_DTYPES.items()}

@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import logging
 import os
+import re
 import time
 from urllib.parse import urlparse
 
@@ -28,20 +29,44 @@ log = logging.getLogger("layerquant.s3")
 MULTIPART_THRESHOLD = 64 << 20
 _MISSING = {"NoSuchKey", "404", "NotFound"}
 _TRANSIENT_CODES = {"500", "502", "503", "504", "SlowDown", "RequestTimeout", "InternalError", "ServiceUnavailable", "Throttling"}
+# answers that will be the same next time: configuration, not weather
+_PERMANENT_CODES = {"NoSuchBucket", "AccessDenied", "SignatureDoesNotMatch", "InvalidAccessKeyId", "403", "InvalidBucketName",
+                    "AllAccessDisabled", "AccountProblem", "InvalidToken", "ExpiredToken"}
 
 
 class StoreUnavailable(LayerquantError):
-    """The S3 store cannot be reached or refuses us (after retries)."""
+    """The S3 store cannot be reached or refuses us. Transient (worth a later retry) unless the
+    endpoint's answer says otherwise (no such bucket, credentials refused)."""
 
-    transient = True
+    def __init__(self, message: str, hint: str = "", transient: bool = True):
+        self.transient = transient
+        super().__init__(message, hint)
+
+
+def _error_code(exc: Exception) -> str:
+    """The S3 error code of a ClientError, or of the one an S3UploadFailedError wraps."""
+    if isinstance(exc, ClientError):
+        return exc.response.get("Error", {}).get("Code", "")
+    if isinstance(exc, S3UploadFailedError):
+        cause = exc.__cause__ or exc.__context__
+        if isinstance(cause, ClientError):
+            return _error_code(cause)
+        match = re.search(r"\(([A-Za-z0-9]+)\)", str(exc))  # "An error occurred (NoSuchBucket) when calling ..."
+        return match.group(1) if match else ""
+    return ""
 
 
 def _is_transient(exc: Exception) -> bool:
+    if isinstance(exc, (NoCredentialsError, PartialCredentialsError, ParamValidationError)):
+        return False
     if isinstance(exc, (BotoConnectionError, EndpointConnectionError)):
         return True
+    code = _error_code(exc)
+    if code in _PERMANENT_CODES:
+        return False
     if isinstance(exc, ClientError):
-        return exc.response.get("Error", {}).get("Code", "") in _TRANSIENT_CODES
-    return isinstance(exc, BotoCoreError)
+        return code in _TRANSIENT_CODES
+    return isinstance(exc, (BotoCoreError, OSError, S3UploadFailedError))
 
 
 class S3Store(ArtifactStore):
@@ -78,22 +103,27 @@ class S3Store(ArtifactStore):
         for attempt in range(1, self.attempts + 1):
             try:
                 return operation()
-            except ClientError as exc:
-                code = exc.response.get("Error", {}).get("Code", "")
+            except (ClientError, S3UploadFailedError) as exc:
+                # upload_fileobj (multipart) wraps the endpoint's answer in S3UploadFailedError
+                code = _error_code(exc)
                 if code == "NoSuchBucket":
                     raise StoreUnavailable(f"bucket {self.bucket!r} does not exist at {self.describe()}",
-                                           "create it, or point --store / AWS_ENDPOINT_URL at the right place") from None
-                if code in {"InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "403"}:
+                                           "create it, or point --store / AWS_ENDPOINT_URL at the right place", transient=False) from None
+                if code in _PERMANENT_CODES:
                     raise StoreUnavailable(f"{self.describe()} refused our credentials ({code}) for {what}",
-                                           "check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY and the bucket policy") from None
-                if not _is_transient(exc) or attempt == self.attempts:
-                    raise StoreUnavailable(f"S3 {what} failed at {self.describe()}: {code}", "check the endpoint; re-run to resume") from None
-                reason = code
+                                           "check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY and the bucket policy", transient=False) from None
+                if not _is_transient(exc):
+                    raise StoreUnavailable(f"S3 {what} failed at {self.describe()}: {code or type(exc).__name__}",
+                                           "check the endpoint and the request", transient=False) from None
+                if attempt == self.attempts:
+                    raise StoreUnavailable(f"S3 {what} failed at {self.describe()} after {attempt} attempts: {code or type(exc).__name__}",
+                                           "check the endpoint; re-run to resume, finished artifacts are kept") from None
+                reason = code or type(exc).__name__
             except (NoCredentialsError, PartialCredentialsError, ParamValidationError) as exc:
                 # configuration, not weather: retrying cannot help
                 raise LayerquantError(f"S3 {what} at {self.describe()} cannot start ({type(exc).__name__})",
                                       "set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (and AWS_ENDPOINT_URL for a non-AWS endpoint)") from None
-            except (BotoCoreError, OSError, S3UploadFailedError) as exc:
+            except (BotoCoreError, OSError) as exc:
                 if attempt == self.attempts:
                     raise StoreUnavailable(f"S3 {what} failed at {self.describe()} after {attempt} attempts ({type(exc).__name__})",
                                            "check that the endpoint is up; re-run to resume, finished artifacts are kept") from None

@@ -27,6 +27,7 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 from layerquant.errors import ArtifactCorrupt, ArtifactMissing
+from layerquant.infra.checkpoint import current_umask
 from layerquant.specs import ArtifactRef, canonical_json
 
 TENSORS = "tensors"
@@ -148,8 +149,11 @@ class LocalStore(ArtifactStore):
     """A folder on a local (or shared network) file system."""
 
     def __init__(self, root: str | os.PathLike[str]):
-        self.root = Path(root).expanduser().resolve()
+        from layerquant.infra.paths import check_folder_path
+
+        self.root = check_folder_path(root, "--store")
         self.root.mkdir(parents=True, exist_ok=True)
+        self._mode = 0o666 & ~current_umask()
 
     def _full(self, path: str) -> Path:
         full = (self.root / path).resolve()
@@ -162,6 +166,7 @@ class LocalStore(ArtifactStore):
         full.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=full.parent, prefix=f".{full.name}.", suffix=".tmp")
         try:
+            os.fchmod(fd, self._mode)  # mkstemp makes 0600; a store is shared like any folder
             with os.fdopen(fd, "wb") as handle:
                 handle.write(data)
                 handle.flush()

@@ -9,11 +9,17 @@ import torch
 from layerquant.errors import CalibrationError, InvalidModel
 
 
-def read_text(source: str | os.PathLike[str]) -> str:
-    """Text from a .txt file, or from the `text` column of a `datasets` dataset saved on disk."""
+def read_text(source: str | os.PathLike[str], encoding: str = "utf-8") -> str:
+    """Text from a .txt file (decoded strictly: a byte that is not `encoding` is an error, not a
+    silent replacement character), or from the `text` column of a `datasets` dataset saved on disk."""
     path = Path(source)
     if path.is_file():
-        text = path.read_text(encoding="utf-8", errors="replace")
+        data = path.read_bytes()
+        try:
+            text = data.decode(encoding)
+        except UnicodeDecodeError as exc:
+            raise CalibrationError(f"text {path} is not valid {encoding}: byte 0x{data[exc.start]:02x} at offset {exc.start} ({exc.reason})",
+                                   "fix the file, or pass --text-encoding with its real encoding (e.g. latin-1)") from None
     elif path.is_dir():
         from datasets import load_from_disk
 

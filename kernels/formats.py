@@ -244,3 +244,74 @@ def gptq_quantization_config(specs: Sequence[Any], checkpoint_format: str = "gpt
         "pack_dtype": "int32",
         "meta": {"quantizer": [tool]},
     }
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading packed checkpoints back (layerquant eval, or a packed model as --model)
+# ----------------------------------------------------------------------------------------------
+def ct_layer_weight(name: str, tensors: Mapping[str, torch.Tensor], args: Mapping[str, Any]) -> torch.Tensor:
+    """Inverse of ct_layer_tensors, dequantized (float32): `tensors` holds the layer's `weight_*`
+    entries (names relative to the layer, e.g. "weight_packed"), `args` its config group's
+    `weights`. The group size may be one no QuantSpec takes (a regrouped ragged layer)."""
+    from layerquant.kernels.packing import unpack_codes
+    from layerquant.quantized import dequantize_grouped
+
+    bits, sym = int(args["num_bits"]), bool(args["symmetric"])
+    out_f, in_f = (int(v) for v in tensors["weight_shape"].tolist())
+    group = int(args.get("group_size") or 0) if args.get("strategy") == "group" else 0
+    codes = unpack_codes(tensors["weight_packed"].to(torch.int32), bits, in_f, axis=1)
+    scales = tensors["weight_scale"].float().reshape(out_f, -1)
+    if sym:
+        zeros = torch.full_like(scales, 1 << (bits - 1), dtype=torch.uint8)
+    else:
+        zeros = unpack_codes(tensors["weight_zero_point"].to(torch.int32), bits, out_f, axis=0)
+    return dequantize_grouped(codes, scales, zeros, group)
+
+
+def gptq_layer_weight(name: str, tensors: Mapping[str, torch.Tensor], quant_config: Mapping[str, Any]) -> torch.Tensor:
+    """Inverse of gptq_layer_tensors, dequantized (v1 zeros stored minus one, v2 as they are)."""
+    from layerquant.kernels.packing import unpack_codes
+    from layerquant.quantized import dequantize_grouped
+
+    bits, sym = int(quant_config["bits"]), bool(quant_config.get("sym", True))
+    scales = tensors["scales"].float()  # [groups, out]
+    n_groups, out_f = scales.shape
+    in_f = tensors["g_idx"].shape[0] if "g_idx" in tensors else tensors["qweight"].shape[0] * 32 // bits
+    group = int(quant_config.get("group_size", -1))
+    group = 0 if group in (-1, 0) or group >= in_f else group
+    if "g_idx" in tensors and not torch.equal(tensors["g_idx"].long(), torch.arange(in_f) // (group or in_f)):
+        raise InvalidSpec(f"{name}: g_idx is not in natural column order (desc_act checkpoint)", "this reader takes static-group GPTQ only")
+    codes = unpack_codes(tensors["qweight"].to(torch.int32), bits, in_f, axis=0).t()
+    zeros = unpack_codes(tensors["qzeros"].to(torch.int32), bits, out_f, axis=1).t().to(torch.int32)
+    if quant_config.get("checkpoint_format", "gptq") == "gptq":
+        zeros = zeros + 1
+    return dequantize_grouped(codes.contiguous(), scales.t().contiguous(), zeros, group)
+
+
+def ct_args_for(layer: str, quant_config: Mapping[str, Any]) -> Mapping[str, Any] | None:
+    for group in quant_config.get("config_groups", {}).values():
+        for target in group.get("targets", []):
+            if (target.startswith("re:") and re.match(target[3:], layer)) or target == layer:
+                return group["weights"]
+    return None
+
+
+def dequantize_packed(prefix: str, tensors: dict[str, torch.Tensor], quant_config: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """A block's tensors as read from a packed checkpoint (names relative to `prefix`) -> the
+    same block with every packed layer replaced by its dequantized `{layer}.weight` (float32)."""
+    method = quant_config.get("quant_method")
+    if method not in (CT_QUANT_METHOD, "gptq"):
+        raise InvalidSpec(f"quantization method {method!r} of the checkpoint cannot be read", "use a dequantized, compressed-tensors or GPTQ folder")
+    marker = ".weight_packed" if method == CT_QUANT_METHOD else ".qweight"
+    out = dict(tensors)
+    for key in [k for k in tensors if k.endswith(marker)]:
+        layer = key[: -len(marker)]
+        parts = {k[len(layer) + 1:]: out.pop(k) for k in list(out) if k.startswith(layer + ".") and k != layer + ".bias"}
+        if method == CT_QUANT_METHOD:
+            args = ct_args_for(prefix + layer, quant_config)
+            if args is None:
+                raise InvalidSpec(f"{prefix + layer} is packed but no config group targets it", "the checkpoint's quantization_config is incomplete")
+            out[f"{layer}.weight"] = ct_layer_weight(prefix + layer, parts, args).float()
+        else:
+            out[f"{layer}.weight"] = gptq_layer_weight(prefix + layer, parts, quant_config).float()
+    return out

@@ -40,6 +40,7 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--recipe", help="YAML recipe; flags override it")
     parser.add_argument("--calib", help="calibration text (.txt or datasets folder)")
     parser.add_argument("--eval", dest="eval_text", help="evaluation text (.txt or datasets folder)")
+    parser.add_argument("--text-encoding", help="encoding of the .txt texts (default utf-8; e.g. latin-1)")
     parser.add_argument("--bits", type=int)
     parser.add_argument("--group-size", type=group_size_arg,
                         help="columns per scale; 0 = per-channel; auto = chosen per matrix from its weights")
@@ -94,6 +95,7 @@ def config_from_args(args: argparse.Namespace):
         model=args.model,
         calib=args.calib,
         eval=args.eval_text,
+        text_encoding=args.text_encoding,
         bits=args.bits,
         group_size=None if args.group_size == "auto" else args.group_size,
         granularity="auto" if args.group_size == "auto" else None,
@@ -120,29 +122,51 @@ def config_from_args(args: argparse.Namespace):
     )
 
 
+def protected_paths(config) -> list[tuple[str, str]]:
+    """What an output folder must stay clear of (infra.paths.check_output_folder)."""
+    return [("artifact store", config.store), ("model folder", config.model), ("calibration text", config.calib),
+            ("evaluation text", config.eval)]
+
+
+def check_output(config, out: str | None, args: argparse.Namespace) -> None:
+    from layerquant.infra.paths import check_output_folder
+
+    if out:
+        check_output_folder(out, overwrite=getattr(args, "overwrite", False), force=getattr(args, "force", False),
+                            protected=protected_paths(config))
+
+
 def preflight(config) -> None:
     """Cheap checks before Prefect starts, so bad input fails in a second with one clear line."""
     from layerquant.infra.checkpoint import CheckpointReader
     from layerquant.infra.texts import load_tokenizer, read_text, tokenize
     from layerquant.solvers.windows import make_windows
+    from layerquant.tasks.planning import check_budget, check_overrides
 
-    CheckpointReader(config.model)
+    reader = CheckpointReader(config.model)
+    check_overrides(config, reader)
+    if config.budget is not None:
+        check_budget(config, reader)
     tokenizer = load_tokenizer(config.model)
-    calib = tokenize(tokenizer, read_text(config.calib))
+    calib = tokenize(tokenizer, read_text(config.calib, config.text_encoding))
     make_windows(calib, config.nsamples, config.seqlen, tokenizer.bos_token_id, purpose="calibration")
-    evaluation = tokenize(tokenizer, read_text(config.eval))
+    evaluation = tokenize(tokenizer, read_text(config.eval, config.text_encoding))
     make_windows(evaluation, config.eval_windows, config.eval_seqlen, tokenizer.bos_token_id, purpose="evaluation")
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
+    from layerquant.infra.paths import check_store_location
+
+    check_store_location(args.store)
     config = config_from_args(args)
+    check_output(config, config.out, args)
     preflight(config)
-    out = Path(args.out)
-    if out.exists() and any(out.iterdir()) and not args.overwrite:
-        raise LayerquantError(f"output folder {out} exists and is not empty", "pass --overwrite or choose another --out")
+    out = Path(config.out)
     from layerquant.flows.quantize import quantize_flow
 
     report = quantize_flow(config.model_dump())
+    if report.get("status") == "cancelled":
+        raise_cancelled()
     summary = {k: report[k] for k in ("run_id", "ppl_fp", "ppl_quant", "avg_bits", "wall_s", "peak_rss_mb")}
     if report["vllm_unservable"]:
         log.warning("%d layers cannot be served by vLLM (2/3-bit or PB-LLM), e.g. %s", len(report["vllm_unservable"]),
@@ -156,7 +180,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from layerquant.tasks.context import RunContext
     from layerquant.tasks.validation import eval_windows, model_perplexity
 
-    config = RunConfig.from_sources(None, model=args.model, eval=args.text, eval_windows=args.windows, eval_seqlen=args.seqlen, store=args.store)
+    from layerquant.infra.paths import check_store_location
+
+    check_store_location(args.store)
+    config = RunConfig.from_sources(None, model=args.model, eval=args.text, eval_windows=args.windows, eval_seqlen=args.seqlen, store=args.store,
+                                    text_encoding=args.text_encoding)
     ctx = RunContext.open(config.model_dump())
     result = model_perplexity(ctx, eval_windows(ctx), None)
     print(json.dumps({"model": args.model, "text": args.text, **result, "windows": args.windows, "seqlen": args.seqlen}))
@@ -164,15 +192,24 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_retry(args: argparse.Namespace) -> int:
+    from layerquant.config import RunConfig
     from layerquant.flows.retry import load_run_config, retry_flow
+    from layerquant.infra.paths import check_store_location
 
+    check_store_location(args.store)
     args.store = absolute_location(args.store)
     manifest = load_run_config(args.store, args.run)
     n_blocks = manifest.get("n_blocks", 0)
     for block in args.block or []:
         if not 0 <= block < n_blocks:
             raise LayerquantError(f"block {block} does not exist in run {args.run}", f"choose a block in 0..{n_blocks - 1}")
-    report = retry_flow(args.run, args.store, args.block, args.out)
+    config = RunConfig(**{**manifest["config"], "store": args.store})
+    out = absolute_location(args.out) or config.out
+    # the earlier run's output folder is not replaced behind the user's back either
+    check_output(config, out, args)
+    report = retry_flow(args.run, args.store, args.block, out)
+    if report.get("status") == "cancelled":
+        raise_cancelled()
     print(json.dumps({k: report[k] for k in ("run_id", "ppl_fp", "ppl_quant", "avg_bits", "blocks_cached", "wall_s")}, indent=2))
     return 0
 
@@ -204,9 +241,15 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def cmd_pack(args: argparse.Namespace) -> int:
-    from layerquant.flows.retry import pack_flow
+    from layerquant.config import RunConfig
+    from layerquant.flows.retry import load_run_config, pack_flow
+    from layerquant.infra.paths import check_store_location
 
-    out = pack_flow(args.run, absolute_location(args.store), args.format, absolute_location(args.out))
+    check_store_location(args.store)
+    store = absolute_location(args.store)
+    manifest = load_run_config(store, args.run)
+    check_output(RunConfig(**{**manifest["config"], "store": store}), args.out, args)
+    out = pack_flow(args.run, store, args.format, absolute_location(args.out))
     print(json.dumps({"run_id": args.run, "format": args.format, "out": out}))
     return 0
 
@@ -214,10 +257,28 @@ def cmd_pack(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from layerquant.flows.quantize import quantize_flow
 
+    from layerquant.infra.paths import check_folder_path, check_store_location
+
+    check_store_location(args.store)
+    check_folder_path(args.out, "--out")
     config = config_from_args(args)
     preflight(config)
     quantize_flow.serve(name=args.name, cron=args.cron, parameters={"config": config.model_dump()})
     return 0
+
+
+def add_overwrite_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an existing output folder of an earlier layerquant run (one with report.json)")
+    parser.add_argument("--force", action="store_true",
+                        help="with --overwrite: replace the folder even if it holds files layerquant did not write")
+
+
+def raise_cancelled() -> None:
+    from layerquant.cancellation import raise_if_cancelled
+
+    raise_if_cancelled()
+    raise LayerquantError("the run was cancelled", "re-run the same command to resume")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -228,7 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
     quantize = sub.add_parser("quantize", help="quantize a model and report its perplexity")
     add_run_arguments(quantize)
     quantize.add_argument("--out", required=True, help="output model folder (written only if the run succeeds)")
-    quantize.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    add_overwrite_arguments(quantize)
     quantize.set_defaults(func=cmd_quantize)
 
     retry = sub.add_parser("retry", help="re-run failed or chosen blocks of a run, and what depends on them")
@@ -236,6 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
     retry.add_argument("--block", type=int, action="append", help="force this block (repeatable); default: only failed ones")
     retry.add_argument("--store", default=run_default("store"))
     retry.add_argument("--out", help="output folder (default: the run's own)")
+    add_overwrite_arguments(retry)
     retry.set_defaults(func=cmd_retry)
 
     plan = sub.add_parser("plan", help="re-solve a run's bit plan for a new budget from its stored scores")
@@ -249,6 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
     pack.add_argument("--format", required=True, choices=["compressed-tensors", "gptq"])
     pack.add_argument("--store", default=run_default("store"))
     pack.add_argument("--out", required=True)
+    add_overwrite_arguments(pack)
     pack.set_defaults(func=cmd_pack)
 
     serve = sub.add_parser("serve", help="serve the quantize flow as a scheduled Prefect deployment (needs PREFECT_API_URL)")
@@ -264,6 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--windows", type=int, default=run_default("eval_windows"))
     evaluate.add_argument("--seqlen", type=int, default=run_default("eval_seqlen"))
     evaluate.add_argument("--store", default=run_default("store"))
+    evaluate.add_argument("--text-encoding", help="encoding of a .txt text (default utf-8; e.g. latin-1)")
     evaluate.set_defaults(func=cmd_eval)
     return parser
 
@@ -299,14 +363,45 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     # one line per HTTP call to the local Prefect API drowns the figures a person wants to see
     logging.getLogger("httpx").setLevel(logging.WARNING)
+    previous_handlers = {}
+    if args.command in ("quantize", "retry", "pack"):
+        from layerquant.flows import interrupts
+
+        previous_handlers = interrupts.install_handlers()
+        interrupts.shield_ephemeral_server()
+        interrupts.keep_sigterm_for_cancellation()
+    try:
+        return run_command(args)
+    finally:
+        if args.command in ("quantize", "retry", "pack"):
+            interrupts.restore_handlers(previous_handlers)
+            interrupts.give_sigterm_back_to_prefect()
+
+
+def run_command(args: argparse.Namespace) -> int:
+    from layerquant.errors import Cancelled
+
     try:
         return args.func(args)
+    except Cancelled as exc:
+        print(f"interrupted ({signal_name(exc.signum)}): finished blocks are kept in the store; re-run the same command to resume",
+              file=sys.stderr)
+        return exc.exit_code
     except LayerquantError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("interrupted: finished blocks are kept in the store; re-run the same command to resume", file=sys.stderr)
         return 130
+
+
+def signal_name(signum: int) -> str:
+    import signal
+
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"
 
 
 if __name__ == "__main__":

@@ -44,6 +44,8 @@ class RunConfig(BaseModel):
     model: str = Field(default_factory=default_model)
     calib: str = Field(default_factory=default_calib)
     eval: str = Field(default_factory=default_eval)
+    # how .txt texts are decoded; invalid bytes are an error (naming the offset), never replaced
+    text_encoding: str = "utf-8"
     nsamples: int = Field(128, ge=1, le=100_000)
     seqlen: int = Field(256, ge=2, le=131_072)
     calib_selection: Literal["first", "random"] = "random"
@@ -103,6 +105,16 @@ class RunConfig(BaseModel):
             raise ValueError(f"bits={value} is not supported: use one of {', '.join(map(str, SUPPORTED_BITS))}")
         return value
 
+    @field_validator("text_encoding")
+    @classmethod
+    def _encoding(cls, value: str) -> str:
+        import codecs
+
+        try:
+            return codecs.lookup(value).name
+        except LookupError:
+            raise ValueError(f"text encoding {value!r} is unknown: use e.g. utf-8 or latin-1") from None
+
     @field_validator("group_size")
     @classmethod
     def _group(cls, value: int) -> int:
@@ -145,6 +157,8 @@ class RunConfig(BaseModel):
         # out in both cases, untuned and residual-space runs keep the ids they always had
         if identity["tuning_space"] == "residual" or not self.block_tuning().enabled:
             del identity["tuning_space"]
+        if identity["text_encoding"] == "utf-8":  # the default keeps the ids runs had before the setting
+            del identity["text_encoding"]
         return identity
 
     def run_id(self) -> str:

@@ -88,3 +88,21 @@ class QualityGateFailed(LayerquantError):
             "raise --bits or --budget, switch on --refine-steps / --norm-tweak-steps, or relax max_ppl_increase "
             "(finished blocks stay in the store, so a re-run only redoes what changed)",
         )
+
+
+class InvalidPath(LayerquantError):
+    """A path given on the command line cannot be used as asked (a file where a folder is
+    needed, a folder under a regular file, ...)."""
+
+
+class UnsafeOutput(LayerquantError):
+    """Writing the output folder would delete something the run did not create."""
+
+
+class Cancelled(LayerquantError):
+    """The run was stopped by SIGINT / SIGTERM; finished work stays in the store."""
+
+    def __init__(self, signum: int = 2):
+        self.signum = signum
+        self.exit_code = 128 + signum
+        super().__init__("interrupted: finished blocks are kept in the store", "re-run the same command to resume")

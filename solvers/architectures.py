@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from layerquant.cancellation import raise_if_cancelled
 # the family table is core data (the checkpoint reader needs it too); re-exported so solvers and
 # tasks keep reading everything about a family from this module
 from layerquant.architectures import (  # noqa: F401
@@ -94,6 +95,7 @@ def run_block(block: nn.Module, context: BlockContext, index: int, hidden: torch
     kwargs = context.block_kwargs(index)
     outputs = []
     for start in range(0, hidden.shape[0], batch_size):
+        raise_if_cancelled()  # Ctrl-C of a CLI run: stop between batches
         out = block(hidden[start : start + batch_size], **kwargs)
         outputs.append(out[0] if isinstance(out, tuple) else out)
     return torch.cat(outputs)

@@ -14,6 +14,7 @@ from layerquant.specs import QuantSpec
 from layerquant.tuning import BlockTuning  # re-exported: callers built it from here
 from layerquant.solvers.gptq import quantize_weight, relative_weighted_error
 from layerquant.solvers.hessian import accumulate_hessian
+from layerquant.cancellation import raise_if_cancelled
 from layerquant.solvers.staged import staged_quantize
 
 BlockForward = Callable[[nn.Module, torch.Tensor], torch.Tensor]
@@ -76,6 +77,7 @@ def collect_hessians(
     outputs = []
     try:
         for start in range(0, inputs.shape[0], batch_size):
+            raise_if_cancelled()  # Ctrl-C of a CLI run: stop between batches, not after the block
             waiting.update(layer_names)
             try:
                 outputs.append(forward(block, inputs[start : start + batch_size]))
@@ -96,6 +98,7 @@ def quantize_group_in_place(block: nn.Module, names: Sequence[str], hessian: tor
     weight by its dequantized value; returns what happened to each."""
     outcomes = []
     for name in names:
+        raise_if_cancelled()  # Ctrl-C of a CLI run: stop between layers, not after the block
         start = time.perf_counter()
         linear = block.get_submodule(name)
         weight = linear.weight.detach().float()

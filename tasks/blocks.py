@@ -8,6 +8,7 @@ from prefect.cache_policies import NO_CACHE
 
 from layerquant.config import CODE_VERSION
 from layerquant.infra.checkpoint import tensors_fingerprint
+from layerquant.cancellation import raise_if_cancelled
 from layerquant.infra.store import artifact_key
 from layerquant.solvers.architectures import family_norm
 from layerquant.solvers.reconstruct import reconstruct_block
@@ -30,6 +31,7 @@ def block_key(inputs_sha: str, weights_fp: str, specs: dict[str, dict], damp_per
       retry_condition_fn=retry_transient)
 def quantize_block(config: dict, index: int, inputs: dict, specs: dict[str, dict], force: bool = False) -> dict:
     """Returns {"block": ref, "outputs": ref}; both reused if already in the store, unless `force`."""
+    raise_if_cancelled()
     logger = get_run_logger()
     ctx = RunContext.open(config)
     reader = ctx.reader

@@ -7,6 +7,7 @@ from typing import Any
 from layerquant.config import RunConfig
 from layerquant.errors import ArtifactCorrupt, ArtifactMissing, LayerquantError
 from layerquant.infra.checkpoint import CheckpointReader
+from layerquant.kernels.formats import dequantize_packed
 from layerquant.infra.store import ArtifactStore, open_store
 from layerquant.specs import ArtifactRef
 
@@ -20,7 +21,7 @@ class RunContext:
     @classmethod
     def open(cls, config: dict[str, Any]) -> "RunContext":
         run_config = RunConfig(**config)
-        return cls(run_config, open_store(run_config.store), CheckpointReader(run_config.model))
+        return cls(run_config, open_store(run_config.store), CheckpointReader(run_config.model, unpack_layers=dequantize_packed))
 
     def layer_name(self, index: int, name: str) -> str:
         return self.reader.block_prefix(index) + name
@@ -45,13 +46,27 @@ def cached(store: ArtifactStore, stage: str, key: str, logger=None) -> ArtifactR
     return ref
 
 
+# OSErrors that say something about the request, not the weather: retrying cannot help
+_DETERMINISTIC_OS_ERRORS = (FileNotFoundError, FileExistsError, PermissionError, NotADirectoryError, IsADirectoryError)
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether retrying the operation that raised `exc` may succeed: a typed error says so
+    itself (a store outage does, a bad spec or model does not); I/O errors (connections,
+    timeouts, a flaky disk) do, except those about the path itself; anything else is a bug or
+    bad input that fails the same way every time."""
+    if isinstance(exc, LayerquantError):
+        return exc.transient
+    if isinstance(exc, _DETERMINISTIC_OS_ERRORS):
+        return False
+    return isinstance(exc, (OSError, ConnectionError, TimeoutError))
+
+
 def retry_transient(task, task_run, state) -> bool:
-    """Prefect retry condition: retry I/O and unexpected failures, not the user's own errors
-    (a bad spec or model fails the same way every time; a store outage does not)."""
+    """Prefect retry condition: retry transient failures only (see `is_transient`); a
+    deterministic bug is not recomputed three times."""
     try:
         state.result()
-    except LayerquantError as exc:
-        return exc.transient
-    except Exception:  # noqa: BLE001 - anything unforeseen (network, OS) earns a retry
-        return True
-    return True
+    except Exception as exc:  # noqa: BLE001 - classified, not swallowed: the state keeps it
+        return is_transient(exc)
+    return False

@@ -11,9 +11,11 @@ from prefect.cache_policies import NO_CACHE
 from pydantic import ValidationError
 
 from layerquant.config import CODE_VERSION, RunConfig
+from layerquant.errors import InfeasibleBudget, InvalidSpec
 from layerquant.infra.checkpoint import CheckpointReader, tensors_fingerprint
+from layerquant.cancellation import raise_if_cancelled
 from layerquant.infra.store import ArtifactStore, artifact_key
-from layerquant.solvers.allocation import Allocation, LayerOptions, allocate_bits
+from layerquant.solvers.allocation import Allocation, LayerOptions, _allowed, allocate_bits
 from layerquant.solvers.granularity import granularity_filter
 from layerquant.solvers.reconstruct import float_block_hessians
 from layerquant.solvers.sensitivity import score_block_sensitivity
@@ -30,6 +32,7 @@ SCORES_STAGE = "scores"
 def score_block(config: dict, index: int, inputs: dict) -> dict:
     """Float-block Hessians (stored), float outputs (the next block's scoring inputs), and the
     score of every layer under every candidate."""
+    raise_if_cancelled()
     logger = get_run_logger()
     ctx = RunContext.open(config)
     reader = ctx.reader
@@ -61,6 +64,53 @@ def score_block(config: dict, index: int, inputs: dict) -> dict:
     scores_ref = ctx.store.put_json(SCORES_STAGE, scores_key, {"index": index, "layers": layers}, {"index": index})
     logger.info("block %02d: %d layers x %d candidates scored", index, len(layers), len(candidates))
     return {"scores": scores_ref.to_dict(), "outputs": outputs_ref.to_dict(), "hessian": hessian_ref.to_dict()}
+
+
+def linear_layer_shapes(reader) -> dict[str, tuple[int, int]]:
+    """Full name -> [out, in] of every quantized linear layer, from the checkpoint headers alone."""
+    shapes = {}
+    for index in range(reader.n_blocks):
+        for name in reader.arch.linear_names:
+            full = reader.block_prefix(index) + name
+            if reader.has(full + ".weight"):
+                shape = reader.headers[reader.weight_map[full + ".weight"]][full + ".weight"]["shape"]
+                shapes[full] = (int(shape[0]), int(shape[1]))
+    return shapes
+
+
+def budget_range(config: RunConfig, reader) -> tuple[float, float]:
+    """The smallest and largest average bits/weight any plan over the candidates can reach
+    (floors and servable constraints applied): from the candidate sizes and the layer shapes,
+    before any data is read."""
+    candidates = tuple(config.candidate_specs())
+    low = high = weights = 0
+    for name, shape in linear_layer_shapes(reader).items():
+        layer = LayerOptions(name, shape, candidates, tuple(0.0 for _ in candidates))
+        costs = [candidates[i].storage_bits(*shape) for i in _allowed(layer, config.floors, config.servable)]
+        low, high, weights = low + min(costs), high + max(costs), weights + layer.n_weights
+    return low / max(weights, 1), high / max(weights, 1)
+
+
+def check_budget(config: RunConfig, reader) -> None:
+    """Refuse a budget no plan can meet, or one above what the largest plan takes, in a second."""
+    smallest, largest = budget_range(config, reader)
+    if config.budget < smallest - 1e-9:
+        raise InfeasibleBudget(config.budget, smallest)
+    if config.budget > largest + 1e-9:
+        raise InvalidSpec(f"budget {config.budget:g} bits/weight is above the largest candidate plan ({largest:.4f} bits/weight)",
+                          f"every layer fits at its largest candidate: give a budget of at most {largest:.4f}, or drop --budget")
+
+
+def check_overrides(config: RunConfig, reader) -> None:
+    """Every recipe override names a quantized layer of the model (a typo would silently do nothing)."""
+    import difflib
+
+    names = [reader.block_prefix(i) + name for i in range(reader.n_blocks) for name in reader.arch.linear_names]
+    for layer in config.overrides:
+        if layer not in names:
+            close = difflib.get_close_matches(layer, names, n=3, cutoff=0.6)
+            raise InvalidSpec(f"override names the layer {layer!r}, which the model does not have",
+                              f"did you mean {', '.join(close)}?" if close else f"layer names look like {names[0]}")
 
 
 def granularity_restrict(reader, candidates: list[QuantSpec], tie_groups: list[list[str]]) -> dict[str, list[int]]:

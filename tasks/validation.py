@@ -6,6 +6,7 @@ from prefect.cache_policies import NO_CACHE
 
 from layerquant.config import CODE_VERSION
 from layerquant.infra.store import artifact_key, sha256_bytes
+from layerquant.cancellation import raise_if_cancelled
 from layerquant.infra.texts import load_tokenizer, read_text, tokenize
 from layerquant.solvers import architectures as arch_ops
 from layerquant.solvers.evaluation import stream_perplexity
@@ -19,7 +20,7 @@ STAGE = "eval"
 def eval_windows(ctx: RunContext):
     cfg = ctx.config
     tokenizer = load_tokenizer(cfg.model)
-    tokens = tokenize(tokenizer, read_text(cfg.eval))
+    tokens = tokenize(tokenizer, read_text(cfg.eval, cfg.text_encoding))
     return make_windows(tokens, cfg.eval_windows, cfg.eval_seqlen, tokenizer.bos_token_id, "first", purpose="evaluation")
 
 
@@ -30,6 +31,7 @@ def model_perplexity(ctx: RunContext, windows, block_refs: list[dict] | None, ba
 
     def blocks():
         for index in range(reader.n_blocks):
+            raise_if_cancelled()
             weights = reader.block_weights(index)
             if block_refs is not None:
                 ref = ref_of(block_refs[index])

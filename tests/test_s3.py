@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import threading
 import time
 
@@ -27,7 +28,7 @@ def moto():
 
 @pytest.fixture
 def s3_env(moto, monkeypatch, request):
-    bucket = "lq-" + request.node.name.lower().replace("_", "-")[:40]
+    bucket = ("lq-" + re.sub(r"[^a-z0-9]+", "-", request.node.name.lower())[:56]).rstrip("-")
     monkeypatch.setenv("AWS_ENDPOINT_URL", moto.endpoint)
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET)
@@ -136,3 +137,31 @@ def test_missing_credentials_fail_at_once_with_what_to_set(s3_env, monkeypatch, 
         S3Store(s3_env).write_bytes("x", b"1")
     # at once: a configuration error is not retried (no "retrying in" warning, no backoff sleep)
     assert "retrying" not in caplog.text and not isinstance(info.value, StoreUnavailable)
+
+
+@pytest.mark.parametrize("size", [10, 6 << 20])  # one PUT, and a multipart upload (S3UploadFailedError)
+def test_missing_bucket_fails_at_once_without_retries(s3_env, size, caplog):
+    store = S3Store("no-such-bucket-here", attempts=5, backoff_s=2.0, multipart_threshold=5 << 20)
+    with caplog.at_level(logging.WARNING), pytest.raises(StoreUnavailable, match="does not exist") as info:
+        store.write_bytes("x", b"1" * size)
+    assert not info.value.transient  # Prefect's task retries leave it alone too
+    assert "retrying" not in caplog.text
+
+
+@pytest.mark.parametrize("code", ["AccessDenied", "SignatureDoesNotMatch", "InvalidAccessKeyId", "NoSuchBucket"])
+def test_refusals_are_not_transient(s3_env, code):
+    from botocore.stub import Stubber
+
+    from layerquant.infra.s3_store import _is_transient
+
+    store = S3Store(s3_env, attempts=5, backoff_s=2.0)
+    with Stubber(store.client) as stub:
+        # one response only: a retry would fail with the stubber's "no more responses" instead
+        stub.add_client_error("get_object", service_error_code=code, http_status_code=403)
+        with pytest.raises(StoreUnavailable) as info:
+            store.read_bytes("x")
+    assert not info.value.transient
+    from botocore.exceptions import ClientError
+
+    assert not _is_transient(ClientError({"Error": {"Code": code}}, "PutObject"))
+    assert _is_transient(ClientError({"Error": {"Code": "SlowDown"}}, "PutObject"))

@@ -21,7 +21,9 @@ class MotoServer:
         self.port = free_port()
         self.endpoint = f"http://127.0.0.1:{self.port}"
         binary = Path(sys.executable).parent / "moto_server"
-        self.process = subprocess.Popen([str(binary), "-H", "127.0.0.1", "-p", str(self.port)],
+        # a venv that borrows another's site-packages has no moto_server script of its own
+        command = [str(binary)] if binary.exists() else [sys.executable, "-m", "moto.server"]
+        self.process = subprocess.Popen([*command, "-H", "127.0.0.1", "-p", str(self.port)],
                                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:

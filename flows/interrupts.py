@@ -1,0 +1,121 @@
+"""Ctrl-C and SIGTERM for CLI runs: a cancellation flag, checked between blocks and batches.
+
+Python's default turns SIGINT into a KeyboardInterrupt wherever the main thread happens to be,
+and the terminal sends it to the whole process group, Prefect's temporary API server included:
+the server died, the block kept computing, then every Prefect call failed with connection
+errors for minutes. The CLI instead (1) starts the temporary server in its own session, out of
+reach of the group's signals (it is still stopped when the CLI exits), and (2) turns the first
+SIGINT/SIGTERM into a flag that the flow and its tasks check at every block and batch; the run
+then stops with `Cancelled`, its manifest says "cancelled", and a re-run resumes from the store.
+A second signal interrupts at once.
+"""
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import signal
+import subprocess
+import threading
+import types
+
+# the flag lives in core, where solver loops can check it; re-exported for the CLI and tests
+from layerquant.cancellation import cancel_requested, raise_if_cancelled, request_cancel, reset  # noqa: F401
+
+
+def _quiet_prefect_console() -> None:
+    """The run is being stopped on purpose: Prefect's own failure logs (with tracebacks) on the
+    console would bury the one line the CLI prints."""
+    loggers = [logging.getLogger(), *(logging.getLogger(name) for name in ("prefect", "prefect.flow_runs", "prefect.task_runs"))]
+    for logger in loggers:
+        for handler in logger.handlers:
+            if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
+                handler.addFilter(_not_prefect)
+
+
+def _not_prefect(record: logging.LogRecord) -> bool:
+    return not record.name.startswith("prefect")
+
+
+def _handler(signum, frame) -> None:  # noqa: ARG001 - signal handler signature
+    if cancel_requested():
+        raise KeyboardInterrupt  # a second signal: stop now, wherever we are
+    request_cancel(signum)
+    _quiet_prefect_console()
+
+
+def install_handlers() -> dict[int, object]:
+    """First SIGINT / SIGTERM sets the cancellation flag (main thread only, as Python requires).
+    Returns the previous handlers, for `restore_handlers`."""
+    previous: dict[int, object] = {}
+    if threading.current_thread() is threading.main_thread():
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            previous[signum] = signal.signal(signum, _handler)
+    return previous
+
+
+def restore_handlers(previous: dict[int, object]) -> None:
+    """Back to the handlers before `install_handlers` (main() called in-process, e.g. by tests)."""
+    for signum, handler in previous.items():
+        signal.signal(signum, handler)
+    reset()
+
+
+def _parent_death_signal() -> None:
+    """In the server's child, before exec: its own session, and SIGTERM when the CLI dies."""
+    os.setsid()
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def shield_ephemeral_server() -> None:
+    """Start Prefect's temporary API server in a session of its own, so the terminal's Ctrl-C
+    (sent to the whole process group) does not kill it under the running flow. Prefect stops it
+    at exit as before; should the CLI be killed outright, the kernel sends it SIGTERM."""
+    from prefect.server.api import server
+
+    if isinstance(server.subprocess, types.SimpleNamespace):
+        return
+    shim = types.SimpleNamespace(**vars(subprocess))
+
+    def popen(*args, **kwargs):
+        if threading.current_thread() is threading.main_thread():
+            # the death signal follows the thread that forked: only the main thread lives as long as we do
+            kwargs.setdefault("preexec_fn", _parent_death_signal)
+        else:
+            kwargs.setdefault("start_new_session", True)
+        return subprocess.Popen(*args, **kwargs)
+
+    shim.Popen = popen
+    server.subprocess = shim
+
+
+_prefect_capture_sigterm: list = []
+
+
+def keep_sigterm_for_cancellation() -> None:
+    """Prefect's flow engine swaps in its own SIGTERM handler for every flow run: a bridge for
+    a runner's cancellations (a CLI run has no runner) that raises wherever the code happens to
+    be, ending the run Crashed with a traceback. CLI runs keep ours: SIGTERM stops like Ctrl-C."""
+    import contextlib
+
+    from prefect import flow_engine
+
+    if _prefect_capture_sigterm:
+        return
+
+    @contextlib.contextmanager
+    def keep_ours():
+        yield
+
+    _prefect_capture_sigterm.append(flow_engine.capture_sigterm)
+    flow_engine.capture_sigterm = keep_ours
+
+
+def give_sigterm_back_to_prefect() -> None:
+    from prefect import flow_engine
+
+    if _prefect_capture_sigterm:
+        flow_engine.capture_sigterm = _prefect_capture_sigterm.pop()
