@@ -6,6 +6,7 @@ import resource
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
+from layerquant.block_artifact import BlockArtifact, LayerRecord
 from layerquant.config import CODE_VERSION
 from layerquant.infra.checkpoint import tensors_fingerprint
 from layerquant.infra.store import artifact_key
@@ -41,9 +42,7 @@ def quantize_block(config: dict, index: int, inputs: dict, specs: dict[str, dict
     tuning_identity = tuning.identity()
     next_norm_weight = None
     if tuning.enabled and tuning.space == "next_norm":
-        # the norm that reads this block's output: the next block's input norm, or the final one
-        next_name = (reader.block_prefix(index + 1) + reader.arch.input_norm + ".weight" if index + 1 < reader.n_blocks
-                     else reader.arch.final_norm_name)
+        next_name = reader.arch.norm_reading_block_output(index, reader.n_blocks)
         next_norm_weight = reader.tensor(next_name).float()
         tuning_identity["next_norm"] = tensors_fingerprint([(next_name, next_norm_weight)])
     key = block_key(inputs_ref.sha256, weights_fp, specs, ctx.config.damp_percent, tuning_identity)
@@ -61,16 +60,12 @@ def quantize_block(config: dict, index: int, inputs: dict, specs: dict[str, dict
         damp_percent=ctx.config.damp_percent, layer_prefix=reader.block_prefix(index), tuning=tuning,
         next_norm=None if next_norm_weight is None else family_norm(reader.arch, reader.config, next_norm_weight),
     )
-    tensors = {f"{o.name}.{part}": value for o in result.outcomes for part, value in o.tensors.items()}
-    tensors |= {f"override.{param}": value for param, value in result.overrides.items()}
-    layers = []
-    for o in result.outcomes:
-        out_features, in_features = o.shape
-        layers.append({
-            "name": o.name, "spec": o.spec.to_dict(), "shape": [out_features, in_features], "error": o.error, "damp": o.damp_used,
-            "seconds": round(o.seconds, 3), "n_weights": out_features * in_features,
-            "storage_bits": o.spec.storage_bits(out_features, in_features),
-        })
+    artifact = BlockArtifact(
+        [LayerRecord.measured(o.name, o.spec, o.shape, o.error, o.damp_used, o.seconds) for o in result.outcomes],
+        {o.name: o.tensors for o in result.outcomes},
+        result.overrides,
+    )
+    tensors, layers = artifact.encode()
     meta = {"index": index, "weights_fp": weights_fp, "layers": layers, "output_error": result.output_error,
             "tuning": result.tuning, "seconds": round(result.seconds, 3), "stage": BLOCK_STAGE}
     # outputs first: a block artifact is only trusted once the inputs of the next block exist
