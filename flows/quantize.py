@@ -13,35 +13,20 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from layerquant.config import RunConfig
-from layerquant.errors import Cancelled, InfeasibleBudget, InvalidSpec, QualityGateFailed
-from layerquant.infra.checkpoint import CheckpointReader
+from layerquant.errors import Cancelled, QualityGateFailed
 from layerquant.cancellation import raise_if_cancelled
-from layerquant.tasks.progress import BlockProgress
+from layerquant.infra.checkpoint import CheckpointReader
 from layerquant.infra.store import open_store
+from layerquant.tasks.progress import BlockProgress
 from layerquant.report import build_report
-from layerquant.specs import ArtifactRef, QuantSpec
+from layerquant.specs import ArtifactRef
 from layerquant.tasks.blocks import quantize_block
 from layerquant.tasks.calibration import capture_calibration
 from layerquant.tasks.export import export_dequantized
 from layerquant.tasks.manifest import record_manifest
 from layerquant.tasks.pack import pack_model
-from layerquant.tasks.planning import check_budget, check_overrides, higgs_coefficient, plan_bits, predicted_perplexity, score_block
-from layerquant.tasks.spec_choice import auto_group_sizes, more_generous
+from layerquant.tasks.planning import block_specs, check_settings, fit_higgs, plan_bits, replan_for_gate, score_block
 from layerquant.tasks.validation import evaluate
-
-
-def block_specs(config: RunConfig, reader: CheckpointReader, index: int, plan: dict[str, dict] | None) -> dict[str, dict]:
-    """The block's layer specs: from the bit plan when there is one, else the config's (group
-    sizes chosen per matrix under granularity "auto", unless an override sets one)."""
-    prefix = reader.block_prefix(index)
-    if plan is not None:
-        return {name: plan[prefix + name] for name in reader.arch.linear_names}
-    specs = {name: config.spec_for(prefix + name) for name in reader.arch.linear_names}
-    if config.granularity == "auto":
-        # data-free: the weights alone decide, so this needs no calibration pass
-        chosen = auto_group_sizes(reader.block_weights(index), specs)
-        specs = {name: spec if "group_size" in config.overrides.get(prefix + name, {}) else chosen[name] for name, spec in specs.items()}
-    return {name: spec.to_dict() for name, spec in specs.items()}
 
 
 def run_name() -> str:
@@ -64,20 +49,17 @@ def quantize_flow(config: dict[str, Any], force_blocks: list[int] | None = None)
     n_blocks = reader.n_blocks
     run_id = run_config.run_id()
     logger.info("run %s: %d blocks of %s, store %s", run_id, n_blocks, reader.arch.model_type, open_store(run_config.store).describe())
-    # bad settings fail here, before calibration, from the checkpoint headers alone
-    check_overrides(run_config, reader)
-    if run_config.budget is not None:
-        check_budget(run_config, reader)
-    record_manifest(run_config.store, run_id, "running", {"config": config, "n_blocks": n_blocks})
+    check_settings(config)
+    record_manifest(run_config.store, run_id, "running", run_manifest(config, n_blocks))
     progress = BlockProgress(run_id, n_blocks)
-    state: dict[str, Any] = {}  # what is finished so far (scores, blocks): kept by a failed run's manifest
+    state: dict[str, Any] = {}  # block results and scores finished so far: a failed run's manifest keeps them
 
     try:
         report = _run_stages(config, run_config, reader, run_id, progress, force_blocks, started, state)
     except Exception as exc:
         # the manifest says what failed; finished blocks (and scores) stay in the store for the retry
         status = "cancelled" if isinstance(exc, Cancelled) else "failed"
-        failure = {"config": config, "n_blocks": n_blocks, "error": f"{type(exc).__name__}: {exc}", **state}
+        failure = run_manifest(config, n_blocks, state.get("blocks"), state.get("scored"), error=f"{type(exc).__name__}: {exc}")
         if getattr(exc, "report", None) is not None:
             failure["report"] = exc.report
         record_manifest(run_config.store, run_id, status, failure)
@@ -85,6 +67,17 @@ def quantize_flow(config: dict[str, Any], force_blocks: list[int] | None = None)
     finally:
         progress.close()
     return report
+
+
+def run_manifest(config: dict, n_blocks: int, blocks: list[dict] | None = None, scored: list[dict] | None = None,
+                 **extra: Any) -> dict[str, Any]:
+    """The body of the run's manifest: config and size, then what has finished so far."""
+    manifest: dict[str, Any] = {"config": config, "n_blocks": n_blocks}
+    if blocks is not None:
+        manifest["blocks"] = [b["block"] for b in blocks]
+    if scored is not None:
+        manifest["scores"] = [s["scores"] for s in scored]
+    return manifest | extra
 
 
 def _run_stages(config, run_config, reader, run_id, progress, force_blocks, started, state) -> dict[str, Any]:
@@ -101,28 +94,27 @@ def _run_stages(config, run_config, reader, run_id, progress, force_blocks, star
             scored.append(score_block(config, index, inputs))
             inputs = scored[-1]["outputs"]
         # recorded before planning: `layerquant plan` can re-solve from them whatever happens next
-        state["scores"] = [s["scores"] for s in scored]
-        record_manifest(run_config.store, run_id, "running", {"config": config, "n_blocks": n_blocks, "scores": state["scores"]})
-        plan = plan_bits(config, state["scores"], run_config.budget)
+        state["scored"] = scored
+        record_manifest(run_config.store, run_id, "running", run_manifest(config, n_blocks, scored=scored))
+        plan = plan_bits(config, [s["scores"] for s in scored], run_config.budget)
     inputs = calibration
     blocks: list[dict] = []
     gate_events: list[dict] = []
     used_specs: dict[str, dict] = {}  # full layer name -> the spec its finished block used
     for index in range(n_blocks):
         raise_if_cancelled()
-        specs = block_specs(run_config, reader, index, plan["plan"] if plan else None)
+        specs = block_specs(config, index, plan["plan"] if plan else None)
         result = quantize_block(config, index, inputs, specs, force=index >= first_forced)
         if run_config.gate_output_error is not None:
-            result, specs, plan, events = enforce_output_gate(config, run_config, reader, index, inputs, specs, result, plan,
+            result, specs, plan, events = enforce_output_gate(config, run_config.gate_output_error, index, inputs, specs, result, plan,
                                                               [s["scores"] for s in scored], used_specs)
             gate_events += events
         used_specs |= {reader.block_prefix(index) + name: spec for name, spec in specs.items()}
         blocks.append(result)
         inputs = result["outputs"]
         progress.advance(f"block {index:02d}{' (cached)' if result['cached'] else ''}")
-        state["blocks"] = [b["block"] for b in blocks]
-        record_manifest(run_config.store, run_id, "running", {"config": config, "n_blocks": n_blocks, "blocks": [b["block"] for b in blocks],
-                                                              "scores": [s["scores"] for s in scored]})
+        state["blocks"] = blocks
+        record_manifest(run_config.store, run_id, "running", run_manifest(config, n_blocks, blocks, scored))
 
     raise_if_cancelled()
     ppl_fp = evaluate(config, "float", blocks)
@@ -130,9 +122,7 @@ def _run_stages(config, run_config, reader, run_id, progress, force_blocks, star
     ppl_quant = evaluate(config, "quant", blocks)
     raise_if_cancelled()
     if plan is not None:
-        # fitted on this store's earlier finished runs of the same setting (not on this one)
-        calibration = higgs_coefficient(open_store(run_config.store), run_config)
-        plan = plan | {"higgs": calibration, "predicted_ppl": predicted_perplexity(ppl_fp["ppl"], plan["predicted_loss"], calibration)}
+        plan = plan | fit_higgs(config, ppl_fp["ppl"], plan["predicted_loss"])
     metas = [ArtifactRef.from_dict(b["block"]).meta for b in blocks]
     report = build_report(
         metas,
@@ -162,8 +152,7 @@ def _run_stages(config, run_config, reader, run_id, progress, force_blocks, star
     elif run_config.out:
         pack_model(config, blocks, report, run_config.pack_format, run_config.out)
     publish_summary(run_id, report)
-    record_manifest(run_config.store, run_id, "completed", {"config": config, "n_blocks": n_blocks, "blocks": [b["block"] for b in blocks],
-                                                            "scores": [s["scores"] for s in scored], "report": report})
+    record_manifest(run_config.store, run_id, "completed", run_manifest(config, n_blocks, blocks, scored, report=report))
     return report
 
 
@@ -171,46 +160,23 @@ def block_output_error(result: dict) -> float:
     return ArtifactRef.from_dict(result["block"]).meta["output_error"]
 
 
-def enforce_output_gate(config, run_config, reader, index, inputs, specs, result, plan, score_refs, used_specs):
-    """Redo block `index` with finer grids while its output error exceeds the gate.
-
-    Without a plan each layer moves to its cheapest finer candidate. With a plan the integer
-    program is solved again: finished blocks keep their specs, this block's layers may only
-    take finer candidates, and the later blocks pay for it within the same budget; when the
-    budget leaves no room the block is kept and the report says so.
-    Returns (block result, its specs, the plan now in force, what happened).
-    """
+def enforce_output_gate(config, threshold, index, inputs, specs, result, plan, score_refs, used_specs):
+    """Redo block `index` with finer specs (chosen by the gate task) while its output error
+    exceeds `threshold`. Returns (block result, its specs, the plan now in force, what happened)."""
     logger = get_run_logger()
-    threshold = run_config.gate_output_error
-    candidates = run_config.candidate_specs()
-    prefix = reader.block_prefix(index)
-    shapes = {layer["name"]: tuple(layer["shape"]) for layer in ArtifactRef.from_dict(result["block"]).meta["layers"]}
     events = []
     while (error := block_output_error(result)) > threshold:
-        finer = {name: more_generous(QuantSpec.from_dict(spec), candidates, shapes[name]) for name, spec in specs.items()}
         event = {"block": index, "output_error": error, "threshold": threshold}
-        if not any(finer.values()):
-            events.append(event | {"action": "kept", "why": "no finer candidate"})
+        step = replan_for_gate(config, index, result["block"], specs, plan, score_refs, used_specs)
+        if step["action"] == "kept":
+            events.append(event | {"action": "kept", "why": step["why"]})
             break
-        if plan is None:
-            new_specs = {name: candidates[finer[name][0]].to_dict() if finer[name] else spec for name, spec in specs.items()}
-        else:
-            restrict = {name: [candidates.index(QuantSpec.from_dict(spec))] for name, spec in used_specs.items()}
-            restrict |= {prefix + name: options or [candidates.index(QuantSpec.from_dict(specs[name]))] for name, options in finer.items()}
-            try:
-                replanned = plan_bits(config, score_refs, run_config.budget, restrict)
-            except (InfeasibleBudget, InvalidSpec) as exc:
-                events.append(event | {"action": "kept", "why": f"the budget leaves no room ({exc.message})"})
-                logger.warning("block %02d: output error %.3e over the gate %.3e, kept: the budget leaves no room", index, error, threshold)
-                break
-            plan = replanned
-            new_specs = block_specs(run_config, reader, index, plan["plan"])
+        plan = step["plan"]
         logger.warning("block %02d: output error %.3e over the gate %.3e, redoing it with finer grids", index, error, threshold)
-        result = quantize_block(config, index, inputs, new_specs)
+        result = quantize_block(config, index, inputs, step["specs"])
         events.append(event | {"action": "redone", "output_error_after": block_output_error(result),
-                               "specs_before": {n: QuantSpec.from_dict(v).label() for n, v in specs.items()},
-                               "specs_after": {n: QuantSpec.from_dict(v).label() for n, v in new_specs.items()}})
-        specs = new_specs
+                               "specs_before": step["labels_before"], "specs_after": step["labels_after"]})
+        specs = step["specs"]
     return result, specs, plan, events
 
 

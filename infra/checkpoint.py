@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import save_file
 
 from layerquant.errors import InvalidModel
 from layerquant.architectures import Architecture, architecture_for, load_config
@@ -313,7 +314,47 @@ def write_model_streaming(
         (target_dir / INDEX_NAME).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
     config = dict(reader.config_dict)
     config.update(extra_config or {})
-    (target_dir / "config.json").write_text(json.dumps(config, indent=2))
+    write_json(target_dir / "config.json", config)
+    copy_tokenizer_files(reader.model_dir, target_dir)
+
+
+def write_json(path: Path, data: Any) -> None:
+    """A JSON file of a written model folder (config.json, report.json, ...), indented for people."""
+    path.write_text(json.dumps(data, indent=2))
+
+
+def copy_tokenizer_files(model_dir: Path, target_dir: Path) -> None:
     for fname in TOKENIZER_FILES:
-        if (reader.model_dir / fname).is_file():
-            shutil.copy2(reader.model_dir / fname, target_dir / fname)
+        if (model_dir / fname).is_file():
+            shutil.copy2(model_dir / fname, target_dir / fname)
+
+
+class ShardedCheckpointWriter:
+    """Writes a model folder whose shards arrive one at a time (named
+    model-0000i-of-0000n.safetensors in order), then its index over every tensor written, its
+    JSON files and the source model's tokenizer files. Memory holds the shard being written;
+    use inside `atomic_output_dir` for all-or-nothing."""
+
+    def __init__(self, target_dir: Path, n_shards: int):
+        self.target_dir = Path(target_dir)
+        self.n_shards = n_shards
+        self.weight_map: dict[str, str] = {}
+        self._written = 0
+
+    def write_shard(self, tensors: dict[str, torch.Tensor]) -> str:
+        if self._written == self.n_shards:
+            raise ValueError(f"all {self.n_shards} shards are written already")
+        self._written += 1
+        shard_name = f"model-{self._written:05d}-of-{self.n_shards:05d}.safetensors"
+        save_file(tensors, self.target_dir / shard_name, metadata={"format": "pt"})
+        self.weight_map.update({name: shard_name for name in tensors})
+        return shard_name
+
+    def finish(self, json_files: dict[str, Any], tokenizer_dir: Path) -> None:
+        """The index, `json_files` (file name -> content) and the tokenizer files of `tokenizer_dir`."""
+        if self._written != self.n_shards:
+            raise ValueError(f"{self._written} of {self.n_shards} shards written: the index would name missing files")
+        write_json(self.target_dir / INDEX_NAME, {"metadata": {}, "weight_map": self.weight_map})
+        for name, data in json_files.items():
+            write_json(self.target_dir / name, data)
+        copy_tokenizer_files(Path(tokenizer_dir), self.target_dir)

@@ -1,8 +1,8 @@
 """Checkpoint formats that real clients load: compressed-tensors `pack-quantized` and GPTQ (v1/v2).
 
 Pure functions: QuantizedWeight in, {tensor name: tensor} and JSON-able dicts out. Writing files
-(safetensors shards, config.json, quantize_config.json) is the exporter's job; it calls these
-block by block and builds the config once at the end from what the layer calls returned.
+(safetensors shards, config.json, quantize_config.json) is the exporter's job; it calls
+`pack_block` block by block and `checkpoint_config_files` once at the end with what they returned.
 
 compressed-tensors `pack-quantized` (checked against compressed-tensors 0.20.0's
 PackedQuantizationCompressor and the dequantize it runs; transformers loads it through that):
@@ -40,13 +40,16 @@ import logging
 import math
 import re
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
+from layerquant.block_artifact import BlockArtifact
 from layerquant.errors import InvalidSpec
 from layerquant.kernels.packing import pack_codes
 from layerquant.quantized import QuantizedWeight
+from layerquant.specs import QuantSpec
 
 log = logging.getLogger(__name__)
 
@@ -273,7 +276,7 @@ def gptq_layer_weight(name: str, tensors: Mapping[str, torch.Tensor], quant_conf
     from layerquant.kernels.packing import unpack_codes
     from layerquant.quantized import dequantize_grouped
 
-    bits, sym = int(quant_config["bits"]), bool(quant_config.get("sym", True))
+    bits = int(quant_config["bits"])
     scales = tensors["scales"].float()  # [groups, out]
     n_groups, out_f = scales.shape
     in_f = tensors["g_idx"].shape[0] if "g_idx" in tensors else tensors["qweight"].shape[0] * 32 // bits
@@ -315,3 +318,83 @@ def dequantize_packed(prefix: str, tensors: dict[str, torch.Tensor], quant_confi
         else:
             out[f"{layer}.weight"] = gptq_layer_weight(prefix + layer, parts, quant_config).float()
     return out
+
+
+# ----------------------------------------------------------------------------------------------
+# one block of a packed checkpoint, and the checkpoint's config files
+# ----------------------------------------------------------------------------------------------
+PACK_FORMATS = ("compressed-tensors", "gptq")
+# linear layers that are never quantized, named for clients that match layers by class
+CT_ALWAYS_IGNORED = ("lm_head",)
+
+
+def check_pack_format(fmt: str) -> None:
+    if fmt not in PACK_FORMATS:
+        raise InvalidSpec(f"pack format {fmt!r} is unknown", f"use one of {', '.join(PACK_FORMATS)}")
+
+
+def ships_dequantized(spec: QuantSpec) -> bool:
+    """Whether a layer goes into packed checkpoints as a float weight: no inference engine reads
+    PB-LLM, so such layers ship dequantized and are listed in the config's `ignore`."""
+    return spec.method == "pbllm"
+
+
+@dataclass
+class PackedBlock:
+    tensors: dict[str, torch.Tensor]  # the block's shard, by full tensor name
+    layer_args: dict[str, dict[str, Any]] = field(default_factory=dict)  # compressed-tensors: full layer -> weight args
+    specs: list[QuantSpec] = field(default_factory=list)  # GPTQ: the spec of every packed layer
+    float_layers: list[str] = field(default_factory=list)  # full names of layers shipped dequantized
+
+
+def pack_block(fmt: str, prefix: str, artifact: BlockArtifact, float_weights: Mapping[str, torch.Tensor],
+               dequantized: Mapping[str, torch.Tensor], scale_dtype: torch.dtype) -> PackedBlock:
+    """One decoder block as shard tensors in `fmt`.
+
+    `float_weights`: the block's original tensors (block-relative names, checkpoint dtypes);
+    `dequantized`: layer -> its float weight, for every layer `ships_dequantized` (computed by
+    the caller, which may run the solvers that decode it); `scale_dtype`: the model's dtype.
+    Quantized layers are written in the format, the rest of the block as stored, with the
+    artifact's overrides (e.g. tweaked norms) in place of the originals.
+    """
+    check_pack_format(fmt)
+    packed = PackedBlock({})
+    replaced = set()
+    for record in artifact.layers:
+        name, weight_name = prefix + record.name, f"{record.name}.weight"
+        if ships_dequantized(record.spec):
+            if record.name not in dequantized:
+                raise InvalidSpec(f"{name} ({record.spec.method}) ships dequantized but no float weight was passed",
+                                  "pass the dequantized weight of every layer ships_dequantized() selects")
+            packed.tensors[f"{name}.weight"] = dequantized[record.name].to(float_weights[weight_name].dtype)
+            packed.float_layers.append(name)
+        else:
+            qw = QuantizedWeight.from_tensors(artifact.layer_tensors(record.name), record.spec)
+            if fmt == "compressed-tensors":
+                tensors, packed.layer_args[name] = ct_layer_tensors(name, qw, scale_dtype=scale_dtype)
+            else:
+                tensors = gptq_layer_tensors(name, qw)
+                packed.specs.append(record.spec)
+            packed.tensors.update(tensors)
+        replaced.add(weight_name)
+    for weight_name, tensor in float_weights.items():
+        if weight_name not in replaced:
+            packed.tensors[prefix + weight_name] = artifact.overrides.get(weight_name, tensor).to(tensor.dtype).contiguous()
+    return packed
+
+
+def checkpoint_config_files(fmt: str, model_config: Mapping[str, Any], blocks: Sequence[PackedBlock],
+                            damp_percent: float) -> dict[str, dict[str, Any]]:
+    """File name -> JSON content: config.json (the model's config with its `quantization_config`)
+    and, for GPTQ, quantize_config.json (which GPTQ loaders read). `blocks` may have their
+    tensors dropped already; only the layer summaries are read."""
+    check_pack_format(fmt)
+    config = dict(model_config)
+    if fmt == "compressed-tensors":
+        layer_args = {name: args for block in blocks for name, args in block.layer_args.items()}
+        ignore = [*CT_ALWAYS_IGNORED, *(name for block in blocks for name in block.float_layers)]
+        config["quantization_config"] = ct_quantization_config(layer_args, ignore=ignore)
+        return {"config.json": config}
+    quantize_config = gptq_quantization_config([spec for block in blocks for spec in block.specs], damp_percent=damp_percent)
+    config["quantization_config"] = quantize_config
+    return {"config.json": config, "quantize_config.json": quantize_config}

@@ -47,6 +47,13 @@ class Architecture:
         """The family's transformers modeling module, imported only when a block is built."""
         return importlib.import_module(f"transformers.models.{self.module}.modeling_{self.module}")
 
+    def norm_reading_block_output(self, index: int, n_blocks: int) -> str:
+        """The weight name of the norm that first reads block `index`'s output: the next
+        block's input norm, or the final norm after the last block."""
+        if index + 1 < n_blocks:
+            return self.block_prefix.format(index=index + 1) + self.input_norm + ".weight"
+        return self.final_norm_name
+
 
 _QK_NORMS = ("self_attn.q_norm", "self_attn.k_norm")
 ARCHITECTURES: dict[str, Architecture] = {

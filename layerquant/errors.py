@@ -74,6 +74,10 @@ class ArtifactMissing(LayerquantError):
     """A referenced artifact is not in the store."""
 
 
+class ArtifactMalformed(LayerquantError):
+    """A stored artifact's bytes verify but its layout is not the one this code reads."""
+
+
 
 class QualityGateFailed(LayerquantError):
     """The quantized model misses the recipe's end-to-end quality bound."""

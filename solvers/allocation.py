@@ -2,10 +2,12 @@
 minimising the summed sensitivity under a size budget that counts scales and zeros."""
 from __future__ import annotations
 
+import math
 import re
 import time
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import pulp
 
@@ -49,6 +51,48 @@ def more_generous(current: QuantSpec, candidates: Sequence[QuantSpec], shape: tu
     quality gate may send a layer whose block missed its output-error bound."""
     options = [i for i, spec in enumerate(candidates) if grid_bits(spec) > grid_bits(current)]
     return sorted(options, key=lambda i: (candidates[i].storage_bits(*shape), i))
+
+
+def finer_options(specs: Mapping[str, QuantSpec], candidates: Sequence[QuantSpec],
+                  shapes: Mapping[str, tuple[int, int]]) -> dict[str, list[int]]:
+    """Layer -> `more_generous` candidates (cheapest first) for every layer of a block."""
+    return {name: more_generous(spec, candidates, shapes[name]) for name, spec in specs.items()}
+
+
+def cheapest_finer_specs(specs: Mapping[str, QuantSpec], finer: Mapping[str, list[int]],
+                         candidates: Sequence[QuantSpec]) -> dict[str, QuantSpec]:
+    """Without a bit plan a gated block's layers each move to their cheapest finer candidate
+    (a layer with none keeps its spec)."""
+    return {name: candidates[finer[name][0]] if finer[name] else spec for name, spec in specs.items()}
+
+
+def gate_restriction(finished: Mapping[str, QuantSpec], block: Mapping[str, QuantSpec], finer: Mapping[str, list[int]],
+                     candidates: Sequence[QuantSpec], prefix: str) -> dict[str, list[int]]:
+    """Layer -> the candidate indices it may take when the plan is solved again for a block
+    over its gate: finished blocks' layers (`finished`, full names) keep their specs; the
+    block's layers (`block` and `finer`, block-relative, full name = `prefix` + name) take only
+    finer candidates, or keep their spec where none is finer. Later blocks stay free, so they
+    pay for the block within the same budget."""
+    restrict = {name: [candidates.index(spec)] for name, spec in finished.items()}
+    restrict |= {prefix + name: options or [candidates.index(block[name])] for name, options in finer.items()}
+    return restrict
+
+
+def fit_loss_coefficient(points: Sequence[tuple[float, float]]) -> dict[str, Any] | None:
+    """The factor c in ln(ppl_quant / ppl_fp) ~= c * predicted_loss (HIGGS's linearity theorem:
+    the loss increase is close to a weighted sum of per-layer relative errors), least squares
+    through the origin over (predicted_loss, ln(ppl_quant / ppl_fp)) of finished runs. None
+    without a point."""
+    if not points:
+        return None
+    slope = sum(x * y for x, y in points) / sum(x * x for x, _ in points)
+    return {"coefficient": slope, "runs": len(points)}
+
+
+def predicted_perplexity(ppl_fp: float | None, predicted_loss: float, calibration: dict[str, Any] | None) -> float | None:
+    if calibration is None or ppl_fp is None:
+        return None
+    return ppl_fp * math.exp(calibration["coefficient"] * predicted_loss)
 
 
 def _allowed(layer: LayerOptions, floors: dict[str, int], servable: str | None) -> list[int]:

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from layerquant.block_artifact import BlockArtifact
 from layerquant.errors import InvalidSpec
 from layerquant.specs import QuantSpec
 from layerquant.tuning import BlockTuning  # re-exported: callers built it from here
@@ -349,24 +350,14 @@ def stored_weight(tensors: dict[str, torch.Tensor], spec: QuantSpec) -> torch.Te
     return dequantize_grouped(tensors["codes"], tensors["scales"], tensors["zeros"], spec.group_size)
 
 
-def apply_block_artifact(
-    float_weights: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor], layers: list[dict]
-) -> dict[str, torch.Tensor]:
+def apply_block_artifact(float_weights: dict[str, torch.Tensor], artifact: BlockArtifact) -> dict[str, torch.Tensor]:
     """Block weights as the quantized model uses them: each quantized layer's weight replaced by
-    its dequantized value, and any stored full-tensor override (e.g. tweaked norms) applied.
-
-    `tensors` holds "{layer}.{part}" for quantized layers and "override.{param}" for overrides;
-    `layers` is the block artifact's layer list ({"name", "spec"}).
-    """
+    its dequantized value, and any stored full-tensor override (e.g. tweaked norms) applied."""
     weights = dict(float_weights)
-    for layer in layers:
-        name = layer["name"]
-        prefix = name + "."
-        parts = {key[len(prefix) :]: value for key, value in tensors.items() if key.startswith(prefix)}
-        weights[f"{name}.weight"] = stored_weight(parts, QuantSpec.from_dict(layer["spec"]))
-    for key, value in tensors.items():
-        if key.startswith("override."):
-            weights[key[len("override.") :]] = value.float()
+    for record in artifact.layers:
+        weights[f"{record.name}.weight"] = stored_weight(artifact.layer_tensors(record.name), record.spec)
+    for param, value in artifact.overrides.items():
+        weights[param] = value.float()
     return weights
 
 

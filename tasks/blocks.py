@@ -6,6 +6,7 @@ import resource
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
+from layerquant.block_artifact import BlockArtifact, LayerRecord
 from layerquant.config import CODE_VERSION
 from layerquant.infra.checkpoint import tensors_fingerprint
 from layerquant.cancellation import raise_if_cancelled
@@ -43,9 +44,7 @@ def quantize_block(config: dict, index: int, inputs: dict, specs: dict[str, dict
     tuning_identity = tuning.identity()
     next_norm_weight = None
     if tuning.enabled and tuning.space == "next_norm":
-        # the norm that reads this block's output: the next block's input norm, or the final one
-        next_name = (reader.block_prefix(index + 1) + reader.arch.input_norm + ".weight" if index + 1 < reader.n_blocks
-                     else reader.arch.final_norm_name)
+        next_name = reader.arch.norm_reading_block_output(index, reader.n_blocks)
         next_norm_weight = reader.tensor(next_name).float()
         tuning_identity["next_norm"] = tensors_fingerprint([(next_name, next_norm_weight)])
     key = block_key(inputs_ref.sha256, weights_fp, specs, ctx.config.damp_percent, tuning_identity)
@@ -65,16 +64,12 @@ def quantize_block(config: dict, index: int, inputs: dict, specs: dict[str, dict
         # a gate judges the error on every sample; otherwise a subset estimates it
         full_output_error=ctx.config.gate_output_error is not None,
     )
-    tensors = {f"{o.name}.{part}": value for o in result.outcomes for part, value in o.tensors.items()}
-    tensors |= {f"override.{param}": value for param, value in result.overrides.items()}
-    layers = []
-    for o in result.outcomes:
-        out_features, in_features = o.shape
-        layers.append({
-            "name": o.name, "spec": o.spec.to_dict(), "shape": [out_features, in_features], "error": o.error, "damp": o.damp_used,
-            "seconds": round(o.seconds, 3), "n_weights": out_features * in_features,
-            "storage_bits": o.spec.storage_bits(out_features, in_features),
-        })
+    artifact = BlockArtifact(
+        [LayerRecord.measured(o.name, o.spec, o.shape, o.error, o.damp_used, o.seconds) for o in result.outcomes],
+        {o.name: o.tensors for o in result.outcomes},
+        result.overrides,
+    )
+    tensors, layers = artifact.encode()
     meta = {"index": index, "weights_fp": weights_fp, "layers": layers, "output_error": result.output_error,
             "tuning": result.tuning, "seconds": round(result.seconds, 3), "stage": BLOCK_STAGE,
             "output_error_samples": result.output_error_samples, "timing": result.timing, "forwards": result.forwards}

@@ -1,12 +1,11 @@
 """Export: the quantized model as a normal transformers folder (dequantized weights) + report.json."""
 from __future__ import annotations
 
-import json
-
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from layerquant.infra.checkpoint import atomic_output_dir, write_model_streaming
+from layerquant.block_artifact import BlockArtifact
+from layerquant.infra.checkpoint import atomic_output_dir, write_json, write_model_streaming
 from layerquant.solvers.reconstruct import apply_block_artifact
 from layerquant.tasks.context import RunContext, ref_of, retry_transient
 
@@ -24,7 +23,8 @@ def export_dequantized(config: dict, blocks: list[dict], report: dict) -> str:
         # tensor names arrive sorted, so each block's names are contiguous: keep one block in memory
         if current["index"] != index:
             tensors, meta = ctx.store.get_tensors(ref_of(blocks[index]["block"]))
-            current["index"], current["weights"] = index, apply_block_artifact(reader.block_weights(index), tensors, meta["layers"])
+            artifact = BlockArtifact.decode(tensors, meta["layers"])
+            current["index"], current["weights"] = index, apply_block_artifact(reader.block_weights(index), artifact)
         return current["weights"]
 
     def replace(name: str):
@@ -37,6 +37,6 @@ def export_dequantized(config: dict, blocks: list[dict], report: dict) -> str:
     out = ctx.config.out
     with atomic_output_dir(out) as tmp:
         write_model_streaming(reader, tmp, replace)
-        (tmp / "report.json").write_text(json.dumps(report, indent=2))
+        write_json(tmp / "report.json", report)
     logger.info("wrote %s", out)
     return str(out)

@@ -14,9 +14,10 @@ from layerquant.config import CODE_VERSION, RunConfig
 from layerquant.errors import InfeasibleBudget, InvalidSpec
 from layerquant.infra.checkpoint import CheckpointReader, tensors_fingerprint
 from layerquant.cancellation import raise_if_cancelled
-from layerquant.infra.store import ArtifactStore, artifact_key
-from layerquant.solvers.allocation import Allocation, LayerOptions, _allowed, allocate_bits
-from layerquant.solvers.granularity import granularity_filter
+from layerquant.infra.store import ArtifactStore, artifact_key, open_store
+from layerquant.solvers.allocation import (Allocation, LayerOptions, _allowed, allocate_bits, cheapest_finer_specs, finer_options,
+                                           fit_loss_coefficient, gate_restriction, predicted_perplexity)
+from layerquant.solvers.granularity import auto_group_sizes, granularity_filter
 from layerquant.solvers.reconstruct import float_block_hessians
 from layerquant.solvers.sensitivity import score_block_sensitivity
 from layerquant.specs import QuantSpec
@@ -48,15 +49,14 @@ def score_block(config: dict, index: int, inputs: dict) -> dict:
         logger.info("block %02d: scores cached", index)
         return {"scores": scores_ref.to_dict(), "outputs": outputs_ref.to_dict(), "hessian": hessian_ref.to_dict()}
     float_weights = {name: t.float() for name, t in weights.items()}
+    hidden = ctx.store.get_tensors(ref_of(inputs))[0]["hidden"]  # scoring needs it on every path from here
     if hessian_ref and outputs_ref:
         hessians = ctx.store.get_tensors(hessian_ref)[0]
     else:
-        hidden = ctx.store.get_tensors(ref_of(inputs))[0]["hidden"]
         outputs, hessians = float_block_hessians(reader.arch, reader.config, index, float_weights, hidden)
         outputs_ref = ctx.store.put_tensors(FLOAT_HIDDEN_STAGE, hessian_key, {"hidden": outputs}, {"index": index + 1})
         hessian_ref = ctx.store.put_tensors(HESSIAN_STAGE, hessian_key, hessians, {"index": index})
     prefix = reader.block_prefix(index)
-    hidden = ctx.store.get_tensors(ref_of(inputs))[0]["hidden"]
     block_scores = score_block_sensitivity(reader.arch, reader.config, index, float_weights, hidden, hessians, candidates,
                                            ctx.config.damp_percent, prefix)
     layers = [{"name": prefix + name, "shape": list(float_weights[f"{name}.weight"].shape), "scores": scores}
@@ -89,6 +89,17 @@ def budget_range(config: RunConfig, reader) -> tuple[float, float]:
         costs = [candidates[i].storage_bits(*shape) for i in _allowed(layer, config.floors, config.servable)]
         low, high, weights = low + min(costs), high + max(costs), weights + layer.n_weights
     return low / max(weights, 1), high / max(weights, 1)
+
+
+@task(name="preflight", task_run_name="preflight / settings", cache_policy=NO_CACHE, persist_result=False,
+      retries=3, retry_delay_seconds=[2, 5, 10], retry_condition_fn=retry_transient)
+def check_settings(config: dict) -> None:
+    """Bad settings fail before calibration, from the checkpoint headers alone: overrides that
+    name no layer, a budget outside what the candidates can reach."""
+    ctx = RunContext.open(config)
+    check_overrides(ctx.config, ctx.reader)
+    if ctx.config.budget is not None:
+        check_budget(ctx.config, ctx.reader)
 
 
 def check_budget(config: RunConfig, reader) -> None:
@@ -158,13 +169,78 @@ def fused_groups(reader) -> list[list[str]]:
 @task(name="plan", task_run_name="plan / budget {budget}", cache_policy=NO_CACHE, persist_result=False,
       retries=3, retry_delay_seconds=[2, 5, 10], retry_condition_fn=retry_transient)
 def plan_bits(config: dict, score_refs: list[dict], budget: float, restrict: dict[str, list[int]] | None = None) -> dict[str, Any]:
-    logger = get_run_logger()
     ctx = RunContext.open(config)
+    return _solved_plan(ctx, score_refs, budget, restrict)
+
+
+def _solved_plan(ctx: RunContext, score_refs: list[dict], budget: float, restrict: dict[str, list[int]] | None) -> dict[str, Any]:
+    """The plan as tasks hand it on: JSON specs by full layer name, and what the solve achieved."""
     allocation = solve_plan(ctx.config, ctx.store, score_refs, fused_groups(ctx.reader), restrict, ctx.reader)
-    logger.info("plan for %.3f bits/weight: %.4f achieved, predicted loss %.4g, solved in %.2fs",
-                budget, allocation.avg_bits, allocation.predicted_loss, allocation.seconds)
+    get_run_logger().info("plan for %.3f bits/weight: %.4f achieved, predicted loss %.4g, solved in %.2fs",
+                          budget, allocation.avg_bits, allocation.predicted_loss, allocation.seconds)
     return {"plan": {name: spec.to_dict() for name, spec in allocation.plan.items()}, "avg_bits": allocation.avg_bits,
             "predicted_loss": allocation.predicted_loss, "solve_s": allocation.seconds, "per_layer": allocation.per_layer}
+
+
+def layer_specs(config: RunConfig, reader: CheckpointReader, index: int, plan: dict[str, dict] | None) -> dict[str, dict]:
+    """Block `index`'s layer specs: from the bit plan when there is one, else the config's (group
+    sizes chosen per matrix under granularity "auto", unless an override sets one)."""
+    prefix = reader.block_prefix(index)
+    if plan is not None:
+        return {name: plan[prefix + name] for name in reader.arch.linear_names}
+    specs = {name: config.spec_for(prefix + name) for name in reader.arch.linear_names}
+    if config.granularity == "auto":
+        # data-free: the weights alone decide, so this needs no calibration pass
+        chosen = auto_group_sizes(reader.block_weights(index), specs)
+        specs = {name: spec if "group_size" in config.overrides.get(prefix + name, {}) else chosen[name] for name, spec in specs.items()}
+    return {name: spec.to_dict() for name, spec in specs.items()}
+
+
+@task(name="specs", task_run_name="block-{index:02d} / specs", cache_policy=NO_CACHE, persist_result=False,
+      retries=3, retry_delay_seconds=[2, 5, 10], retry_condition_fn=retry_transient)
+def block_specs(config: dict, index: int, plan: dict[str, dict] | None = None) -> dict[str, dict]:
+    """The specs block `index` is quantized with (see `layer_specs`); `plan`: full layer name -> spec."""
+    ctx = RunContext.open(config)
+    return layer_specs(ctx.config, ctx.reader, index, plan)
+
+
+@task(name="gate", task_run_name="block-{index:02d} / gate", cache_policy=NO_CACHE, persist_result=False,
+      retries=3, retry_delay_seconds=[2, 5, 10], retry_condition_fn=retry_transient)
+def replan_for_gate(config: dict, index: int, block: dict, specs: dict[str, dict], plan: dict[str, Any] | None,
+                    score_refs: list[dict], used_specs: dict[str, dict]) -> dict[str, Any]:
+    """What to do with block `index` (stored as `block`, quantized with `specs`) whose output
+    error exceeds the gate: finer specs to redo it with, or why it is kept.
+
+    Without a plan each layer moves to its cheapest finer candidate. With a plan the integer
+    program is solved again: finished blocks keep their specs (`used_specs`, full names), this
+    block's layers may only take finer candidates, and the later blocks pay for it within the
+    same budget; when the budget leaves no room the block is kept.
+    Returns {"action": "kept", "why"} or {"action": "redo", "specs", "plan" (the plan now in
+    force, None without one), "labels_before", "labels_after"}.
+    """
+    ctx = RunContext.open(config)
+    candidates = ctx.config.candidate_specs()
+    current = {name: QuantSpec.from_dict(spec) for name, spec in specs.items()}
+    artifact_meta = ref_of(block).meta
+    shapes = {layer["name"]: tuple(layer["shape"]) for layer in artifact_meta["layers"]}
+    finer = finer_options(current, candidates, shapes)
+    if not any(finer.values()):
+        return {"action": "kept", "why": "no finer candidate"}
+    if plan is None:
+        new_specs = {name: spec.to_dict() for name, spec in cheapest_finer_specs(current, finer, candidates).items()}
+    else:
+        finished = {name: QuantSpec.from_dict(spec) for name, spec in used_specs.items()}
+        restrict = gate_restriction(finished, current, finer, candidates, ctx.reader.block_prefix(index))
+        try:
+            plan = _solved_plan(ctx, score_refs, ctx.config.budget, restrict)
+        except (InfeasibleBudget, InvalidSpec) as exc:
+            get_run_logger().warning("block %02d: output error %.3e over the gate %.3e, kept: the budget leaves no room",
+                                     index, artifact_meta["output_error"], ctx.config.gate_output_error)
+            return {"action": "kept", "why": f"the budget leaves no room ({exc.message})"}
+        new_specs = layer_specs(ctx.config, ctx.reader, index, plan["plan"])
+    return {"action": "redo", "specs": new_specs, "plan": plan,
+            "labels_before": {name: spec.label() for name, spec in current.items()},
+            "labels_after": {name: QuantSpec.from_dict(spec).label() for name, spec in new_specs.items()}}
 
 
 # settings that do not change what a plan's predicted loss means for perplexity
@@ -176,10 +252,8 @@ def _calibration_context(config: RunConfig) -> dict[str, Any]:
 
 
 def higgs_coefficient(store: ArtifactStore, config: RunConfig) -> dict[str, Any] | None:
-    """The factor c in ln(ppl_quant / ppl_fp) ~= c * predicted_loss (HIGGS's linearity theorem:
-    the loss increase is close to a weighted sum of per-layer relative errors), fitted through
-    the origin on the finished budget runs of this store that share the model, texts, windows,
-    candidates and tuning of `config`. None until one such run has finished."""
+    """`fit_loss_coefficient` over the finished budget runs of this store that share the model,
+    texts, windows, candidates and tuning of `config`. None until one such run has finished."""
     context = _calibration_context(config)
     points = []
     for path in store.list_paths("runs"):
@@ -198,13 +272,14 @@ def higgs_coefficient(store: ArtifactStore, config: RunConfig) -> dict[str, Any]
             continue
         if other == context:
             points.append((plan["predicted_loss"], math.log(report["ppl_quant"] / report["ppl_fp"])))
-    if not points:
-        return None
-    slope = sum(x * y for x, y in points) / sum(x * x for x, _ in points)
-    return {"coefficient": slope, "runs": len(points)}
+    return fit_loss_coefficient(points)
 
 
-def predicted_perplexity(ppl_fp: float | None, predicted_loss: float, calibration: dict[str, Any] | None) -> float | None:
-    if calibration is None or ppl_fp is None:
-        return None
-    return ppl_fp * math.exp(calibration["coefficient"] * predicted_loss)
+@task(name="higgs-fit", task_run_name="plan / HIGGS fit", cache_policy=NO_CACHE, persist_result=False,
+      retries=3, retry_delay_seconds=[2, 5, 10], retry_condition_fn=retry_transient)
+def fit_higgs(config: dict, ppl_fp: float, predicted_loss: float) -> dict[str, Any]:
+    """The plan's perplexity prediction, calibrated on this store's earlier finished runs of the
+    same setting (not on this one): {"higgs": the fit or None, "predicted_ppl": or None}."""
+    run_config = RunConfig(**config)
+    calibration = higgs_coefficient(open_store(run_config.store), run_config)
+    return {"higgs": calibration, "predicted_ppl": predicted_perplexity(ppl_fp, predicted_loss, calibration)}

@@ -4,6 +4,7 @@ from __future__ import annotations
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
+from layerquant.block_artifact import BlockArtifact
 from layerquant.config import CODE_VERSION
 from layerquant.infra.store import artifact_key, sha256_bytes
 from layerquant.cancellation import raise_if_cancelled
@@ -34,9 +35,8 @@ def model_perplexity(ctx: RunContext, windows, block_refs: list[dict] | None, ba
             raise_if_cancelled()
             weights = reader.block_weights(index)
             if block_refs is not None:
-                ref = ref_of(block_refs[index])
-                tensors, meta = ctx.store.get_tensors(ref)
-                weights = apply_block_artifact(weights, tensors, meta["layers"])
+                tensors, meta = ctx.store.get_tensors(ref_of(block_refs[index]))
+                weights = apply_block_artifact(weights, BlockArtifact.decode(tensors, meta["layers"]))
             block = arch_ops.build_block(reader.arch, reader.config, index, weights)
             yield lambda hidden, block=block, index=index: arch_ops.run_block(block, context, index, hidden, batch_size)
 
