@@ -18,7 +18,7 @@ from layerquant.cancellation import raise_if_cancelled
 from layerquant.infra.checkpoint import CheckpointReader
 from layerquant.infra.store import open_store
 from layerquant.tasks.progress import BlockProgress
-from layerquant.report import build_report
+from layerquant.report import build_report, forwards_per_block, merge_timings, timing_summary
 from layerquant.specs import ArtifactRef
 from layerquant.tasks.blocks import quantize_block
 from layerquant.tasks.calibration import capture_calibration
@@ -84,7 +84,8 @@ def _run_stages(config, run_config, reader, run_id, progress, force_blocks, star
     n_blocks = reader.n_blocks
     first_forced = min(force_blocks) if force_blocks else n_blocks
     raise_if_cancelled()
-    calibration = capture_calibration(config)
+    # round-to-nearest alone needs no samples: no calibration, no block forwards
+    calibration = capture_calibration(config) if run_config.needs_calibration() else None
     plan, scored = None, []
     if run_config.budget is not None:
         # pass 1 on the float model: scores for every (layer, candidate), then one integer program
@@ -124,6 +125,8 @@ def _run_stages(config, run_config, reader, run_id, progress, force_blocks, star
     if plan is not None:
         plan = plan | fit_higgs(config, ppl_fp["ppl"], plan["predicted_loss"])
     metas = [ArtifactRef.from_dict(b["block"]).meta for b in blocks]
+    wall_s = time.perf_counter() - started
+    task_timings = [b["timing"] for b in blocks] + [s.get("timing", {}) for s in scored] + [ppl_fp["timing"], ppl_quant["timing"]]
     report = build_report(
         metas,
         [reader.block_prefix(i) for i in range(n_blocks)],
@@ -139,7 +142,9 @@ def _run_stages(config, run_config, reader, run_id, progress, force_blocks, star
             "plan": None if plan is None else {k: plan[k] for k in ("avg_bits", "predicted_loss", "predicted_ppl", "higgs", "solve_s")}
             | {"budget": run_config.budget},
             "gates": gate_events,
-            "wall_s": round(time.perf_counter() - started, 2),
+            "wall_s": round(wall_s, 2),
+            "timing": timing_summary(task_timings, wall_s),
+            "forwards_per_block": forwards_per_block(metas),
             "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         },
     )
@@ -173,7 +178,8 @@ def enforce_output_gate(config, threshold, index, inputs, specs, result, plan, s
             break
         plan = step["plan"]
         logger.warning("block %02d: output error %.3e over the gate %.3e, redoing it with finer grids", index, error, threshold)
-        result = quantize_block(config, index, inputs, step["specs"])
+        redone = quantize_block(config, index, inputs, step["specs"])
+        result = redone | {"timing": merge_timings(result["timing"], redone["timing"])}  # both attempts took time
         events.append(event | {"action": "redone", "output_error_after": block_output_error(result),
                                "specs_before": step["labels_before"], "specs_after": step["labels_after"]})
         specs = step["specs"]
@@ -195,6 +201,10 @@ def publish_summary(run_id: str, report: dict[str, Any]) -> None:
             f"| quantized perplexity | {report['ppl_quant']:.4f} ({report['ppl_increase_pct']:+.2f}%) |\n"
             f"| average bits / weight | {report['avg_bits']:.3f} |\n| quantized size | {report['quantized_mb']:.2f} MiB |\n"
             f"| wall time | {report['wall_s']} s |\n| peak RSS | {report['peak_rss_mb']} MB |\n"
+            f"| block forwards per block | {report['forwards_per_block']} |\n\n"
+            "## Where the time went\n\n| phase | seconds | share |\n|---|---|---|\n"
+            + "".join(f"| {name} | {seconds} | {100 * report['timing']['share'][name]:.1f}% |\n"
+                      for name, seconds in report["timing"]["seconds"].items())
         ),
         description="float vs quantized",
     )

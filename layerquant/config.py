@@ -138,6 +138,15 @@ class RunConfig(BaseModel):
                            norm_tweak_lr=self.norm_tweak_lr, norm_tweak_loss=self.norm_tweak_loss, seed=self.seed,
                            holdout=self.tuning_holdout, space=self.tuning_space)
 
+    def needs_calibration(self) -> bool:
+        """Whether the run needs calibration samples and block forwards at all: GPTQ and PB-LLM
+        need input Hessians, a budget scores layers on data, a gate and block tuning compare
+        with the float block's outputs. Round-to-nearest alone (granularity "auto" included)
+        needs only the weights."""
+        methods = {self.method} | {override.get("method", self.method) for override in self.overrides.values()}
+        return (methods != {"rtn"} or self.budget is not None or self.gate_output_error is not None
+                or self.block_tuning().enabled)
+
     def spec_for(self, layer: str) -> QuantSpec:
         base = self.default_spec()
         if layer in self.overrides:

@@ -21,6 +21,34 @@ def machine_description() -> str:
     return f"{platform.machine()}, {os.cpu_count()} cores, {memory_gb:.0f} GiB, {gpu}"
 
 
+# the time split of a run, in the order a person reads it; "orchestration" is the rest of the
+# wall time: Prefect (task runs, artifacts, manifests) plus small untimed work (tokenizing)
+TIMING_PHASES = ("read_weights", "forward", "hessian", "solve", "tuning", "scoring", "evaluation", "store_io")
+
+
+def timing_summary(task_timings: list[dict[str, float]], wall_s: float) -> dict[str, Any]:
+    """Seconds by phase summed over the run's task calls, the rest as orchestration, and each
+    phase's share of the wall time."""
+    seconds = merge_timings({name: 0.0 for name in TIMING_PHASES}, *task_timings)
+    seconds["orchestration"] = max(wall_s - sum(seconds.values()), 0.0)
+    return {"seconds": {name: round(value, 2) for name, value in seconds.items()},
+            "share": {name: round(value / wall_s, 4) if wall_s > 0 else 0.0 for name, value in seconds.items()}}
+
+
+def merge_timings(*timings: dict[str, float]) -> dict[str, float]:
+    merged: dict[str, float] = {}
+    for timing in timings:
+        for name, value in timing.items():
+            merged[name] = merged.get(name, 0.0) + value
+    return merged
+
+
+def forwards_per_block(block_metas: list[dict[str, Any]]) -> float:
+    """Block forwards over all calibration samples that quantizing a block took, on average
+    (1 for the staged pass alone; 0 for a data-free run)."""
+    return round(sum(meta.get("forwards", 0.0) for meta in block_metas) / max(len(block_metas), 1), 3)
+
+
 def build_report(
     block_metas: list[dict[str, Any]],
     block_prefixes: list[str],

@@ -196,8 +196,8 @@ ERROR_SAMPLES = 8
 @dataclass
 class BlockReconstruction:
     outcomes: list[LayerOutcome]
-    outputs: torch.Tensor  # quantized block's outputs: the next block's inputs
-    output_error: float  # relative error of the quantized block vs the float block, same inputs
+    outputs: torch.Tensor | None  # quantized block's outputs: the next block's inputs (None: data-free)
+    output_error: float | None  # relative error of the quantized block vs the float block, same inputs
     seconds: float
     overrides: dict[str, torch.Tensor] = field(default_factory=dict)  # block parameter -> tuned value (norms)
     tuning: dict = field(default_factory=dict)  # what refinement / norm tweaking achieved

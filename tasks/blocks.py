@@ -8,13 +8,13 @@ from prefect.cache_policies import NO_CACHE
 
 from layerquant.block_artifact import BlockArtifact, LayerRecord
 from layerquant.config import CODE_VERSION
-from layerquant.infra.checkpoint import tensors_fingerprint
 from layerquant.cancellation import raise_if_cancelled
+from layerquant.infra.checkpoint import tensors_fingerprint
 from layerquant.infra.store import artifact_key
 from layerquant.solvers.architectures import family_norm
-from layerquant.solvers.reconstruct import reconstruct_block
+from layerquant.solvers.reconstruct import BlockReconstruction, quantize_block_data_free, reconstruct_block
 from layerquant.specs import QuantSpec
-from layerquant.tasks.context import RunContext, cached, ref_of, retry_transient
+from layerquant.tasks.context import RunContext, cached, phase, ref_of, retry_transient
 
 BLOCK_STAGE = "block"
 HIDDEN_STAGE = "hidden"
@@ -27,19 +27,27 @@ def block_key(inputs_sha: str, weights_fp: str, specs: dict[str, dict], damp_per
     return artifact_key(BLOCK_STAGE, CODE_VERSION, [inputs_sha, weights_fp], settings)
 
 
+# what stands in for the inputs' hash in the key of a block quantized from its weights alone
+DATA_FREE = "data-free"
+
+
 @task(name="reconstruct", task_run_name="block-{index:02d} / reconstruct", cache_policy=NO_CACHE,
       persist_result=False, retries=3, retry_delay_seconds=[2, 5, 10],
       retry_condition_fn=retry_transient)
-def quantize_block(config: dict, index: int, inputs: dict, specs: dict[str, dict], force: bool = False) -> dict:
-    """Returns {"block": ref, "outputs": ref}; both reused if already in the store, unless `force`."""
+def quantize_block(config: dict, index: int, inputs: dict | None, specs: dict[str, dict], force: bool = False) -> dict:
+    """Returns {"block": ref, "outputs": ref or None, "cached", "timing"}; both reused if already
+    in the store, unless `force`. Without `inputs` (a data-free run: round-to-nearest only) the
+    block is quantized from its weights alone and has no outputs. `timing` is this call's
+    seconds by phase (reading weights, store I/O, forward, hessian, solve, tuning)."""
     raise_if_cancelled()
     logger = get_run_logger()
+    timing: dict[str, float] = {}
     ctx = RunContext.open(config)
     reader = ctx.reader
-    # one read of the block serves both its content address and the computation
-    weights = reader.block_weights(index, dtype=None)
-    weights_fp = tensors_fingerprint(sorted(weights.items()))
-    inputs_ref = ref_of(inputs)
+    with phase(timing, "read_weights"):
+        # one read of the block serves both its content address and the computation
+        weights = reader.block_weights(index, dtype=None)
+        weights_fp = tensors_fingerprint(sorted(weights.items()))
     tuning = ctx.config.block_tuning()
     tuning_identity = tuning.identity()
     next_norm_weight = None
@@ -47,23 +55,36 @@ def quantize_block(config: dict, index: int, inputs: dict, specs: dict[str, dict
         next_name = reader.arch.norm_reading_block_output(index, reader.n_blocks)
         next_norm_weight = reader.tensor(next_name).float()
         tuning_identity["next_norm"] = tensors_fingerprint([(next_name, next_norm_weight)])
-    key = block_key(inputs_ref.sha256, weights_fp, specs, ctx.config.damp_percent, tuning_identity)
-    block_hit = None if force else cached(ctx.store, BLOCK_STAGE, key, logger)
-    outputs_hit = None if force else cached(ctx.store, HIDDEN_STAGE, key, logger)
-    if block_hit is not None and outputs_hit is not None:
+    inputs_ref = None if inputs is None else ref_of(inputs)
+    key = block_key(DATA_FREE if inputs_ref is None else inputs_ref.sha256, weights_fp, specs, ctx.config.damp_percent, tuning_identity)
+    with phase(timing, "store_io"):
+        block_hit = None if force else cached(ctx.store, BLOCK_STAGE, key, logger)
+        outputs_hit = None if force or inputs_ref is None else cached(ctx.store, HIDDEN_STAGE, key, logger)
+    if block_hit is not None and (outputs_hit is not None or inputs_ref is None):
         del weights
         logger.info("block %02d: cached %s", index, key[:12])
-        return {"block": block_hit.to_dict(), "outputs": outputs_hit.to_dict(), "cached": True}
+        return {"block": block_hit.to_dict(), "outputs": None if outputs_hit is None else outputs_hit.to_dict(), "cached": True,
+                "timing": timing}
 
-    hidden, _ = ctx.store.get_tensors(inputs_ref)
-    result = reconstruct_block(
-        reader.arch, reader.config, index, {name: t.float() for name, t in weights.items()}, hidden["hidden"],
-        {name: QuantSpec.from_dict(spec) for name, spec in specs.items()},
-        damp_percent=ctx.config.damp_percent, layer_prefix=reader.block_prefix(index), tuning=tuning,
-        next_norm=None if next_norm_weight is None else family_norm(reader.arch, reader.config, next_norm_weight),
-        # a gate judges the error on every sample; otherwise a subset estimates it
-        full_output_error=ctx.config.gate_output_error is not None,
-    )
+    layer_specs = {name: QuantSpec.from_dict(spec) for name, spec in specs.items()}
+    float_weights = {name: t.float() for name, t in weights.items()}
+    if inputs_ref is None:
+        with phase(timing, "solve"):
+            outcomes = quantize_block_data_free(float_weights, layer_specs)
+        result = BlockReconstruction(outcomes, outputs=None, output_error=None, seconds=timing["solve"], forwards=0.0)
+    else:
+        with phase(timing, "store_io"):
+            hidden, _ = ctx.store.get_tensors(inputs_ref)
+        result = reconstruct_block(
+            reader.arch, reader.config, index, float_weights, hidden["hidden"], layer_specs,
+            damp_percent=ctx.config.damp_percent, layer_prefix=reader.block_prefix(index), tuning=tuning,
+            next_norm=None if next_norm_weight is None else family_norm(reader.arch, reader.config, next_norm_weight),
+            # a gate judges the error on every sample; otherwise a subset estimates it
+            full_output_error=ctx.config.gate_output_error is not None,
+        )
+        del hidden
+        for name, seconds in result.timing.items():
+            timing[name] = timing.get(name, 0.0) + seconds
     artifact = BlockArtifact(
         [LayerRecord.measured(o.name, o.spec, o.shape, o.error, o.damp_used, o.seconds) for o in result.outcomes],
         {o.name: o.tensors for o in result.outcomes},
@@ -73,13 +94,18 @@ def quantize_block(config: dict, index: int, inputs: dict, specs: dict[str, dict
     meta = {"index": index, "weights_fp": weights_fp, "layers": layers, "output_error": result.output_error,
             "tuning": result.tuning, "seconds": round(result.seconds, 3), "stage": BLOCK_STAGE,
             "output_error_samples": result.output_error_samples, "timing": result.timing, "forwards": result.forwards}
-    # outputs first: a block artifact is only trusted once the inputs of the next block exist
-    outputs_ref = ctx.store.put_tensors(HIDDEN_STAGE, key, {"hidden": result.outputs}, {"index": index + 1, "stage": HIDDEN_STAGE})
-    block_ref = ctx.store.put_tensors(BLOCK_STAGE, key, tensors, meta)
+    with phase(timing, "store_io"):
+        # outputs first: a block artifact is only trusted once the inputs of the next block exist
+        outputs_ref = None
+        if result.outputs is not None:
+            outputs_ref = ctx.store.put_tensors(HIDDEN_STAGE, key, {"hidden": result.outputs}, {"index": index + 1, "stage": HIDDEN_STAGE})
+        block_ref = ctx.store.put_tensors(BLOCK_STAGE, key, tensors, meta)
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    worst = max(layers, key=lambda l: l["error"]) if layers else None
     logger.info(
-        "block %02d: output error %.3e, worst layer %s %.3e, %.1fs, peak RSS %.0f MB",
-        index, result.output_error, max(layers, key=lambda l: l["error"])["name"] if layers else "-",
-        max((l["error"] for l in layers), default=0.0), result.seconds, peak_mb,
+        "block %02d: output error %s, worst layer %s %.3e, %.1fs, peak RSS %.0f MB",
+        index, "n/a (data-free)" if result.output_error is None else f"{result.output_error:.3e}",
+        worst["name"] if worst else "-", worst["error"] if worst else 0.0, result.seconds, peak_mb,
     )
-    return {"block": block_ref.to_dict(), "outputs": outputs_ref.to_dict(), "cached": False}
+    return {"block": block_ref.to_dict(), "outputs": None if outputs_ref is None else outputs_ref.to_dict(), "cached": False,
+            "timing": {name: round(seconds, 3) for name, seconds in timing.items()}}

@@ -1,6 +1,8 @@
 """What every task opens from the run's config: the validated config, the store, the model."""
 from __future__ import annotations
 
+import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -70,3 +72,13 @@ def retry_transient(task, task_run, state) -> bool:
     except Exception as exc:  # noqa: BLE001 - classified, not swallowed: the state keeps it
         return is_transient(exc)
     return False
+
+
+@contextmanager
+def phase(timing: dict[str, float], name: str):
+    """Add the seconds spent in the `with` body to `timing[name]` (a report's time split)."""
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        timing[name] = timing.get(name, 0.0) + time.perf_counter() - start

@@ -4,6 +4,7 @@ budget reuses them."""
 from __future__ import annotations
 
 import math
+import time
 from typing import Any
 
 from prefect import get_run_logger, task
@@ -48,6 +49,7 @@ def score_block(config: dict, index: int, inputs: dict) -> dict:
     if hessian_ref and outputs_ref and scores_ref:
         logger.info("block %02d: scores cached", index)
         return {"scores": scores_ref.to_dict(), "outputs": outputs_ref.to_dict(), "hessian": hessian_ref.to_dict()}
+    started = time.perf_counter()
     float_weights = {name: t.float() for name, t in weights.items()}
     hidden = ctx.store.get_tensors(ref_of(inputs))[0]["hidden"]  # scoring needs it on every path from here
     if hessian_ref and outputs_ref:
@@ -63,7 +65,8 @@ def score_block(config: dict, index: int, inputs: dict) -> dict:
               for name, scores in block_scores.items()]
     scores_ref = ctx.store.put_json(SCORES_STAGE, scores_key, {"index": index, "layers": layers}, {"index": index})
     logger.info("block %02d: %d layers x %d candidates scored", index, len(layers), len(candidates))
-    return {"scores": scores_ref.to_dict(), "outputs": outputs_ref.to_dict(), "hessian": hessian_ref.to_dict()}
+    return {"scores": scores_ref.to_dict(), "outputs": outputs_ref.to_dict(), "hessian": hessian_ref.to_dict(),
+            "timing": {"scoring": round(time.perf_counter() - started, 3)}}
 
 
 def linear_layer_shapes(reader) -> dict[str, tuple[int, int]]:

@@ -1,6 +1,8 @@
 """Validation: perplexity of the float and of the quantized model on the evaluation windows."""
 from __future__ import annotations
 
+import time
+
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
@@ -70,11 +72,13 @@ def evaluate(config: dict, variant: str, blocks: list[dict]) -> dict:
     key = artifact_key(STAGE, CODE_VERSION, upstream, {"variant": variant, "windows": sha256_bytes(windows.numpy().tobytes())})
     hit = cached(ctx.store, STAGE, key, logger)
     if hit is not None:
-        result = ctx.store.get_json(hit)
+        result = ctx.store.get_json(hit) | {"timing": {}}
         logger.info("%s perplexity %.4f (cached)", variant, result["ppl"])
         return result
+    started = time.perf_counter()
     result = model_perplexity(ctx, windows, [b["block"] for b in blocks] if variant == "quant" else None)
     result.update({"variant": variant, "windows": int(windows.shape[0]), "seqlen": int(windows.shape[1])})
     ctx.store.put_json(STAGE, key, result)
     logger.info("%s perplexity %.4f on %d windows x %d tokens", variant, result["ppl"], windows.shape[0], windows.shape[1])
-    return result
+    # this call's compute time, for the report's time split (not stored: a cached result took none)
+    return result | {"timing": {"evaluation": round(time.perf_counter() - started, 3)}}
