@@ -412,6 +412,7 @@ def main() -> int:
     parser.add_argument("--models", default=",".join(MODELS), help="comma-separated subset of " + ", ".join(MODELS))
     parser.add_argument("--tools", default=",".join(ALL_TOOLS), help="comma-separated subset of " + ", ".join(ALL_TOOLS))
     parser.add_argument("--only", help="run only cases whose method contains this text")
+    parser.add_argument("--cases", help="run only these methods (comma-separated, exact names, e.g. gptq-w4,rtn-w4)")
     parser.add_argument("--force", action="store_true", help="redo the chosen cases even if peers.json has them (empties --store)")
     parser.add_argument("--store", default=str(CACHE / "peers" / "store"), help="layerquant artifact store shared by the cases")
     parser.add_argument("--out-root", default=str(CACHE / "peers" / "out"))
@@ -444,6 +445,8 @@ def main() -> int:
         ppl_fp = None
         for case in CASES[name]:
             if case["tool"] not in tools or (args.only and args.only not in case["method"]):
+                continue
+            if args.cases and case["method"] not in args.cases.split(","):
                 continue
             key = (name, case["tool"], case["method"])
             existing = [r for r in rows if (r["model"], r["tool"], r["method"]) == key]
