@@ -1,8 +1,9 @@
 """stories260K: RTN vs GPTQ at 8/4/3/2 bits on the llm-compressor reference protocol, and what
 refinement, norm tweaking, PB-LLM and adaptive granularity add below 4 bits.
 
-Run: .venv/bin/python bench/stories_methods.py [--force]   (about 8 minutes on 2 quiet cores;
-cases already in the JSON are skipped unless --force)
+Run: .venv/bin/python bench/stories_methods.py [--force] [--labels rtn,gptq]   (about 8 minutes on 2
+quiet cores; cases already in the JSON are skipped unless --force; --labels runs only the cases
+with these labels)
 Writes bench/results/stories_methods.json (rows as in shared bench conventions).
 """
 from __future__ import annotations
@@ -38,8 +39,11 @@ def main() -> int:
     out = Path(__file__).parent / "results" / "stories_methods.json"
     rows = json.loads(out.read_text()) if out.is_file() and "--force" not in sys.argv else []
     done = {(r["method"], r["bits"], r["group_size"], r.get("salient_fraction")) for r in rows}
+    labels = sys.argv[sys.argv.index("--labels") + 1].split(",") if "--labels" in sys.argv else None
     with tempfile.TemporaryDirectory() as store, prefect_test_harness(server_startup_timeout=90):
         for label, settings in CASES:
+            if labels is not None and label not in labels:
+                continue
             config = RunConfig(store=store, **{**REFERENCE, **settings})
             group = "auto" if config.granularity == "auto" else config.group_size
             fraction = config.salient_fraction if config.method == "pbllm" else None
