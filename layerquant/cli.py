@@ -69,6 +69,8 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pack-format", choices=["dequantized", "compressed-tensors", "gptq"],
                         help=f"what --out receives (default {run_default('pack_format')}; dequantized weights load in any transformers)")
     parser.add_argument("--store", help=f"artifact store: a folder or s3://bucket/prefix (default {run_default('store')})")
+    parser.add_argument("--device", choices=["cpu", "cuda", "auto"],
+                        help=f"where blocks are reconstructed (default {run_default('device')}; auto = CUDA when present)")
 
 
 def group_size_arg(value: str) -> int | str:
@@ -96,6 +98,7 @@ def config_from_args(args: argparse.Namespace):
         calib=args.calib,
         eval=args.eval_text,
         text_encoding=args.text_encoding,
+        device=getattr(args, "device", None),
         bits=args.bits,
         group_size=None if args.group_size == "auto" else args.group_size,
         granularity="auto" if args.group_size == "auto" else None,

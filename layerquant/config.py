@@ -46,6 +46,9 @@ class RunConfig(BaseModel):
     eval: str = Field(default_factory=default_eval)
     # how .txt texts are decoded; invalid bytes are an error (naming the offset), never replaced
     text_encoding: str = "utf-8"
+    # where blocks are reconstructed (weights, stage activations, Hessians, GPTQ solves); the
+    # store, checkpoint reading, scoring and evaluation stay on the host. "auto": CUDA if present
+    device: Literal["cpu", "cuda", "auto"] = "cpu"
     nsamples: int = Field(128, ge=1, le=100_000)
     seqlen: int = Field(256, ge=2, le=131_072)
     calib_selection: Literal["first", "random"] = "random"
@@ -168,6 +171,8 @@ class RunConfig(BaseModel):
             del identity["tuning_space"]
         if identity["text_encoding"] == "utf-8":  # the default keeps the ids runs had before the setting
             del identity["text_encoding"]
+        if identity["device"] == "cpu":  # a GPU's float arithmetic differs in the last bits: part of the result
+            del identity["device"]
         return identity
 
     def run_id(self) -> str:

@@ -12,7 +12,7 @@ from layerquant.cancellation import raise_if_cancelled
 from layerquant.infra.checkpoint import tensors_fingerprint
 from layerquant.infra.store import artifact_key
 from layerquant.solvers.architectures import family_norm
-from layerquant.solvers.reconstruct import BlockReconstruction, quantize_block_data_free, reconstruct_block
+from layerquant.solvers.reconstruct import BlockReconstruction, quantize_block_data_free, reconstruct_block, resolve_device
 from layerquant.specs import QuantSpec
 from layerquant.tasks.context import RunContext, cached, phase, ref_of, retry_transient
 
@@ -81,6 +81,7 @@ def quantize_block(config: dict, index: int, inputs: dict | None, specs: dict[st
             next_norm=None if next_norm_weight is None else family_norm(reader.arch, reader.config, next_norm_weight),
             # a gate judges the error on every sample; otherwise a subset estimates it
             full_output_error=ctx.config.gate_output_error is not None,
+            device=resolve_device(ctx.config.device),
         )
         del hidden
         for name, seconds in result.timing.items():

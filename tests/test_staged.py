@@ -1,6 +1,7 @@
-"""One forward per block: the staged pass quantizes every group exactly as a pass that
-recomputes each group's inputs from the block's start (the path it replaced) does, in every
-family, while running the block's forward once."""
+"""One forward per block: the staged pass, with same-spec layers of a group solved as one
+stacked matrix, quantizes every layer exactly as the path it replaced (each group's inputs
+recomputed from the block's start, each layer solved alone) does, in every family, while
+running the block's forward once."""
 from __future__ import annotations
 
 import pytest
@@ -8,7 +9,8 @@ import torch
 
 from layerquant.infra.checkpoint import CheckpointReader
 from layerquant.solvers import architectures as arch_ops
-from layerquant.solvers.reconstruct import collect_hessians, quantize_block_sequential, quantize_group_in_place, reconstruct_block
+from layerquant.solvers.gptq import relative_weighted_error
+from layerquant.solvers.reconstruct import LayerOutcome, collect_hessians, quantize_block_sequential, quantize_layer, reconstruct_block
 from layerquant.solvers.staged import staged_quantize
 from layerquant.specs import QuantSpec
 from support.stories_block import BLOCK, one_thread, real_block  # noqa: F401 (fixtures)
@@ -18,14 +20,22 @@ SPEC = QuantSpec(bits=3, group_size=32, method="gptq", act_order=True, clip_sear
 
 
 def recomputing_reference(block, forward, inputs, groups, specs, batch_size=8):
-    """True-sequential quantization the slow way: each group's Hessian from a pass from the
-    block's start through the already-quantized earlier groups; then one more pass for outputs."""
+    """True-sequential quantization the slow way (the path the staged pass replaced): each
+    group's Hessian from a pass from the block's start through the already-quantized earlier
+    groups, then each layer solved on its own; then one more pass for the outputs."""
     outcomes = []
     for group in groups:
         names = [n for n in group if n in specs]
         if names:
             hessian = collect_hessians(block, forward, inputs, [names[0]], batch_size)[0][names[0]]
-            outcomes += quantize_group_in_place(block, names, hessian, specs, 0.01, "")
+            for name in names:
+                linear = block.get_submodule(name)
+                weight = linear.weight.detach().float()
+                tensors, weight_hat, damp = quantize_layer(weight, hessian, specs[name], 0.01, name)
+                error = relative_weighted_error(weight, weight_hat, hessian)
+                with torch.no_grad():
+                    linear.weight.copy_(weight_hat)
+                outcomes.append(LayerOutcome(name, specs[name], tensors, tuple(weight.shape), error, damp, 0.0))
     return outcomes, forward(block, inputs)
 
 
@@ -96,8 +106,8 @@ def test_reconstruct_block_runs_one_forward_and_measures_error_on_a_subset(real_
     weights = {k: v.detach().clone() for k, v in real_block["block"].state_dict().items()}
     specs = {name: SPEC for name in arch.linear_names}
     plain = reconstruct_block(arch, context.config, BLOCK, fresh(weights), inputs, specs)
-    assert plain.forwards == pytest.approx(1 + 8 / 32)
-    assert plain.output_error_samples == 8
+    assert plain.forwards == pytest.approx(1 + 4 / 32)
+    assert plain.output_error_samples == 4
     full = reconstruct_block(arch, context.config, BLOCK, fresh(weights), inputs, specs, full_output_error=True)
     assert full.forwards == 2.0 and full.output_error_samples == 32
     assert torch.equal(plain.outputs, full.outputs)
@@ -130,3 +140,39 @@ def test_a_group_the_forward_never_reaches_is_an_error(real_block):
     block.extra = torch.nn.Linear(4, 4)  # a linear the block's forward never calls
     with pytest.raises(RuntimeError, match="never reached extra"):
         staged_quantize(block, counted_forward(context, BLOCK, []), inputs, [["extra"]], lambda names, h: None)
+
+
+def test_the_device_path_computes_what_the_host_path_computes(real_block):
+    """`device=` moves weights, batches and solves (through torch's default-device context) and
+    hands results back on the host; on the CPU it must change no bit. CI has no GPU: the CUDA
+    run of the same code is bench/gpu_quantize.py."""
+    arch, context, inputs = real_block["arch"], real_block["context"], real_block["x_train"]
+    weights = {k: v.detach().clone() for k, v in real_block["block"].state_dict().items()}
+    specs = {name: SPEC for name in arch.linear_names}
+    host = reconstruct_block(arch, context.config, BLOCK, fresh(weights), inputs, specs)
+    moved = reconstruct_block(arch, context.config, BLOCK, fresh(weights), inputs, specs, device="cpu")
+    assert_same_quantization(moved.outcomes, host.outcomes)
+    assert torch.equal(moved.outputs, host.outputs) and moved.output_error == host.output_error
+
+
+def test_cuda_asked_for_without_a_gpu_is_a_clear_error():
+    from layerquant.errors import InvalidSpec
+    from layerquant.solvers.reconstruct import resolve_device
+
+    assert resolve_device("cpu") is None
+    if torch.cuda.is_available():
+        assert resolve_device("auto") == "cuda"
+    else:
+        assert resolve_device("auto") is None
+        with pytest.raises(InvalidSpec, match="no usable CUDA device"):
+            resolve_device("cuda")
+
+
+def test_only_neighbours_with_the_same_grid_spec_share_a_solve():
+    from layerquant.solvers.reconstruct import _same_spec_runs
+
+    w3, w4 = SPEC, QuantSpec(bits=4, group_size=32, method="gptq", act_order=True, clip_search=True)
+    pbllm = QuantSpec(bits=2, group_size=32, method="pbllm", salient_fraction=0.1)
+    assert _same_spec_runs(["q", "k", "v"], {"q": w4, "k": w3, "v": w3}) == [["q"], ["k", "v"]]
+    assert _same_spec_runs(["gate", "up"], {"gate": pbllm, "up": pbllm}) == [["gate"], ["up"]]
+    assert _same_spec_runs(["q", "k", "v"], {"q": w3, "k": w4, "v": w3}) == [["q"], ["k"], ["v"]]
