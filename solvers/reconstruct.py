@@ -179,26 +179,6 @@ def quantize_block_sequential(
     return SequentialQuantization(outcomes, staged.outputs, staged.seconds)
 
 
-def apply_quantization_sequential(
-    block: nn.Module,
-    forward: BlockForward,
-    inputs: torch.Tensor,
-    groups: Sequence[Sequence[str]],
-    specs: dict[str, QuantSpec],
-    damp_percent: float = 0.01,
-    layer_prefix: str = "",
-    batch_size: int = 8,
-) -> list[LayerOutcome]:
-    """`quantize_block_sequential` for callers that only need what happened to each layer."""
-    return quantize_block_sequential(block, forward, inputs, groups, specs, damp_percent, layer_prefix, batch_size).outcomes
-
-
-def needs_calibration(specs: dict[str, QuantSpec]) -> bool:
-    """Whether quantizing these layers needs their input Hessians (GPTQ, PB-LLM); round-to-
-    nearest needs only the weights."""
-    return any(spec.method != "rtn" for spec in specs.values())
-
-
 def quantize_block_data_free(weights: dict[str, torch.Tensor], specs: dict[str, QuantSpec]) -> list[LayerOutcome]:
     """Round-to-nearest of a block's layers from their weights alone: no calibration sample
     and no forward. `error` is then the relative Frobenius error ||W - W_hat||^2 / ||W||^2,

@@ -17,7 +17,7 @@ from layerquant.solvers.norm_tweak import (
     norm_weights_of,
     tweak_norms,
 )
-from layerquant.solvers.reconstruct import apply_quantization_sequential, relative_output_error
+from layerquant.solvers.reconstruct import quantize_block_sequential, relative_output_error
 from layerquant.specs import QuantSpec
 from support.stories_block import BLOCK, one_thread, real_block  # noqa: F401 (fixtures)
 
@@ -34,8 +34,8 @@ def _quantized(real_block, spec: QuantSpec):
                 linear.weight.copy_(rtn_quantize(linear.weight, spec).dequantize())
     else:
         context = real_block["context"]
-        apply_quantization_sequential(block, lambda m, h: run_block(m, context, BLOCK, h), real_block["x_train"],
-                                      real_block["arch"].linear_groups, {n: spec for n in real_block["arch"].linear_names})
+        quantize_block_sequential(block, lambda m, h: run_block(m, context, BLOCK, h), real_block["x_train"],
+                                  real_block["arch"].linear_groups, {n: spec for n in real_block["arch"].linear_names})
     return block
 
 

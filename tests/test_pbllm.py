@@ -13,7 +13,7 @@ from layerquant.infra.texts import load_tokenizer, tokenize
 from layerquant.solvers.architectures import BlockContext, architecture_for, run_block
 from layerquant.solvers.gptq import gptq_quantize, hessian_weighted_error, relative_weighted_error
 from layerquant.solvers.pbllm import PBLLMResult, binarize_partial, pack_bits, payload_bits, unpack_bits
-from layerquant.solvers.reconstruct import apply_quantization_sequential, collect_hessians, stored_weight
+from layerquant.solvers.reconstruct import collect_hessians, quantize_block_sequential, stored_weight
 from layerquant.specs import QuantSpec, salient_position_encoding
 from support.stories_block import BLOCK, SEQ, one_thread  # noqa: F401 (fixtures)
 
@@ -188,9 +188,9 @@ def test_reconstruct_block_with_pbllm(layers):
     block = copy.deepcopy(layers["block"])
     arch, context = layers["arch"], layers["context"]
     spec = pb(0.1, 8, 32)
-    outcomes = apply_quantization_sequential(
+    outcomes = quantize_block_sequential(
         block, lambda m, h: run_block(m, context, BLOCK, h), layers["hidden"], arch.linear_groups, {n: spec for n in arch.linear_names}
-    )
+    ).outcomes
     assert len(outcomes) == 7
     for outcome in outcomes:
         assert torch.equal(stored_weight(outcome.tensors, spec), block.get_submodule(outcome.name).weight.detach())

@@ -76,3 +76,27 @@ def test_output_folder_loads_in_transformers_with_the_reported_perplexity(tmp_pa
         assert {"name", "bits", "group_size", "method", "error"} <= set(layer)
         assert 0 < layer["error"] < 0.2
     assert transformers_perplexity(out, eval_text, 20) == pytest.approx(report["ppl_quant"], rel=1e-4)
+
+
+def test_gptq_runs_one_forward_per_block_and_reports_where_the_time_went(store_dir):
+    report = run(store_dir, "gptq", bits=4, method="gptq")  # the 4-bit case above: blocks cached, timing from its record
+    assert report["forwards_per_block"] <= 1.3  # the staged pass (1) + the float reference on 4 of 128 samples
+    assert all(block["output_error"] is not None for block in report["blocks"])
+    seconds = report["timing"]["seconds"]
+    assert set(seconds) >= {"read_weights", "forward", "hessian", "solve", "tuning", "evaluation", "store_io", "orchestration"}
+    assert sum(seconds.values()) == pytest.approx(report["wall_s"], rel=0.02)
+
+
+def test_round_to_nearest_needs_no_calibration_and_no_forward(tmp_path):
+    report = run(tmp_path, "rtn", bits=4, method="rtn", eval_windows=8)
+    store = LocalStore(str(tmp_path / "store"))
+    stages = {path.split("/")[1] for path in store.list_paths("cas")}
+    assert "calib" not in stages and "hidden" not in stages  # no samples captured, no block outputs carried
+    assert report["forwards_per_block"] == 0.0
+    assert report["timing"]["seconds"]["forward"] == 0.0 and report["timing"]["seconds"]["hessian"] == 0.0
+    # the same codes as the calibrated path's RTN: round-to-nearest never looked at the data
+    calibrated = run(tmp_path, "rtn+gate", bits=4, method="rtn", eval_windows=8, gate_output_error=10.0)
+    assert report["ppl_quant"] == calibrated["ppl_quant"]
+    assert RunConfig(method="rtn").needs_calibration() is False
+    assert RunConfig(method="rtn", refine_steps=1).needs_calibration() is True
+    assert RunConfig(method="rtn", overrides={"model.layers.0.mlp.down_proj": {"method": "gptq"}}).needs_calibration() is True

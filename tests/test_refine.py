@@ -10,7 +10,7 @@ from layerquant.errors import InvalidSpec
 from layerquant.solvers.architectures import family_norm, run_block
 from layerquant.solvers.grid import QuantizedWeight, max_code
 from layerquant.solvers.norm_tweak import dataset_relative_mse, functional_block_forward
-from layerquant.solvers.reconstruct import BlockTuning, apply_quantization_sequential, reconstruct_block, stored_weight, tune_block
+from layerquant.solvers.reconstruct import BlockTuning, quantize_block_sequential, reconstruct_block, stored_weight, tune_block
 from layerquant.solvers.refine import refine_scales
 from layerquant.specs import QuantSpec
 from support.stories_block import BLOCK, one_thread, real_block  # noqa: F401 (fixtures)
@@ -20,8 +20,8 @@ def _quantized_outcomes(real_block, spec: QuantSpec):
     """(quantized copy of the block, its layer outcomes) as the flow's block solver makes them."""
     block = copy.deepcopy(real_block["block"])
     context = real_block["context"]
-    outcomes = apply_quantization_sequential(block, lambda m, h: run_block(m, context, BLOCK, h), real_block["x_train"],
-                                             real_block["arch"].linear_groups, {n: spec for n in real_block["arch"].linear_names})
+    outcomes = quantize_block_sequential(block, lambda m, h: run_block(m, context, BLOCK, h), real_block["x_train"],
+                                         real_block["arch"].linear_groups, {n: spec for n in real_block["arch"].linear_names}).outcomes
     return block, outcomes
 
 
