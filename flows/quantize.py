@@ -12,12 +12,11 @@ from typing import Any
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
+from layerquant.cancellation import raise_if_cancelled
 from layerquant.config import RunConfig
 from layerquant.errors import Cancelled, QualityGateFailed
-from layerquant.cancellation import raise_if_cancelled
 from layerquant.infra.checkpoint import CheckpointReader
 from layerquant.infra.store import open_store
-from layerquant.tasks.progress import BlockProgress
 from layerquant.report import build_report, forwards_per_block, merge_timings, timing_summary
 from layerquant.specs import ArtifactRef
 from layerquant.tasks.blocks import quantize_block
@@ -26,6 +25,7 @@ from layerquant.tasks.export import export_dequantized
 from layerquant.tasks.manifest import record_manifest
 from layerquant.tasks.pack import pack_model
 from layerquant.tasks.planning import block_specs, check_settings, fit_higgs, plan_bits, replan_for_gate, score_block
+from layerquant.tasks.progress import BlockProgress
 from layerquant.tasks.validation import evaluate
 
 

@@ -95,7 +95,7 @@ def predicted_perplexity(ppl_fp: float | None, predicted_loss: float, calibratio
     return ppl_fp * math.exp(calibration["coefficient"] * predicted_loss)
 
 
-def _allowed(layer: LayerOptions, floors: dict[str, int], servable: str | None) -> list[int]:
+def allowed_candidates(layer: LayerOptions, floors: dict[str, int], servable: str | None) -> list[int]:
     floor = max((bits for pattern, bits in floors.items() if re.search(pattern, layer.name)), default=0)
     keep = []
     for i, spec in enumerate(layer.candidates):
@@ -137,7 +137,7 @@ def allocate_bits(
     else:
         raise InvalidSpec(f"budget kind {budget_kind!r} is unknown", "use avg_bits or total_bytes")
 
-    allowed = {layer.name: _allowed(layer, floors, servable) for layer in layers}
+    allowed = {layer.name: allowed_candidates(layer, floors, servable) for layer in layers}
     for name, indices in (restrict or {}).items():
         if name in allowed:
             allowed[name] = [i for i in allowed[name] if i in set(indices)]

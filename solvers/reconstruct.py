@@ -10,13 +10,13 @@ import torch
 from torch import nn
 
 from layerquant.block_artifact import BlockArtifact
+from layerquant.cancellation import raise_if_cancelled
 from layerquant.errors import InvalidSpec
 from layerquant.quantized import QuantizedWeight
 from layerquant.specs import QuantSpec
 from layerquant.tuning import BlockTuning  # re-exported: callers built it from here
 from layerquant.solvers.gptq import quantize_weight, relative_weighted_error
 from layerquant.solvers.hessian import accumulate_hessian
-from layerquant.cancellation import raise_if_cancelled
 from layerquant.solvers.staged import staged_quantize
 
 BlockForward = Callable[[nn.Module, torch.Tensor], torch.Tensor]

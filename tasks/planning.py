@@ -11,13 +11,13 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from pydantic import ValidationError
 
+from layerquant.cancellation import raise_if_cancelled
 from layerquant.config import CODE_VERSION, RunConfig
 from layerquant.errors import InfeasibleBudget, InvalidSpec
 from layerquant.infra.checkpoint import CheckpointReader, tensors_fingerprint
-from layerquant.cancellation import raise_if_cancelled
 from layerquant.infra.store import ArtifactStore, artifact_key, open_store
-from layerquant.solvers.allocation import (Allocation, LayerOptions, _allowed, allocate_bits, cheapest_finer_specs, finer_options,
-                                           fit_loss_coefficient, gate_restriction, predicted_perplexity)
+from layerquant.solvers.allocation import (Allocation, LayerOptions, allocate_bits, allowed_candidates, cheapest_finer_specs,
+                                           finer_options, fit_loss_coefficient, gate_restriction, predicted_perplexity)
 from layerquant.solvers.granularity import auto_group_sizes, granularity_filter
 from layerquant.solvers.reconstruct import float_block_hessians
 from layerquant.solvers.sensitivity import score_block_sensitivity
@@ -89,7 +89,7 @@ def budget_range(config: RunConfig, reader) -> tuple[float, float]:
     low = high = weights = 0
     for name, shape in linear_layer_shapes(reader).items():
         layer = LayerOptions(name, shape, candidates, tuple(0.0 for _ in candidates))
-        costs = [candidates[i].storage_bits(*shape) for i in _allowed(layer, config.floors, config.servable)]
+        costs = [candidates[i].storage_bits(*shape) for i in allowed_candidates(layer, config.floors, config.servable)]
         low, high, weights = low + min(costs), high + max(costs), weights + layer.n_weights
     return low / max(weights, 1), high / max(weights, 1)
 
