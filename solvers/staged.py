@@ -37,7 +37,6 @@ QuantizeGroup = Callable[[Sequence[str], torch.Tensor], None]
 class StagedPass:
     outputs: torch.Tensor  # the block's outputs with every group quantized
     seconds: dict[str, float] = field(default_factory=dict)  # forward / hessian / solve
-    groups_reached: int = 0
 
 
 def staged_quantize(
@@ -103,7 +102,7 @@ def staged_quantize(
                     waiting_later = paused_at[b] is not None and paused_at[b] >= group_index
                     if not workers[b].dead and not waiting_later:
                         advance(b)
-                hessian, seen = accumulated[group_index]
+                hessian = accumulated[group_index][0]
                 if hessian is None:
                     raise RuntimeError(f"the block's forward never reached {names[0]}: its group cannot be quantized")
                 accumulated[group_index] = (None, 0)
@@ -126,5 +125,4 @@ def staged_quantize(
     return StagedPass(
         outputs=torch.cat(outputs),
         seconds={"forward": total - hessian_seconds - solve_seconds, "hessian": hessian_seconds, "solve": solve_seconds},
-        groups_reached=len(groups),
     )
