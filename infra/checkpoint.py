@@ -17,8 +17,9 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from layerquant.errors import InvalidModel
 from layerquant.architectures import Architecture, architecture_for, load_config
+from layerquant.errors import InvalidModel
+from layerquant.infra.paths import share_like_the_umask
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -100,6 +101,17 @@ class CheckpointReader:
     @property
     def n_blocks(self) -> int:
         return int(self.config.num_hidden_layers)
+
+    def linear_shapes(self) -> dict[str, tuple[int, int]]:
+        """Full name -> [out, in] of every quantized linear layer, from the headers alone."""
+        shapes = {}
+        for index in range(self.n_blocks):
+            for name in self.arch.linear_names:
+                full = self.block_prefix(index) + name + ".weight"
+                if self.has(full):
+                    shape = self.headers[self.weight_map[full]][full]["shape"]
+                    shapes[full[: -len(".weight")]] = (int(shape[0]), int(shape[1]))
+        return shapes
 
     def has(self, name: str) -> bool:
         return name in self.weight_map
@@ -221,27 +233,6 @@ def atomic_output_dir(out_dir: str | os.PathLike[str]) -> Iterator[Path]:
             os.replace(tmp_dir, out_dir)
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
-
-
-def current_umask() -> int:
-    try:  # read, not set-and-restore: other threads may be creating files
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("Umask:"):
-                return int(line.split()[1], 8)
-    except (OSError, ValueError):
-        pass
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def share_like_the_umask(folder: Path) -> None:
-    """Files as any program writes them (0644 under the usual umask 022): some writers (the
-    safetensors library, temp files) create them 0600, unreadable to the engine that serves them."""
-    mask = current_umask()
-    folder.chmod(0o777 & ~mask)
-    for path in folder.rglob("*"):
-        path.chmod((0o777 if path.is_dir() else 0o666) & ~mask)
 
 
 _DTYPE_NAMES = {dtype: name for name, dtype in _SAFETENSORS_DTYPES.items()}

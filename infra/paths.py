@@ -93,3 +93,24 @@ def check_output_folder(out: str | os.PathLike[str], *, overwrite: bool = False,
             raise UnsafeOutput(f"output folder {path} holds files layerquant did not write ({shown})",
                                "move them away, or pass --force to delete them with the old output")
     return path
+
+
+def current_umask() -> int:
+    try:  # read, not set-and-restore: other threads may be creating files
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def share_like_the_umask(folder: Path) -> None:
+    """Files as any program writes them (0644 under the usual umask 022): some writers (the
+    safetensors library, temp files) create them 0600, unreadable to the engine that serves them."""
+    mask = current_umask()
+    folder.chmod(0o777 & ~mask)
+    for path in folder.rglob("*"):
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~mask)

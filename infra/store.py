@@ -27,7 +27,7 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 from layerquant.errors import ArtifactCorrupt, ArtifactMissing
-from layerquant.infra.checkpoint import current_umask
+from layerquant.infra.paths import check_folder_path, current_umask
 from layerquant.specs import ArtifactRef, canonical_json
 
 TENSORS = "tensors"
@@ -149,8 +149,6 @@ class LocalStore(ArtifactStore):
     """A folder on a local (or shared network) file system."""
 
     def __init__(self, root: str | os.PathLike[str]):
-        from layerquant.infra.paths import check_folder_path
-
         self.root = check_folder_path(root, "--store")
         self.root.mkdir(parents=True, exist_ok=True)
         self._mode = 0o666 & ~current_umask()

@@ -252,7 +252,7 @@ def gptq_quantization_config(specs: Sequence[Any], checkpoint_format: str = "gpt
 # ----------------------------------------------------------------------------------------------
 # Reading packed checkpoints back (layerquant eval, or a packed model as --model)
 # ----------------------------------------------------------------------------------------------
-def ct_layer_weight(name: str, tensors: Mapping[str, torch.Tensor], args: Mapping[str, Any]) -> torch.Tensor:
+def ct_layer_weight(tensors: Mapping[str, torch.Tensor], args: Mapping[str, Any]) -> torch.Tensor:
     """Inverse of ct_layer_tensors, dequantized (float32): `tensors` holds the layer's `weight_*`
     entries (names relative to the layer, e.g. "weight_packed"), `args` its config group's
     `weights`. The group size may be one no QuantSpec takes (a regrouped ragged layer)."""
@@ -314,7 +314,7 @@ def dequantize_packed(prefix: str, tensors: dict[str, torch.Tensor], quant_confi
             args = ct_args_for(prefix + layer, quant_config)
             if args is None:
                 raise InvalidSpec(f"{prefix + layer} is packed but no config group targets it", "the checkpoint's quantization_config is incomplete")
-            out[f"{layer}.weight"] = ct_layer_weight(prefix + layer, parts, args).float()
+            out[f"{layer}.weight"] = ct_layer_weight(parts, args).float()
         else:
             out[f"{layer}.weight"] = gptq_layer_weight(prefix + layer, parts, quant_config).float()
     return out

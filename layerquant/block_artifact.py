@@ -57,7 +57,7 @@ class LayerRecord:
             name, spec, shape = data["name"], data["spec"], data["shape"]
         except (KeyError, TypeError):
             raise ArtifactMalformed(f"block artifact layer record {data!r} lacks name, spec or shape",
-                              "the artifact was not written by layerquant's block task; re-run the block") from None
+                                    "the artifact was not written by layerquant's block task; re-run the block") from None
         stats = {key: value for key, value in data.items() if key not in ("name", "spec", "shape")}
         return cls(name, QuantSpec.from_dict(spec), (int(shape[0]), int(shape[1])), stats)
 
@@ -76,7 +76,7 @@ class BlockArtifact:
             return self.tensors_by_layer[name]
         except KeyError:
             raise ArtifactMalformed(f"layer {name!r} is not in this block artifact",
-                              f"it holds {', '.join(r.name for r in self.layers) or 'no layers'}") from None
+                                    f"it holds {', '.join(r.name for r in self.layers) or 'no layers'}") from None
 
     def shapes(self) -> dict[str, tuple[int, int]]:
         return {record.name: record.shape for record in self.layers}
@@ -105,6 +105,6 @@ class BlockArtifact:
             owner = next((name for name in by_length if key.startswith(name + ".")), None)
             if owner is None:
                 raise ArtifactMalformed(f"block artifact tensor {key!r} belongs to no recorded layer",
-                                  "the artifact was not written by layerquant's block task; re-run the block")
+                                        "the artifact was not written by layerquant's block task; re-run the block")
             tensors_by_layer[owner][key[len(owner) + 1:]] = value
         return cls(layers, tensors_by_layer, overrides)

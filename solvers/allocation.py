@@ -95,6 +95,19 @@ def predicted_perplexity(ppl_fp: float | None, predicted_loss: float, calibratio
     return ppl_fp * math.exp(calibration["coefficient"] * predicted_loss)
 
 
+def plan_size_range(shapes: Mapping[str, tuple[int, int]], candidates: Sequence[QuantSpec], floors: dict[str, int],
+                    servable: str | None) -> tuple[float, float]:
+    """The smallest and largest average bits/weight any plan over `candidates` can reach for
+    layers of these shapes (full name -> [out, in]), floors and servable constraints applied."""
+    candidates = tuple(candidates)
+    low = high = weights = 0
+    for name, shape in shapes.items():
+        layer = LayerOptions(name, shape, candidates, tuple(0.0 for _ in candidates))
+        costs = [candidates[i].storage_bits(*shape) for i in allowed_candidates(layer, floors, servable)]
+        low, high, weights = low + min(costs), high + max(costs), weights + layer.n_weights
+    return low / max(weights, 1), high / max(weights, 1)
+
+
 def allowed_candidates(layer: LayerOptions, floors: dict[str, int], servable: str | None) -> list[int]:
     floor = max((bits for pattern, bits in floors.items() if re.search(pattern, layer.name)), default=0)
     keep = []

@@ -7,12 +7,13 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from layerquant.block_artifact import BlockArtifact, LayerRecord
-from layerquant.config import CODE_VERSION
 from layerquant.cancellation import raise_if_cancelled
+from layerquant.config import CODE_VERSION
 from layerquant.infra.checkpoint import tensors_fingerprint
 from layerquant.infra.store import artifact_key
 from layerquant.solvers.architectures import family_norm
 from layerquant.solvers.reconstruct import BlockReconstruction, quantize_block_data_free, reconstruct_block, resolve_device
+from layerquant.report import merge_timings
 from layerquant.specs import QuantSpec
 from layerquant.tasks.context import RunContext, cached, phase, ref_of, retry_transient
 
@@ -84,8 +85,7 @@ def quantize_block(config: dict, index: int, inputs: dict | None, specs: dict[st
             device=resolve_device(ctx.config.device),
         )
         del hidden
-        for name, seconds in result.timing.items():
-            timing[name] = timing.get(name, 0.0) + seconds
+        timing = merge_timings(timing, result.timing)
     artifact = BlockArtifact(
         [LayerRecord.measured(o.name, o.spec, o.shape, o.error, o.damp_used, o.seconds) for o in result.outcomes],
         {o.name: o.tensors for o in result.outcomes},

@@ -9,8 +9,8 @@ from typing import Any
 from layerquant.config import RunConfig
 from layerquant.errors import ArtifactCorrupt, ArtifactMissing, LayerquantError
 from layerquant.infra.checkpoint import CheckpointReader
-from layerquant.kernels.formats import dequantize_packed
 from layerquant.infra.store import ArtifactStore, open_store
+from layerquant.kernels.formats import dequantize_packed
 from layerquant.specs import ArtifactRef
 
 

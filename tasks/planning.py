@@ -16,8 +16,8 @@ from layerquant.config import CODE_VERSION, RunConfig
 from layerquant.errors import InfeasibleBudget, InvalidSpec
 from layerquant.infra.checkpoint import CheckpointReader, tensors_fingerprint
 from layerquant.infra.store import ArtifactStore, artifact_key, open_store
-from layerquant.solvers.allocation import (Allocation, LayerOptions, allocate_bits, allowed_candidates, cheapest_finer_specs,
-                                           finer_options, fit_loss_coefficient, gate_restriction, predicted_perplexity)
+from layerquant.solvers.allocation import (Allocation, LayerOptions, allocate_bits, cheapest_finer_specs, finer_options,
+                                           fit_loss_coefficient, gate_restriction, plan_size_range, predicted_perplexity)
 from layerquant.solvers.granularity import auto_group_sizes, granularity_filter
 from layerquant.solvers.reconstruct import float_block_hessians
 from layerquant.solvers.sensitivity import score_block_sensitivity
@@ -69,31 +69,6 @@ def score_block(config: dict, index: int, inputs: dict) -> dict:
             "timing": {"scoring": round(time.perf_counter() - started, 3)}}
 
 
-def linear_layer_shapes(reader) -> dict[str, tuple[int, int]]:
-    """Full name -> [out, in] of every quantized linear layer, from the checkpoint headers alone."""
-    shapes = {}
-    for index in range(reader.n_blocks):
-        for name in reader.arch.linear_names:
-            full = reader.block_prefix(index) + name
-            if reader.has(full + ".weight"):
-                shape = reader.headers[reader.weight_map[full + ".weight"]][full + ".weight"]["shape"]
-                shapes[full] = (int(shape[0]), int(shape[1]))
-    return shapes
-
-
-def budget_range(config: RunConfig, reader) -> tuple[float, float]:
-    """The smallest and largest average bits/weight any plan over the candidates can reach
-    (floors and servable constraints applied): from the candidate sizes and the layer shapes,
-    before any data is read."""
-    candidates = tuple(config.candidate_specs())
-    low = high = weights = 0
-    for name, shape in linear_layer_shapes(reader).items():
-        layer = LayerOptions(name, shape, candidates, tuple(0.0 for _ in candidates))
-        costs = [candidates[i].storage_bits(*shape) for i in allowed_candidates(layer, config.floors, config.servable)]
-        low, high, weights = low + min(costs), high + max(costs), weights + layer.n_weights
-    return low / max(weights, 1), high / max(weights, 1)
-
-
 @task(name="preflight", task_run_name="preflight / settings", cache_policy=NO_CACHE, persist_result=False,
       retries=3, retry_delay_seconds=[2, 5, 10], retry_condition_fn=retry_transient)
 def check_settings(config: dict) -> None:
@@ -107,7 +82,8 @@ def check_settings(config: dict) -> None:
 
 def check_budget(config: RunConfig, reader) -> None:
     """Refuse a budget no plan can meet, or one above what the largest plan takes, in a second."""
-    smallest, largest = budget_range(config, reader)
+    # from the candidate sizes and the checkpoint headers alone, before any data is read
+    smallest, largest = plan_size_range(reader.linear_shapes(), config.candidate_specs(), config.floors, config.servable)
     if config.budget < smallest - 1e-9:
         raise InfeasibleBudget(config.budget, smallest)
     if config.budget > largest + 1e-9:
