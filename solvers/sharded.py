@@ -46,7 +46,7 @@ def start_shard(arch, config, index: int, float_weights: dict[str, torch.Tensor]
     """A shard of block `index` over `inputs` (its own samples), whose groups before
     `first_group` are already quantized (`solved`: their dequantized weights). Started at any
     group it reaches the same bits as one that ran from group 0: pausing changes nothing."""
-    context = BlockContext(arch, config, seq_len=inputs.shape[1])
+    context = BlockContext(arch, config, seq_len=max(1, inputs.shape[1]))  # an empty shard has no length
     block = build_block(arch, config, index, float_weights)
     set_weights(block, solved)
 

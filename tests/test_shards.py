@@ -3,9 +3,12 @@ are bit-identical (a fixed summation tree over global batch indices), and so are
 codes solved from them and the block's outputs."""
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
+from layerquant.config import RunConfig
 from layerquant.solvers import architectures as arch_ops
 from layerquant.solvers.hessian import PairwiseSum, merge_partials, shard_batches
 from layerquant.solvers.reconstruct import quantize_block_sequential, solve_units
@@ -80,3 +83,13 @@ def test_one_two_and_four_shards_give_the_same_hessians_codes_and_outputs(real_b
             for part, tensor in tensors.items():
                 assert torch.equal(codes[name][part], tensor), (n_shards, name, part)
         assert torch.equal(outputs, one[2])
+
+
+def test_bad_cluster_settings_are_clear_errors():
+    """Checked when the config is read, before any cluster starts."""
+    from layerquant.errors import InvalidSpec
+
+    with pytest.raises(InvalidSpec, match="power of two"):
+        RunConfig.from_sources(None, shards=3)
+    with pytest.raises(InvalidSpec, match=re.escape("tcp://host:8786")):
+        RunConfig.from_sources(None, dask_address="localhost:8786")

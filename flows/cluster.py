@@ -1,0 +1,80 @@
+"""Wiring to a Dask cluster through Prefect's DaskTaskRunner: open it, place shards on workers,
+submit tasks pinned to them.
+
+Why this is not `@flow(task_runner=...)`: whether a run uses a cluster is part of its config
+(`--workers`, `--dask-address`, or a deployment's parameters), so the flow opens the runner
+itself; tasks it calls directly still run in the flow's process as before.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from layerquant.config import RunConfig
+from layerquant.errors import InvalidSpec
+
+
+class Cluster:
+    """An open DaskTaskRunner and the shard count of the run on it."""
+
+    def __init__(self, runner, n_shards: int):
+        self.runner = runner
+        self.n_shards = n_shards
+
+    def workers(self) -> list[str]:
+        """Addresses of the workers alive now, in a stable order."""
+        return sorted(self.runner.client.scheduler_info()["workers"])
+
+    def placement(self) -> list[str]:
+        """Shard -> worker, round robin over the workers alive now: the same worker for a shard
+        from block to block while the cluster is unchanged, so its activations stay there."""
+        workers = self.workers()
+        return [workers[shard % len(workers)] for shard in range(self.n_shards)]
+
+    def submit(self, task, worker: str | None = None, **parameters: Any):
+        """Submit `task` to the cluster; `worker` pins it there, unless that worker is gone
+        (then the scheduler picks another, and the task rebuilds what it lost from the store)."""
+        import dask
+
+        if worker is None:
+            return self.runner.submit(task, parameters)
+        # prefect-dask's client.submit merges dask's annotations into the task's
+        with dask.annotate(workers=[worker], allow_other_workers=True):
+            return self.runner.submit(task, parameters)
+
+
+def next_power_of_two(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
+
+
+@contextmanager
+def open_cluster(run_config: RunConfig) -> Iterator[Cluster | None]:
+    """The run's cluster (None for an in-process run): a LocalCluster of `workers` processes,
+    or the scheduler at `dask_address`; closed (a local one shut down) when the run ends."""
+    if not run_config.on_cluster():
+        yield None
+        return
+    if run_config.workers is not None and run_config.dask_address is not None:
+        raise InvalidSpec("both --workers and --dask-address were given",
+                          "--workers starts a local cluster, --dask-address uses a running one: pass one of them")
+    import dask
+    from prefect_dask import DaskTaskRunner
+
+    if run_config.dask_address is not None:
+        runner = DaskTaskRunner(address=run_config.dask_address)
+    else:
+        runner = DaskTaskRunner(cluster_class="distributed.LocalCluster", cluster_kwargs={
+            "n_workers": run_config.workers, "threads_per_worker": run_config.threads_per_worker, "processes": True,
+            # no dashboard port to collide with another run's; the memory a worker may use is
+            # the machine's, not 1/N of it: one block's weights and a shard's activations
+            "dashboard_address": None, "memory_limit": 0})
+    # Dask's sampling profiler walks every thread's frames and trips over the greenlets a
+    # shard's paused forwards live in (KeyError tracebacks in the worker logs); it profiles
+    # nothing a run needs. A LocalCluster's workers get this config, a remote cluster's
+    # workers are told in infra/dask_stack.sh
+    with dask.config.set({"distributed.worker.profile.enabled": False}), runner:
+        runner.client.wait_for_workers(1, timeout=120)
+        n_workers = len(runner.client.scheduler_info()["workers"])
+        n_shards = run_config.shards or next_power_of_two(max(1, run_config.workers or n_workers))
+        yield Cluster(runner, n_shards)
