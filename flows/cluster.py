@@ -44,6 +44,42 @@ class Cluster:
             return self.runner.submit(task, parameters)
 
 
+    def gather(self, calls: list[tuple[Any, str | None, dict[str, Any]]]) -> list[Any]:
+        """Submit every (task, worker, parameters) at once and wait for all their results, in
+        order. A task whose worker was lost for good (Dask gave up rescheduling it, or its run
+        crashed with the process) is submitted once more, unpinned; its stage rebuilds what
+        the lost worker held from the store. A task that failed on its own (after Prefect's
+        retries) fails the run as before."""
+        futures = [self.submit(task, worker, **parameters) for task, worker, parameters in calls]
+        results = []
+        for (task, _, parameters), future in zip(calls, futures):
+            for attempt in range(LOST_WORKER_RESUBMITS + 1):
+                try:
+                    results.append(future.result())
+                    break
+                except Exception as exc:  # noqa: BLE001 - re-raised unless it is a lost worker
+                    if attempt == LOST_WORKER_RESUBMITS or not lost_worker(exc):
+                        raise
+                    future = self.submit(task, None, **parameters)
+        return results
+
+
+# how many times a task whose worker died is submitted again (Dask itself reschedules a lost
+# task up to its distributed.scheduler.allowed-failures first)
+LOST_WORKER_RESUBMITS = 2
+
+
+def lost_worker(exc: BaseException) -> bool:
+    """Whether `exc` says the task's worker went away, not that the task itself failed."""
+    from concurrent.futures import CancelledError
+
+    from distributed import KilledWorker
+    from distributed.comm import CommClosedError
+    from prefect.exceptions import CrashedRun
+
+    return isinstance(exc, (KilledWorker, CommClosedError, CancelledError, CrashedRun))
+
+
 def next_power_of_two(n: int) -> int:
     return 1 << max(0, n - 1).bit_length()
 

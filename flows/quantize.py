@@ -154,7 +154,9 @@ def _run_stages(config, run_config, reader, run_id, progress, force_blocks, star
             "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
             "cluster": None if cluster is None else {
                 "shards": cluster.n_shards, "workers": sorted({w for b in blocks for w in b.get("workers", [])}),
-                "rebuilt_shard_tasks": sum(b.get("rebuilt", 0) for b in blocks)},
+                "rebuilt_shard_tasks": sum(b.get("rebuilt", 0) for b in blocks),
+                # per worker and block: peak and idle RSS (MB), what bounds a worker's memory
+                "worker_memory": [b.get("worker_memory", {}) for b in blocks]},
         },
     )
     if run_config.max_ppl_increase is not None and report["ppl_quant"] > report["ppl_fp"] * (1 + run_config.max_ppl_increase):
@@ -185,13 +187,12 @@ def quantize_block_on_cluster(cluster: Cluster, config: dict, index: int, inputs
     stages: list[list[dict]] = []
     for stage, units in enumerate(plan["units"]):
         raise_if_cancelled()
-        partials = [f.result() for f in [cluster.submit(shard_stage, placement[s], config=config, plan=plan, shard=s, stage=stage,
-                                                        solved=solved) for s in shards]]
+        partials = cluster.gather([(shard_stage, placement[s], dict(config=config, plan=plan, shard=s, stage=stage, solved=solved))
+                                   for s in shards])
         stages.append(partials)
-        solved.append([f.result() for f in [cluster.submit(solve_unit_task, None, config=config, plan=plan, stage=stage, unit=unit,
-                                                           partials=partials, label="+".join(unit)) for unit in units]])
-    finished = [f.result() for f in [cluster.submit(shard_finish, placement[s], config=config, plan=plan, shard=s, solved=solved)
-                                     for s in shards]]
+        solved.append(cluster.gather([(solve_unit_task, None, dict(config=config, plan=plan, stage=stage, unit=unit, partials=partials,
+                                                                   label="+".join(unit))) for unit in units]))
+    finished = cluster.gather([(shard_finish, placement[s], dict(config=config, plan=plan, shard=s, solved=solved)) for s in shards])
     return assemble_block(config, plan, solved, finished, stages, time.perf_counter() - started)
 
 

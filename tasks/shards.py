@@ -52,10 +52,19 @@ def _worker() -> tuple[dict, str]:
     except (ImportError, ValueError):
         return {}, "local"
     if not hasattr(worker, "layerquant_shards"):
+        import psutil
+
         # the worker object is the one thing that lives as long as the worker process and is
-        # private to it: paused forwards and next-block inputs of the shards it owns
-        worker.layerquant_shards = {}
+        # private to it: paused forwards and next-block inputs of the shards it owns, and its
+        # memory before its first shard (imports, Prefect client: what an idle worker holds)
+        worker.layerquant_shards = {"idle_rss_mb": psutil.Process().memory_info().rss / 2**20}
     return worker.layerquant_shards, worker.address
+
+
+def _memory_report(memory: dict) -> dict[str, float]:
+    """This worker's peak RSS so far and its idle RSS (MB): what bounds a worker's memory."""
+    return {"peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+            "idle_rss_mb": round(memory.get("idle_rss_mb", 0.0), 1)}
 
 
 def check_shardable(ctx: RunContext) -> None:
@@ -163,7 +172,7 @@ def shard_stage(config: dict, plan: dict, shard: int, stage: int, solved: list[l
         with phase(timing, "store_io"):
             key = artifact_key(PARTIAL_STAGE, CODE_VERSION, [plan["key"]], {"shard": shard, "of": plan["n_shards"], "group": stage})
             ref = ctx.store.put_tensors(PARTIAL_STAGE, key, {"gram_sum": partial}, {"rows": rows, "worker": worker}).to_dict()
-    return {"partial": ref, "rows": rows, "worker": worker, "rebuilt": rebuilt, "timing": timing}
+    return {"partial": ref, "rows": rows, "worker": worker, "rebuilt": rebuilt, "timing": timing, "memory": _memory_report(memory)}
 
 
 @task(name="solve-unit", task_run_name="block-{plan[index]:02d} / solve / {label}", **_RETRIES)
@@ -223,7 +232,8 @@ def shard_finish(config: dict, plan: dict, shard: int, solved: list[list[dict]])
         ref = ctx.store.put_tensors(SHARD_HIDDEN_STAGE, key, {"hidden": outputs},
                                     {"index": plan["index"] + 1, "shard": shard, "rows": outputs.shape[0], "worker": worker})
     memory[("hidden", ref.sha256)] = outputs
-    result = {"ref": ref.to_dict(), "rows": outputs.shape[0], "worker": worker, "rebuilt": rebuilt, "timing": timing}
+    result = {"ref": ref.to_dict(), "rows": outputs.shape[0], "worker": worker, "rebuilt": rebuilt, "timing": timing,
+              "memory": _memory_report(memory)}
     if error is not None:
         result |= {"output_error": error, "output_error_samples": error_samples}
     return result
@@ -252,14 +262,18 @@ def assemble_block(config: dict, plan: dict, solved: list[list[dict]], finished:
     for task_result in [r for stage in stages for r in stage] + [u for group in solved for u in group] + finished:
         for name, value in task_result.get("timing", {}).items():
             timing[name] = timing.get(name, 0.0) + value
-    workers = sorted({r["worker"] for stage in stages for r in stage} | {f["worker"] for f in finished})
+    shard_results = [r for stage in stages for r in stage] + finished
+    workers = sorted({r["worker"] for r in shard_results})
+    # per worker: the largest peak RSS its shard tasks saw, and its idle RSS
+    memory = {w: {"peak_rss_mb": max(r["memory"]["peak_rss_mb"] for r in shard_results if r["worker"] == w),
+                  "idle_rss_mb": min(r["memory"]["idle_rss_mb"] for r in shard_results if r["worker"] == w)} for w in workers}
     rebuilt = sum(bool(r.get("rebuilt")) for stage in stages for r in stage) + sum(bool(f.get("rebuilt")) for f in finished)
     first = finished[0]
     meta = {"index": plan["index"], "weights_fp": plan["weights_fp"], "layers": layers, "output_error": first.get("output_error"),
             "tuning": {}, "seconds": round(seconds, 3), "stage": BLOCK_STAGE,
             "output_error_samples": first.get("output_error_samples", 0), "timing": {k: round(v, 3) for k, v in timing.items()},
             # the staged pass, plus the float block on the error samples (rebuilds' re-runs not counted)
-            "forwards": 1.0 + first.get("output_error_samples", 0) / max(1, sum(f["rows"] for f in finished)), "shards": {"count": plan["n_shards"], "workers": workers, "rebuilt": rebuilt}}
+            "forwards": 1.0 + first.get("output_error_samples", 0) / max(1, sum(f["rows"] for f in finished)), "shards": {"count": plan["n_shards"], "workers": workers, "rebuilt": rebuilt, "memory": memory}}
     with phase(timing, "store_io"):
         block_ref = ctx.store.put_tensors(BLOCK_STAGE, plan["key"], tensors, meta)
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -267,5 +281,6 @@ def assemble_block(config: dict, plan: dict, solved: list[list[dict]], finished:
                           plan["index"], plan["n_shards"], len(workers), rebuilt, first.get("output_error"), seconds, peak_mb)
     return {"block": block_ref.to_dict(),
             "outputs": {"key": plan["key"], "shards": [{"ref": f["ref"], "start": 0, "stop": f["rows"]} for f in finished]},
-            "cached": False, "timing": {k: round(v, 3) for k, v in timing.items()}, "workers": workers, "rebuilt": rebuilt}
+            "cached": False, "timing": {k: round(v, 3) for k, v in timing.items()}, "workers": workers, "rebuilt": rebuilt,
+            "worker_memory": memory}
 
