@@ -12,7 +12,6 @@ from contextlib import contextmanager
 from typing import Any
 
 from layerquant.config import RunConfig
-from layerquant.errors import InvalidSpec
 
 
 class Cluster:
@@ -91,9 +90,7 @@ def open_cluster(run_config: RunConfig) -> Iterator[Cluster | None]:
     if not run_config.on_cluster():
         yield None
         return
-    if run_config.workers is not None and run_config.dask_address is not None:
-        raise InvalidSpec("both --workers and --dask-address were given",
-                          "--workers starts a local cluster, --dask-address uses a running one: pass one of them")
+    run_config.check_cluster_support()
     import dask
     from prefect_dask import DaskTaskRunner
 

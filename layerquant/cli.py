@@ -156,6 +156,7 @@ def preflight(config) -> None:
     from layerquant.solvers.windows import make_windows
     from layerquant.tasks.planning import check_budget, check_overrides
 
+    config.check_cluster_support()
     reader = CheckpointReader(config.model)
     check_overrides(config, reader)
     if config.budget is not None:

@@ -134,6 +134,21 @@ class RunConfig(BaseModel):
         """Whether blocks run as shard tasks on a Dask cluster."""
         return self.workers is not None or self.dask_address is not None
 
+    def check_cluster_support(self) -> None:
+        """A cluster run does the plain staged reconstruction only: say so before anything starts."""
+        if not self.on_cluster():
+            return
+        if self.workers is not None and self.dask_address is not None:
+            raise InvalidSpec("both --workers and --dask-address were given",
+                              "--workers starts a local cluster, --dask-address uses a running one: pass one of them")
+        unsupported = [flag for flag, on in (("block tuning (--refine-steps/--norm-tweak-steps)", self.block_tuning().enabled),
+                                             ("--gate-output-error", self.gate_output_error is not None),
+                                             ("--budget", self.budget is not None),
+                                             ("--device cuda/auto", self.device != "cpu")) if on]
+        if unsupported:
+            raise InvalidSpec(f"a run over a Dask cluster does not support {', '.join(unsupported)} yet",
+                              "leave them out, or run without --workers/--dask-address")
+
     @field_validator("text_encoding")
     @classmethod
     def _encoding(cls, value: str) -> str:

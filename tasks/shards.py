@@ -67,24 +67,13 @@ def _memory_report(memory: dict) -> dict[str, float]:
             "idle_rss_mb": round(memory.get("idle_rss_mb", 0.0), 1)}
 
 
-def check_shardable(ctx: RunContext) -> None:
-    cfg = ctx.config
-    unsupported = [flag for flag, on in (("block tuning (--refine-steps/--norm-tweak-steps)", cfg.block_tuning().enabled),
-                                         ("--gate-output-error", cfg.gate_output_error is not None),
-                                         ("--budget", cfg.budget is not None),
-                                         ("--device cuda/auto", cfg.device != "cpu")) if on]
-    if unsupported:
-        raise InvalidSpec(f"a run over a Dask cluster does not support {', '.join(unsupported)} yet",
-                          "leave them out, or run without --workers/--dask-address")
-
-
 @task(name="plan-shards", task_run_name="block-{index:02d} / plan", **_RETRIES)
 def plan_shards(config: dict, index: int, inputs: dict, specs: dict[str, dict], n_shards: int, force: bool = False) -> dict:
     """What block `index` takes over `n_shards` shards, and its cached result if the store has
     it. `inputs`: the calibration ref (block 0) or the previous block's {"key", "shards"}."""
     logger = get_run_logger()
     ctx = RunContext.open(config)
-    check_shardable(ctx)
+    ctx.config.check_cluster_support()
     weights = ctx.reader.block_weights(index, dtype=None)
     weights_fp = tensors_fingerprint(sorted(weights.items()))
     del weights

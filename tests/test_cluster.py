@@ -50,7 +50,7 @@ def test_one_and_four_workers_give_the_in_process_model(tmp_path, in_process, wo
     assert block_digests(str(tmp_path / "store")) == digests
     assert report["ppl_quant"] == reference["ppl_quant"]
     assert report["cluster"]["shards"] == workers
-    assert len(report["cluster"]["workers"]) == min(workers, 3)  # the fourth shard has no sample: its tasks are short
+    assert len(report["cluster"]["workers"]) == workers  # one shard each (the fourth has no sample: its tasks are short)
     assert report["run_id"] == reference["run_id"]  # where it ran is not part of what it is
 
 
@@ -100,7 +100,7 @@ def test_a_worker_killed_mid_run_changes_nothing(tmp_path, in_process):
         # mid-run: block 1's shards have started (block 0 done, paused forwards in worker memory)
         while time.monotonic() < deadline:
             partials = list((store / "cas" / "hessian-partial").rglob("*.sha256.json")) if store.exists() else []
-            if len(partials) >= 12 and worker_processes():  # 4 groups x 2 shards of block 0, and block 1 begun
+            if len(partials) >= 10 and worker_processes():  # 4 groups x 2 shards of block 0, and block 1 begun
                 victim = worker_processes()[0]
                 os.kill(victim.pid, signal.SIGKILL)
                 killed.append(victim.pid)

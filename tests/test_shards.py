@@ -93,3 +93,7 @@ def test_bad_cluster_settings_are_clear_errors():
         RunConfig.from_sources(None, shards=3)
     with pytest.raises(InvalidSpec, match=re.escape("tcp://host:8786")):
         RunConfig.from_sources(None, dask_address="localhost:8786")
+    with pytest.raises(InvalidSpec, match="--budget"):
+        RunConfig.from_sources(None, workers=2, budget=3.5).check_cluster_support()
+    with pytest.raises(InvalidSpec, match="both --workers and --dask-address"):
+        RunConfig.from_sources(None, workers=2, dask_address="tcp://127.0.0.1:8786").check_cluster_support()
