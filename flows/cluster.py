@@ -79,6 +79,13 @@ def lost_worker(exc: BaseException) -> bool:
     return isinstance(exc, (KilledWorker, CommClosedError, CancelledError, CrashedRun))
 
 
+def import_task_code() -> None:
+    """Run on each worker when the cluster opens (a module-level function: workers import it)."""
+    import importlib
+
+    importlib.import_module("layerquant.tasks.shards")
+
+
 def next_power_of_two(n: int) -> int:
     return 1 << max(0, n - 1).bit_length()
 
@@ -108,6 +115,9 @@ def open_cluster(run_config: RunConfig) -> Iterator[Cluster | None]:
     # workers are told in infra/dask_stack.sh
     with dask.config.set({"distributed.worker.profile.enabled": False}), runner:
         runner.client.wait_for_workers(1, timeout=120)
+        # every worker imports the task code (torch, transformers) now, all at once, rather
+        # than inside block 0's first stage, where it would read as that block's time
+        runner.client.run(import_task_code)
         n_workers = len(runner.client.scheduler_info()["workers"])
         n_shards = run_config.shards or next_power_of_two(max(1, run_config.workers or n_workers))
         yield Cluster(runner, n_shards)
