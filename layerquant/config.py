@@ -15,8 +15,9 @@ from layerquant.specs import SUPPORTED_BITS, QuantSpec
 from layerquant.tuning import BlockTuning
 
 # part of every artifact key: bumped whenever stored artifacts or the numbers in them change
-# (0.1.1: float32 batch Hessians, PB-LLM positions as indices when smaller)
-CODE_VERSION = "0.1.1"
+# (0.1.1: float32 batch Hessians, PB-LLM positions as indices when smaller; 0.1.2: batch Grams
+# summed over a fixed pairwise tree, not a running mean, so calibration shards merge exactly)
+CODE_VERSION = "0.1.2"
 
 
 def asset_path(*parts: str) -> str:
