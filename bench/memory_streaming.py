@@ -28,7 +28,7 @@ from common import conditions, load_rows, machine, run_measured, write_rows  # n
 BLOCKS, VOCAB = 24, 512
 
 
-def synthesize(folder: Path, hidden: int, intermediate: int) -> int:
+def synthesize(folder: Path, hidden: int, intermediate: int, blocks: int = BLOCKS) -> int:
     """Write the model block by block (never whole in memory); returns its size in bytes."""
     from layerquant.config import default_model
 
@@ -45,7 +45,7 @@ def synthesize(folder: Path, hidden: int, intermediate: int) -> int:
         weight_map.update({name: shard for name in tensors})
         total += sum(t.numel() * 4 for t in tensors.values())
 
-    shards = BLOCKS + 1
+    shards = blocks + 1
     save(f"model-00001-of-{shards:05d}.safetensors", {
         "model.embed_tokens.weight": torch.randn(VOCAB, hidden, generator=generator),
         "model.norm.weight": torch.ones(hidden),
@@ -54,7 +54,7 @@ def synthesize(folder: Path, hidden: int, intermediate: int) -> int:
     shapes = {"self_attn.q_proj": (hidden, hidden), "self_attn.k_proj": (hidden, hidden), "self_attn.v_proj": (hidden, hidden),
               "self_attn.o_proj": (hidden, hidden), "mlp.gate_proj": (intermediate, hidden), "mlp.up_proj": (intermediate, hidden),
               "mlp.down_proj": (hidden, intermediate)}
-    for index in range(BLOCKS):
+    for index in range(blocks):
         tensors = {f"model.layers.{index}.{name}.weight": torch.randn(*shape, generator=generator) * shape[1] ** -0.5
                    for name, shape in shapes.items()}
         tensors[f"model.layers.{index}.input_layernorm.weight"] = torch.ones(hidden)
@@ -63,7 +63,7 @@ def synthesize(folder: Path, hidden: int, intermediate: int) -> int:
     (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}))
     heads = hidden // 128
     config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": hidden, "intermediate_size": intermediate,
-              "num_hidden_layers": BLOCKS, "num_attention_heads": heads, "num_key_value_heads": heads, "vocab_size": VOCAB,
+              "num_hidden_layers": blocks, "num_attention_heads": heads, "num_key_value_heads": heads, "vocab_size": VOCAB,
               "max_position_embeddings": 2048, "rms_norm_eps": 1e-5, "bos_token_id": 1, "eos_token_id": 2,
               "tie_word_embeddings": False, "torch_dtype": "float32", "hidden_act": "silu"}
     (folder / "config.json").write_text(json.dumps(config, indent=2))

@@ -15,6 +15,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from layerquant.cancellation import raise_if_cancelled
 from layerquant.config import RunConfig
 from layerquant.errors import Cancelled, QualityGateFailed
+from layerquant.flows.cluster import Cluster, open_cluster
 from layerquant.infra.checkpoint import CheckpointReader
 from layerquant.infra.store import open_store
 from layerquant.report import build_report, forwards_per_block, merge_timings, timing_summary
@@ -26,6 +27,7 @@ from layerquant.tasks.manifest import record_manifest
 from layerquant.tasks.pack import pack_model
 from layerquant.tasks.planning import block_specs, check_settings, fit_higgs, plan_bits, replan_for_gate, score_block
 from layerquant.tasks.progress import BlockProgress
+from layerquant.tasks.shards import assemble_block, plan_shards, shard_finish, shard_stage, solve_unit_task
 from layerquant.tasks.validation import evaluate
 
 
@@ -55,7 +57,8 @@ def quantize_flow(config: dict[str, Any], force_blocks: list[int] | None = None)
     state: dict[str, Any] = {}  # block results and scores finished so far: a failed run's manifest keeps them
 
     try:
-        report = _run_stages(config, run_config, reader, run_id, progress, force_blocks, started, state)
+        with open_cluster(run_config) as cluster:
+            report = _run_stages(config, run_config, reader, run_id, progress, force_blocks, started, state, cluster)
     except Exception as exc:
         # the manifest says what failed; finished blocks (and scores) stay in the store for the retry
         status = "cancelled" if isinstance(exc, Cancelled) else "failed"
@@ -80,7 +83,7 @@ def run_manifest(config: dict, n_blocks: int, blocks: list[dict] | None = None, 
     return manifest | extra
 
 
-def _run_stages(config, run_config, reader, run_id, progress, force_blocks, started, state) -> dict[str, Any]:
+def _run_stages(config, run_config, reader, run_id, progress, force_blocks, started, state, cluster: Cluster | None) -> dict[str, Any]:
     n_blocks = reader.n_blocks
     first_forced = min(force_blocks) if force_blocks else n_blocks
     raise_if_cancelled()
@@ -105,7 +108,10 @@ def _run_stages(config, run_config, reader, run_id, progress, force_blocks, star
     for index in range(n_blocks):
         raise_if_cancelled()
         specs = block_specs(config, index, plan["plan"] if plan else None)
-        result = quantize_block(config, index, inputs, specs, force=index >= first_forced)
+        if cluster is not None:
+            result = quantize_block_on_cluster(cluster, config, index, inputs, specs, force=index >= first_forced)
+        else:
+            result = quantize_block(config, index, inputs, specs, force=index >= first_forced)
         if run_config.gate_output_error is not None:
             result, specs, plan, events = enforce_output_gate(config, run_config.gate_output_error, index, inputs, specs, result, plan,
                                                               [s["scores"] for s in scored], used_specs)
@@ -146,6 +152,11 @@ def _run_stages(config, run_config, reader, run_id, progress, force_blocks, star
             "timing": timing_summary(task_timings, wall_s),
             "forwards_per_block": forwards_per_block(metas),
             "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+            "cluster": None if cluster is None else {
+                "shards": cluster.n_shards, "workers": sorted({w for b in blocks for w in b.get("workers", [])}),
+                "rebuilt_shard_tasks": sum(b.get("rebuilt", 0) for b in blocks),
+                # per worker and block: peak and idle RSS (MB), what bounds a worker's memory
+                "worker_memory": [b.get("worker_memory", {}) for b in blocks]},
         },
     )
     if run_config.max_ppl_increase is not None and report["ppl_quant"] > report["ppl_fp"] * (1 + run_config.max_ppl_increase):
@@ -159,6 +170,30 @@ def _run_stages(config, run_config, reader, run_id, progress, force_blocks, star
     publish_summary(run_id, report)
     record_manifest(run_config.store, run_id, "completed", run_manifest(config, n_blocks, blocks, scored, report=report))
     return report
+
+
+def quantize_block_on_cluster(cluster: Cluster, config: dict, index: int, inputs: dict, specs: dict, force: bool) -> dict:
+    """Block `index` over the cluster's shards: per linear group, every shard runs to the
+    group's input (in parallel, each on its worker), then the group's solve units are solved
+    (in parallel) from the merged shard sums; then the shards run to the block's end. The same
+    result (and artifact bytes) as `quantize_block`."""
+    started = time.perf_counter()
+    plan = plan_shards(config, index, inputs, specs, cluster.n_shards, force=force)
+    if plan["cached"] is not None:
+        return plan["cached"]
+    placement = cluster.placement()
+    shards = range(plan["n_shards"])
+    solved: list[list[dict]] = []
+    stages: list[list[dict]] = []
+    for stage, units in enumerate(plan["units"]):
+        raise_if_cancelled()
+        partials = cluster.gather([(shard_stage, placement[s], dict(config=config, plan=plan, shard=s, stage=stage, solved=solved))
+                                   for s in shards])
+        stages.append(partials)
+        solved.append(cluster.gather([(solve_unit_task, None, dict(config=config, plan=plan, stage=stage, unit=unit, partials=partials,
+                                                                   label="+".join(unit))) for unit in units]))
+    finished = cluster.gather([(shard_finish, placement[s], dict(config=config, plan=plan, shard=s, solved=solved)) for s in shards])
+    return assemble_block(config, plan, solved, finished, stages, time.perf_counter() - started)
 
 
 def block_output_error(result: dict) -> float:

@@ -71,6 +71,12 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--store", help=f"artifact store: a folder or s3://bucket/prefix (default {run_default('store')})")
     parser.add_argument("--device", choices=["cpu", "cuda", "auto"],
                         help=f"where blocks are reconstructed (default {run_default('device')}; auto = CUDA when present)")
+    parser.add_argument("--workers", type=int,
+                        help="run the blocks' calibration shards on a local Dask cluster of this many worker processes")
+    parser.add_argument("--threads-per-worker", type=int, help="torch threads of each local worker (default 1)")
+    parser.add_argument("--dask-address", help="run on an existing Dask cluster: its scheduler, e.g. tcp://host:8786")
+    parser.add_argument("--shards", type=int,
+                        help="calibration shards, a power of two (default: the worker count rounded up to one)")
 
 
 def group_size_arg(value: str) -> int | str:
@@ -122,6 +128,10 @@ def config_from_args(args: argparse.Namespace):
         max_ppl_increase=args.max_ppl_increase,
         store=absolute_location(args.store or run_default("store")),
         out=absolute_location(getattr(args, "out", None)),
+        workers=getattr(args, "workers", None),
+        threads_per_worker=getattr(args, "threads_per_worker", None),
+        dask_address=getattr(args, "dask_address", None),
+        shards=getattr(args, "shards", None),
     )
 
 
@@ -148,6 +158,7 @@ def preflight(config) -> None:
     from layerquant.tasks.planning import check_budget, check_overrides
     from layerquant.tasks.token_windows import all_token_windows
 
+    config.check_cluster_support()
     reader = CheckpointReader(config.model)
     check_overrides(config, reader)
     if config.budget is not None:

@@ -15,8 +15,9 @@ from layerquant.specs import SUPPORTED_BITS, QuantSpec
 from layerquant.tuning import BlockTuning
 
 # part of every artifact key: bumped whenever stored artifacts or the numbers in them change
-# (0.1.1: float32 batch Hessians, PB-LLM positions as indices when smaller)
-CODE_VERSION = "0.1.1"
+# (0.1.1: float32 batch Hessians, PB-LLM positions as indices when smaller; 0.1.2: batch Grams
+# summed over a fixed pairwise tree, not a running mean, so calibration shards merge exactly)
+CODE_VERSION = "0.1.2"
 
 
 def asset_path(*parts: str) -> str:
@@ -100,6 +101,14 @@ class RunConfig(BaseModel):
     # where artifacts and results go (not part of the run's identity)
     store: str = ".layerquant/store"
     out: str | None = None
+    # where the blocks are computed (not part of the run's identity: the result is the same to
+    # the bit): a local Dask cluster of `workers` processes, or an existing one at
+    # `dask_address`; the calibration samples split into `shards` (a power of two; default:
+    # the worker count rounded up). Neither set: everything in the flow's own process
+    workers: int | None = Field(None, ge=1, le=1024)
+    threads_per_worker: int = Field(1, ge=1, le=256)
+    dask_address: str | None = None
+    shards: int | None = Field(None, ge=1, le=1024)
 
     @field_validator("bits")
     @classmethod
@@ -107,6 +116,39 @@ class RunConfig(BaseModel):
         if value not in SUPPORTED_BITS:
             raise ValueError(f"bits={value} is not supported: use one of {', '.join(map(str, SUPPORTED_BITS))}")
         return value
+
+    @field_validator("shards")
+    @classmethod
+    def _shards(cls, value: int | None) -> int | None:
+        if value is not None and value & (value - 1):
+            raise ValueError(f"shards={value} is not a power of two: shard sums merge over a fixed binary tree (use 1, 2, 4, 8...)")
+        return value
+
+    @field_validator("dask_address")
+    @classmethod
+    def _address(cls, value: str | None) -> str | None:
+        if value is not None and "://" not in value:
+            raise ValueError(f"dask_address={value!r} is not a scheduler address: use e.g. tcp://host:8786")
+        return value
+
+    def on_cluster(self) -> bool:
+        """Whether blocks run as shard tasks on a Dask cluster."""
+        return self.workers is not None or self.dask_address is not None
+
+    def check_cluster_support(self) -> None:
+        """A cluster run does the plain staged reconstruction only: say so before anything starts."""
+        if not self.on_cluster():
+            return
+        if self.workers is not None and self.dask_address is not None:
+            raise InvalidSpec("both --workers and --dask-address were given",
+                              "--workers starts a local cluster, --dask-address uses a running one: pass one of them")
+        unsupported = [flag for flag, on in (("block tuning (--refine-steps/--norm-tweak-steps)", self.block_tuning().enabled),
+                                             ("--gate-output-error", self.gate_output_error is not None),
+                                             ("--budget", self.budget is not None),
+                                             ("--device cuda/auto", self.device != "cpu")) if on]
+        if unsupported:
+            raise InvalidSpec(f"a run over a Dask cluster does not support {', '.join(unsupported)} yet",
+                              "leave them out, or run without --workers/--dask-address")
 
     @field_validator("text_encoding")
     @classmethod
@@ -164,7 +206,7 @@ class RunConfig(BaseModel):
 
     def identity(self) -> dict[str, Any]:
         """The fields that define the result; store/out only say where it goes."""
-        identity = self.model_dump(exclude={"store", "out", "pack_format"})
+        identity = self.model_dump(exclude={"store", "out", "pack_format", "workers", "threads_per_worker", "dask_address", "shards"})
         # the space means nothing without tuning, and "residual" is what runs before it had: left
         # out in both cases, untuned and residual-space runs keep the ids they always had
         if identity["tuning_space"] == "residual" or not self.block_tuning().enabled:

@@ -1,4 +1,5 @@
-"""Hessian of a linear layer's reconstruction loss, H = 2/n * sum x x^T, streamed over samples."""
+"""Hessian of a linear layer's reconstruction loss, H = 2/n * sum x x^T, streamed over samples
+and summed in an order that does not depend on how the samples are sharded."""
 from __future__ import annotations
 
 import torch
@@ -6,22 +7,81 @@ import torch
 from layerquant.errors import HessianNotPositiveDefinite
 
 
-def accumulate_hessian(hessian: torch.Tensor | None, n_seen: int, inputs: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Fold one batch of layer inputs ([..., in_features]) into a running-mean Hessian.
+def batch_gram(inputs: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """(X^T X of one batch of layer inputs [..., in_features], its row count).
 
-    Kept as a running mean (not a sum) in float64 so that long calibration runs neither
-    overflow nor lose small contributions. The batch's own Gram matrix is formed in float32:
-    a batch is a few thousand rows, whose float32 sum is good to ~1e-6 relative (GPTQ factors
-    in float32 anyway), and the float64 product was a sixth of a block's quantization time.
-    """
+    The batch's own Gram matrix is formed in float32: a batch is a few thousand rows, whose
+    float32 sum is good to ~1e-6 relative (GPTQ factors in float32 anyway), and the float64
+    product was a sixth of a block's quantization time. Batches are summed in float64 (so long
+    calibration runs lose no small contributions) in a fixed order: `PairwiseSum`."""
     x = inputs.reshape(-1, inputs.shape[-1]).to(torch.float32)
-    n_new = x.shape[0]
-    if hessian is None:
-        hessian = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64)
-    total = n_seen + n_new
-    # in place: no full-size float64 temporaries (a 4096-wide float64 Hessian is 134 MB)
-    hessian.mul_(n_seen / total).add_(x.T @ x, alpha=2.0 / total)
-    return hessian, total
+    return (x.T @ x).to(torch.float64), x.shape[0]
+
+
+class PairwiseSum:
+    """Sum of leaves added in index order, over a fixed binary tree: leaf i and leaf i^1 are
+    added first, then their pairs, and so on (a perfect tree over the next power of two, absent
+    leaves skipped). Floating-point sums depend on their order; this one depends only on the
+    leaves' global indices, so a shard that sums an aligned run of 2^k leaves gets exactly the
+    tree's node over them, and the nodes of 2^j shards summed by another PairwiseSum give
+    exactly the single-process total: 1, 2 or 4 shards give bit-identical Hessians.
+
+    Memory: at most log2(leaves) + 1 partial sums are alive (a stack, as in a binary counter).
+    `add(None)` counts an absent leaf (an empty shard)."""
+
+    def __init__(self) -> None:
+        self._stack: list[tuple[int, torch.Tensor | None]] = []  # (tree level, node sum)
+
+    def add(self, leaf: torch.Tensor | None) -> None:
+        level, node = 0, leaf
+        while self._stack and self._stack[-1][0] == level:
+            _, left = self._stack.pop()
+            node = _add_nodes(left, node)
+            level += 1
+        self._stack.append((level, node))
+
+    def total(self) -> torch.Tensor | None:
+        """The root over the leaves so far; unfinished subtrees fold right to left, as the
+        perfect tree with its missing right leaves absent would."""
+        node = None
+        for _, left in reversed(self._stack):
+            node = _add_nodes(left, node)
+        return node
+
+
+def _add_nodes(left: torch.Tensor | None, right: torch.Tensor | None) -> torch.Tensor | None:
+    if left is None:
+        return right
+    if right is None:
+        return left
+    return left.add_(right)  # the left node is owned by the tree: reuse its memory
+
+
+def merge_partials(partials: list[torch.Tensor | None]) -> torch.Tensor | None:
+    """The tree's upper levels over shard partial sums given in shard order (a power of two of
+    them, each the sum of an aligned run of leaves: see `shard_batches`)."""
+    tree = PairwiseSum()
+    for partial in partials:
+        tree.add(None if partial is None else partial.clone())  # the tree sums in place: the callers' stay as they were
+    return tree.total()
+
+
+def hessian_from_sum(gram_sum: torch.Tensor, rows: int) -> torch.Tensor:
+    """H = 2/n * sum X^T X, in float64, from the exact-order sum of batch Grams."""
+    return gram_sum.mul_(2.0 / rows)
+
+
+def next_power_of_two(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
+
+
+def shard_batches(n_batches: int, n_shards: int, shard: int) -> range:
+    """The global batch indices shard `shard` of `n_shards` (a power of two) owns: an aligned
+    subtree of the fixed summation tree, so its partial sum is one of the tree's nodes."""
+    if n_shards < 1 or n_shards & (n_shards - 1):
+        raise ValueError(f"the shard count must be a power of two, not {n_shards}")
+    span = max(1, next_power_of_two(n_batches) // n_shards)
+    return range(min(shard * span, n_batches), min((shard + 1) * span, n_batches))
 
 
 def damped_inverse_cholesky(

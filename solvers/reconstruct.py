@@ -16,7 +16,7 @@ from layerquant.quantized import QuantizedWeight
 from layerquant.specs import QuantSpec
 from layerquant.tuning import BlockTuning  # re-exported: callers built it from here
 from layerquant.solvers.gptq import quantize_weight, relative_weighted_error
-from layerquant.solvers.hessian import accumulate_hessian
+from layerquant.solvers.hessian import PairwiseSum, batch_gram, hessian_from_sum
 from layerquant.solvers.staged import staged_quantize
 
 BlockForward = Callable[[nn.Module, torch.Tensor], torch.Tensor]
@@ -62,13 +62,16 @@ def collect_hessians(
     (q/k/v, gate/up) are hooked once per group by the caller passing only the group's first
     layer name.
     """
-    state: dict[str, tuple[torch.Tensor | None, int]] = {name: (None, 0) for name in layer_names}
+    # the same fixed-order sum over batches as the staged pass: the same Hessians to the bit
+    sums = {name: PairwiseSum() for name in layer_names}
+    rows = dict.fromkeys(layer_names, 0)
     waiting: set[str] = set()
 
     def make_hook(name: str):
         def hook(_module, args):
-            hessian, seen = state[name]
-            state[name] = accumulate_hessian(hessian, seen, args[0].detach())
+            gram, n = batch_gram(args[0].detach())
+            sums[name].add(gram)
+            rows[name] += n
             waiting.discard(name)
             if not waiting and not keep_outputs:
                 raise _InputsSeen
@@ -90,7 +93,7 @@ def collect_hessians(
             handle.remove()
     # accumulated in float64 for accuracy, handed on in float32: GPTQ factors in float32 and
     # a float64 copy alive next to the factorization doubled a block's peak memory
-    hessians = {name: hessian.to(torch.float32) for name, (hessian, _) in state.items()}
+    hessians = {name: hessian_from_sum(sums[name].total(), rows[name]).to(torch.float32) for name in layer_names}
     return hessians, torch.cat(outputs) if keep_outputs else None
 
 
@@ -106,24 +109,37 @@ def quantize_group_in_place(block: nn.Module, names: Sequence[str], hessian: tor
     outcomes = []
     for run in _same_spec_runs(names, specs):
         raise_if_cancelled()  # Ctrl-C of a CLI run: stop between layers, not after the block
-        start = time.perf_counter()
         linears = [block.get_submodule(name) for name in run]
-        weights = [linear.weight.detach().float() for linear in linears]
-        spec = specs[run[0]]
-        if len(run) == 1:
-            parts = [quantize_layer(weights[0], hessian, spec, damp_percent, layer_prefix + run[0])]
-        else:
-            stacked = quantize_weight(torch.cat(weights), hessian, spec, damp_percent=damp_percent, layer=layer_prefix + "+".join(run))
-            rows = [w.shape[0] for w in weights]
-            parts = [(q.to_tensors(), q.dequantize(), stacked.damp_used) for q in _split_rows(stacked.quantized, rows)]
-        seconds = (time.perf_counter() - start) / len(run)  # a shared solve's time, split evenly
-        for name, linear, weight, (tensors, weight_hat, damp_used) in zip(run, linears, weights, parts):
-            error = relative_weighted_error(weight, weight_hat, hessian)
+        solved = solve_unit(run, [linear.weight.detach().float() for linear in linears], hessian, specs[run[0]], damp_percent, layer_prefix)
+        for linear, (outcome, weight_hat) in zip(linears, solved):
             with torch.no_grad():
                 linear.weight.copy_(weight_hat.to(linear.weight.dtype))
-            outcomes.append(LayerOutcome(name, spec, tensors, tuple(weight.shape), error, damp_used, seconds))
-        del weights, parts
+            outcomes.append(outcome)
+        del solved
     return outcomes
+
+
+def solve_unit(run: Sequence[str], weights: Sequence[torch.Tensor], hessian: torch.Tensor, spec: QuantSpec, damp_percent: float,
+               layer_prefix: str) -> list[tuple[LayerOutcome, torch.Tensor]]:
+    """Quantize one solve unit (`solve_units`: layers sharing a Hessian and a spec, stacked
+    into one matrix when there are several): (outcome, dequantized weight) per layer. The same
+    call serves the in-process pass and a cluster's per-unit solve task, so both give the same
+    codes to the bit."""
+    start = time.perf_counter()
+    if len(run) == 1:
+        parts = [quantize_layer(weights[0], hessian, spec, damp_percent, layer_prefix + run[0])]
+    else:
+        stacked = quantize_weight(torch.cat(list(weights)), hessian, spec, damp_percent=damp_percent, layer=layer_prefix + "+".join(run))
+        rows = [w.shape[0] for w in weights]
+        parts = [(q.to_tensors(), q.dequantize(), stacked.damp_used) for q in _split_rows(stacked.quantized, rows)]
+    seconds = (time.perf_counter() - start) / len(run)  # a shared solve's time, split evenly
+    return [(LayerOutcome(name, spec, tensors, tuple(weight.shape), relative_weighted_error(weight, weight_hat, hessian), damp_used, seconds),
+             weight_hat) for name, weight, (tensors, weight_hat, damp_used) in zip(run, weights, parts)]
+
+
+def solve_units(names: Sequence[str], specs: dict[str, QuantSpec]) -> list[list[str]]:
+    """The solve units of one group: see `_same_spec_runs`."""
+    return _same_spec_runs(names, specs)
 
 
 def _same_spec_runs(names: Sequence[str], specs: dict[str, QuantSpec]) -> list[list[str]]:

@@ -13,11 +13,14 @@ Why coroutines (greenlet) rather than a per-family split of the forward into sta
 paused forward is transformers' own code, so rotary tables, attention interfaces, q/k norms,
 Gemma 3's extra norms and sliding windows need no copy here that could drift from the model;
 and unlike threads, greenlets share one thread, so grad mode and torch's thread pool behave as
-in a plain call. Batches are resumed in index order, so Hessians accumulate in the same order
-(and to the same bits) as a pass that recomputes each group's inputs from the block's start.
+in a plain call. Batches are resumed in index order and their Gram matrices summed over a fixed tree of batch
+indices (solvers/hessian.PairwiseSum), so Hessians come out to the same bits as a pass that
+recomputes each group's inputs from the block's start, and as shards of the batches run on
+other workers and merged (`StagedShard`: the part of this pass one worker owns).
 """
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -26,7 +29,7 @@ import torch
 from greenlet import GreenletExit, getcurrent, greenlet
 from torch import nn
 
-from layerquant.solvers.hessian import accumulate_hessian
+from layerquant.solvers.hessian import PairwiseSum, batch_gram, hessian_from_sum
 
 BatchForward = Callable[[nn.Module, torch.Tensor], torch.Tensor]
 # called once per group with (layer names, the group's input Hessian): quantizes them in place
@@ -37,6 +40,108 @@ QuantizeGroup = Callable[[Sequence[str], torch.Tensor], None]
 class StagedPass:
     outputs: torch.Tensor  # the block's outputs with every group quantized
     seconds: dict[str, float] = field(default_factory=dict)  # forward / hessian / solve
+
+
+class StagedShard:
+    """Some batches of a block's forward, paused at linear groups: `run_to(g)` advances every
+    batch to group g and returns the exact-order sum of their Gram matrices there; the caller
+    then puts group g's quantized weights into `block` (here or, on a cluster, after merging
+    every shard's sum) and asks for the next group; `finish()` gives the block's outputs.
+
+    `first_group` > 0 starts a shard whose earlier groups are already quantized in `block`
+    (rebuilding a lost shard): its batches run through them without pausing. Greenlets can only
+    be switched on the thread that made them: `usable_here()` says whether this one can go on.
+    """
+
+    def __init__(self, block: nn.Module, forward: BatchForward, batches: Sequence[torch.Tensor],
+                 groups: Sequence[Sequence[str]], first_group: int = 0):
+        self.block = block
+        self.groups = [list(g) for g in groups if g]
+        self.next_group = first_group  # the group run_to expects next
+        self.thread = threading.get_ident()
+        self.hessian_seconds = 0.0
+        self._main = getcurrent()
+        self._sums = [PairwiseSum() for _ in self.groups]
+        self._rows = [0] * len(self.groups)
+        self._past: dict[greenlet, int] = {}  # batch -> the first group it has not reached yet
+        self._handles = [block.get_submodule(name).register_forward_pre_hook(self._hook(i))
+                         for i, names in enumerate(self.groups) if i >= first_group for name in names]
+        self._first_group = first_group
+        self._workers = [greenlet(lambda batch=batch: forward(block, batch)) for batch in batches]
+        self._paused_at: list[int | None] = [None] * len(self._workers)
+        self._outputs: list[torch.Tensor | None] = [None] * len(self._workers)
+
+    def _hook(self, group_index: int):
+        def pause_at_group(_module, args):
+            worker = getcurrent()
+            # a second layer of a group already seen by this batch, or a call from outside
+            if worker is self._main or self._past.get(worker, self._first_group) > group_index:
+                return
+            self._past[worker] = group_index + 1
+            start = time.perf_counter()
+            gram, rows = batch_gram(args[0].detach())
+            self._sums[group_index].add(gram)
+            self._rows[group_index] += rows
+            self.hessian_seconds += time.perf_counter() - start
+            self._main.switch(group_index)  # wait here until the group is quantized
+
+        return pause_at_group
+
+    def usable_here(self) -> bool:
+        return threading.get_ident() == self.thread and getcurrent() is self._main
+
+    def _advance(self, b: int) -> None:
+        result = self._workers[b].switch()
+        if self._workers[b].dead:
+            self._outputs[b], self._paused_at[b] = result, None
+        else:
+            self._paused_at[b] = result
+
+    def _run(self, until: int | None) -> None:
+        # grad mode is per thread, so every paused forward shares it: each one's no_grad exit
+        # restores the mode it entered with, which must be this one (an unwound forward after
+        # it would leave grad off for the caller)
+        with torch.no_grad():
+            for b, worker in enumerate(self._workers):
+                waiting_later = until is not None and self._paused_at[b] is not None and self._paused_at[b] >= until
+                if not worker.dead and not waiting_later:
+                    self._advance(b)
+
+    def run_to(self, group_index: int) -> tuple[torch.Tensor | None, int]:
+        """(sum of X^T X over this shard's batches at group `group_index`'s input, row count);
+        None when the shard has no batch."""
+        if group_index != self.next_group:
+            raise RuntimeError(f"shard is at group {self.next_group}, asked for group {group_index}")
+        self._run(group_index)
+        if self._workers and self._rows[group_index] == 0:
+            raise RuntimeError(f"the block's forward never reached {self.groups[group_index][0]}: its group cannot be quantized")
+        self.next_group = group_index + 1
+        total, self._sums[group_index] = self._sums[group_index].total(), PairwiseSum()
+        return total, self._rows[group_index]
+
+    def finish(self) -> torch.Tensor | None:
+        """The block's outputs on this shard's batches (None without batches); closes the shard."""
+        try:
+            self._run(None)
+            done = [o for o in self._outputs if o is not None]
+            return torch.cat(done) if done else None
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        if not self.usable_here():
+            return  # another thread's greenlets: left to the garbage collector
+        with torch.no_grad():  # the mode the paused forwards entered with, which their exits restore
+            for worker in self._workers:
+                if not worker.dead:  # an error left it paused: unwind its frames now, not at GC
+                    worker.throw(GreenletExit)
+
+
+def split_batches(inputs: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
+    return [inputs[start : start + batch_size] for start in range(0, inputs.shape[0], batch_size)]
 
 
 def staged_quantize(
@@ -55,74 +160,24 @@ def staged_quantize(
     never reaches are an error: their layers would silently stay float.
     """
     groups = [list(g) for g in groups if g]
-    main = getcurrent()
-    accumulated: list[tuple[torch.Tensor | None, int]] = [(None, 0)] * len(groups)
-    next_group: dict[greenlet, int] = {}
-    hessian_seconds = 0.0
-
-    def make_hook(group_index: int):
-        def pause_at_group(_module, args):
-            nonlocal hessian_seconds
-            worker = getcurrent()
-            # a second layer of a group already seen by this batch, or a call from outside
-            if worker is main or next_group.get(worker, 0) > group_index:
-                return
-            next_group[worker] = group_index + 1
-            start = time.perf_counter()
-            hessian, seen = accumulated[group_index]
-            accumulated[group_index] = accumulate_hessian(hessian, seen, args[0].detach())
-            hessian_seconds += time.perf_counter() - start
-            main.switch(group_index)  # wait here until the group is quantized
-
-        return pause_at_group
-
-    handles = [block.get_submodule(name).register_forward_pre_hook(make_hook(i))
-               for i, names in enumerate(groups) for name in names]
-    batches = [inputs[start : start + batch_size] for start in range(0, inputs.shape[0], batch_size)]
-    workers = [greenlet(lambda batch=batch: forward(block, batch)) for batch in batches]
-    paused_at: list[int | None] = [None] * len(workers)
-    outputs: list[torch.Tensor | None] = [None] * len(workers)
+    shard = StagedShard(block, forward, split_batches(inputs, batch_size), groups)
     solve_seconds = 0.0
     started = time.perf_counter()
-
-    def advance(b: int) -> None:
-        result = workers[b].switch()
-        if workers[b].dead:
-            outputs[b], paused_at[b] = result, None
-        else:
-            paused_at[b] = result
-
-    # grad mode is per thread, so every paused forward shares it: each one's no_grad exit
-    # restores the mode it entered with, which must be this one (an unwound forward after
-    # it would leave grad off for the caller)
-    with torch.no_grad():
-        try:
-            for group_index, names in enumerate(groups):
-                for b in range(len(workers)):
-                    waiting_later = paused_at[b] is not None and paused_at[b] >= group_index
-                    if not workers[b].dead and not waiting_later:
-                        advance(b)
-                hessian = accumulated[group_index][0]
-                if hessian is None:
-                    raise RuntimeError(f"the block's forward never reached {names[0]}: its group cannot be quantized")
-                accumulated[group_index] = (None, 0)
-                start = time.perf_counter()
-                # handed on in float32: GPTQ factors in float32, and a float64 copy next to the
-                # factorization would double a block's peak memory
-                quantize_group(names, hessian.to(torch.float32))
-                solve_seconds += time.perf_counter() - start
-                del hessian
-            for b in range(len(workers)):
-                if not workers[b].dead:
-                    advance(b)
-        finally:
-            for handle in handles:
-                handle.remove()
-            for worker in workers:
-                if not worker.dead:  # an error left it paused: unwind its frames now, not at GC
-                    worker.throw(GreenletExit)
+    try:
+        for group_index, names in enumerate(groups):
+            gram_sum, rows = shard.run_to(group_index)
+            start = time.perf_counter()
+            # handed on in float32: GPTQ factors in float32, and a float64 copy next to the
+            # factorization would double a block's peak memory
+            quantize_group(names, hessian_from_sum(gram_sum, rows).to(torch.float32))
+            solve_seconds += time.perf_counter() - start
+            del gram_sum
+        outputs = shard.finish()
+    finally:
+        shard.close()
     total = time.perf_counter() - started
+    hessian_seconds = shard.hessian_seconds
     return StagedPass(
-        outputs=torch.cat(outputs),
+        outputs=outputs,
         seconds={"forward": total - hessian_seconds - solve_seconds, "hessian": hessian_seconds, "solve": solve_seconds},
     )

@@ -1,0 +1,78 @@
+"""A block's staged pass split into data-parallel shards (calibration samples cut into aligned
+runs of batches, solvers/hessian.shard_batches), for a cluster's workers: each shard runs its
+own batches to a group and hands back its exact-order Gram sum; the sums merge to the same
+Hessian to the bit as one process computes; the group's solve units are solved from it
+(`solve_unit`, the in-process path's own call); the quantized weights go back into each
+shard's block and its batches go on.
+
+Pure: tensors in, tensors out. Where shard state lives and how sums travel is the task layer's
+business (tasks/shards.py).
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from layerquant.solvers.architectures import BlockContext, build_block, run_block
+from layerquant.solvers.hessian import hessian_from_sum, merge_partials, shard_batches
+from layerquant.solvers.reconstruct import LayerOutcome, relative_output_error, solve_unit
+from layerquant.solvers.staged import StagedShard, split_batches
+from layerquant.specs import QuantSpec
+
+
+def shard_sample_ranges(n_samples: int, batch_size: int, n_shards: int) -> list[tuple[int, int]]:
+    """[start, stop) of the calibration samples each shard owns: whole batches, aligned runs."""
+    n_batches = -(-n_samples // batch_size)
+    ranges = []
+    for shard in range(n_shards):
+        batches = shard_batches(n_batches, n_shards, shard)
+        ranges.append((min(batches.start * batch_size, n_samples), min(batches.stop * batch_size, n_samples)))
+    return ranges
+
+
+def set_weights(block: nn.Module, weights: dict[str, torch.Tensor]) -> None:
+    """Put quantized (dequantized) weights into the named linears, as the in-process pass does."""
+    with torch.no_grad():
+        for name, weight in weights.items():
+            linear = block.get_submodule(name)
+            linear.weight.copy_(weight.to(linear.weight.dtype))
+
+
+def start_shard(arch, config, index: int, float_weights: dict[str, torch.Tensor], inputs: torch.Tensor,
+                groups: Sequence[Sequence[str]], solved: dict[str, torch.Tensor], first_group: int,
+                batch_size: int = 8) -> StagedShard:
+    """A shard of block `index` over `inputs` (its own samples), whose groups before
+    `first_group` are already quantized (`solved`: their dequantized weights). Started at any
+    group it reaches the same bits as one that ran from group 0: pausing changes nothing."""
+    context = BlockContext(arch, config, seq_len=max(1, inputs.shape[1]))  # an empty shard has no length
+    block = build_block(arch, config, index, float_weights)
+    set_weights(block, solved)
+
+    def forward(module: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+        return run_block(module, context, index, hidden, batch_size)
+
+    return StagedShard(block, forward, split_batches(inputs, batch_size), groups, first_group)
+
+
+def solve_from_partials(run: Sequence[str], weights: Sequence[torch.Tensor], partials: list[torch.Tensor | None], rows: int,
+                        spec: QuantSpec, damp_percent: float, layer_prefix: str) -> list[tuple[LayerOutcome, torch.Tensor]]:
+    """Merge the shards' Gram sums (in shard order) into the group's Hessian and solve one unit."""
+    total = merge_partials(partials)
+    if total is None:
+        raise RuntimeError(f"no shard fed {run[0]}: its group cannot be quantized")
+    # handed on in float32, as in the in-process pass
+    hessian = hessian_from_sum(total, rows).to(torch.float32)
+    return solve_unit(run, weights, hessian, spec, damp_percent, layer_prefix)
+
+
+def float_output_error(arch, config, index: int, float_weights: dict[str, torch.Tensor], inputs: torch.Tensor,
+                       quantized_outputs: torch.Tensor, batch_size: int = 8) -> float:
+    """Relative output error of the quantized block against the float one on `inputs` (the
+    first samples: the in-process path's estimate on the same samples)."""
+    context = BlockContext(arch, config, seq_len=inputs.shape[1])
+    block = build_block(arch, config, index, float_weights)
+    with torch.no_grad():
+        reference = run_block(block, context, index, inputs, batch_size)
+    return relative_output_error(reference, quantized_outputs[: inputs.shape[0]])

@@ -1,0 +1,99 @@
+"""Data-parallel calibration shards: the Hessians merged from 1, 2 or 4 shards of the samples
+are bit-identical (a fixed summation tree over global batch indices), and so are the GPTQ
+codes solved from them and the block's outputs."""
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+from layerquant.config import RunConfig
+from layerquant.solvers import architectures as arch_ops
+from layerquant.solvers.hessian import PairwiseSum, merge_partials, shard_batches
+from layerquant.solvers.reconstruct import quantize_block_sequential, solve_units
+from layerquant.solvers.sharded import set_weights, shard_sample_ranges, solve_from_partials, start_shard
+from layerquant.specs import QuantSpec
+from support.stories_block import BLOCK, one_thread, real_block  # noqa: F401 (fixtures)
+
+SPEC = QuantSpec(bits=3, group_size=32, method="gptq", act_order=True)
+
+
+def test_pairwise_sum_is_the_same_tree_for_every_aligned_split():
+    torch.manual_seed(0)
+    # magnitudes far apart: a different summation order changes the low bits
+    leaves = [torch.randn(4, 4, dtype=torch.float64) * 10.0 ** (i % 7) for i in range(11)]
+    tree = PairwiseSum()
+    for leaf in leaves:
+        tree.add(leaf.clone())
+    whole = tree.total()
+    sequential = sum(leaf.clone() for leaf in leaves)
+    assert not torch.equal(whole, sequential)  # the order matters, so the test can fail
+    for n_shards in (1, 2, 4, 8, 16):
+        partials = []
+        for shard in range(n_shards):
+            part = PairwiseSum()
+            for b in shard_batches(len(leaves), n_shards, shard):
+                part.add(leaves[b].clone())
+            partials.append(part.total())
+        assert torch.equal(merge_partials(partials), whole), n_shards
+    with pytest.raises(ValueError, match="power of two"):
+        shard_batches(11, 3, 0)
+
+
+def run_sharded(arch, context, weights, inputs, n_shards):
+    """The block quantized by `n_shards` shards in one process, as the cluster's tasks do it."""
+    specs = {name: SPEC for name in arch.linear_names}
+    groups = arch.linear_groups
+    shards = [start_shard(arch, context.config, BLOCK, {k: v.clone() for k, v in weights.items()}, inputs[a:b], groups, {}, 0)
+              for a, b in shard_sample_ranges(inputs.shape[0], 8, n_shards)]
+    codes, hessian_sums = {}, []
+    for g, names in enumerate(groups):
+        parts = [shard.run_to(g) for shard in shards]
+        rows = sum(r for _, r in parts)
+        hessian_sums.append(merge_partials([None if p is None else p.clone() for p, _ in parts]))
+        solved = {}
+        for run in solve_units(names, specs):
+            float_w = [weights[f"{name}.weight"].float() for name in run]
+            for outcome, weight_hat in solve_from_partials(run, float_w, [p for p, _ in parts], rows, SPEC, 0.01, ""):
+                codes[outcome.name] = outcome.tensors
+                solved[outcome.name] = weight_hat
+        for shard in shards:
+            set_weights(shard.block, solved)
+    outputs = torch.cat([o for o in (shard.finish() for shard in shards) if o is not None])
+    return hessian_sums, codes, outputs
+
+
+def test_one_two_and_four_shards_give_the_same_hessians_codes_and_outputs(real_block):
+    arch, context, inputs = real_block["arch"], real_block["context"], real_block["x_train"][:28]  # a ragged last batch
+    weights = {k: v.detach().clone() for k, v in real_block["block"].state_dict().items()}
+    one = run_sharded(arch, context, weights, inputs, 1)
+    # the in-process staged pass is the one-shard case
+    block = arch_ops.build_block(arch, context.config, BLOCK, {k: v.clone() for k, v in weights.items()})
+    staged = quantize_block_sequential(block, lambda m, h: arch_ops.run_block(m, context, BLOCK, h, 8), inputs, arch.linear_groups,
+                                       {name: SPEC for name in arch.linear_names})
+    for outcome in staged.outcomes:
+        for part, tensor in outcome.tensors.items():
+            assert torch.equal(one[1][outcome.name][part], tensor), (outcome.name, part)
+    assert torch.equal(one[2], staged.outputs)
+    for n_shards in (2, 4):
+        hessians, codes, outputs = run_sharded(arch, context, weights, inputs, n_shards)
+        assert all(torch.equal(a, b) for a, b in zip(hessians, one[0])), n_shards
+        for name, tensors in one[1].items():
+            for part, tensor in tensors.items():
+                assert torch.equal(codes[name][part], tensor), (n_shards, name, part)
+        assert torch.equal(outputs, one[2])
+
+
+def test_bad_cluster_settings_are_clear_errors():
+    """Checked when the config is read, before any cluster starts."""
+    from layerquant.errors import InvalidSpec
+
+    with pytest.raises(InvalidSpec, match="power of two"):
+        RunConfig.from_sources(None, shards=3)
+    with pytest.raises(InvalidSpec, match=re.escape("tcp://host:8786")):
+        RunConfig.from_sources(None, dask_address="localhost:8786")
+    with pytest.raises(InvalidSpec, match="--budget"):
+        RunConfig.from_sources(None, workers=2, budget=3.5).check_cluster_support()
+    with pytest.raises(InvalidSpec, match="both --workers and --dask-address"):
+        RunConfig.from_sources(None, workers=2, dask_address="tcp://127.0.0.1:8786").check_cluster_support()
