@@ -60,18 +60,16 @@ def stored_quantization(ctx: RunContext, block_refs: list[dict]) -> WeightsTrans
     return transform
 
 
-def model_embed(reader: CheckpointReader) -> Callable[[torch.Tensor], torch.Tensor]:
+def model_ends(reader: CheckpointReader) -> tuple[Callable[[torch.Tensor], torch.Tensor], Callable[[torch.Tensor], torch.Tensor], int]:
+    """The embedding (tokens -> hidden), the LM head (final norm, head weights, softcap: hidden
+    [T, H] -> logits [T, V]) and V."""
     embed = reader.embed_weight()
-    return lambda tokens: arch_ops.embed_tokens(reader.arch, reader.config, embed, tokens)
-
-
-def model_head(reader: CheckpointReader) -> tuple[Callable[[torch.Tensor], torch.Tensor], int]:
-    """The LM head (final norm, head weights, softcap) as hidden [T, H] -> logits [T, V], and V."""
     norm = arch_ops.family_norm(reader.arch, reader.config, reader.final_norm_weight())
     # tied embeddings: one tensor serves both ends (Gemma 3's is 671 MB in float32)
-    weight = reader.lm_head_weight() if reader.has(reader.arch.lm_head_name) else reader.embed_weight()
+    weight = reader.lm_head_weight() if reader.has(reader.arch.lm_head_name) else embed
     softcap = getattr(reader.config, "final_logit_softcapping", None)
-    return (lambda hidden: arch_ops.head_logits(hidden, norm, weight, softcap)), int(weight.shape[0])
+    return (lambda tokens: arch_ops.embed_tokens(reader.arch, reader.config, embed, tokens),
+            lambda hidden: arch_ops.head_logits(hidden, norm, weight, softcap), int(weight.shape[0]))
 
 
 def reader_perplexity(reader: CheckpointReader, windows: torch.Tensor, transform: WeightsTransform | None = None,
@@ -79,12 +77,12 @@ def reader_perplexity(reader: CheckpointReader, windows: torch.Tensor, transform
     """Streamed perplexity of the model `reader` reads (its weights through `transform`), and
     against `reference` = (the reference's last hidden states, its reader) the divergence from it.
     Returns the summary and the last hidden states."""
-    head, vocab = model_head(reader)
+    embed, head, vocab = model_ends(reader)
     reference_hidden, reference_head = None, None
     if reference is not None:
         reference_hidden, reference_reader = reference
-        reference_head = head if reference_reader is reader else model_head(reference_reader)[0]
-    return stream_perplexity(windows, model_embed(reader), model_blocks(reader, windows.shape[1], transform), head, vocab,
+        reference_head = head if reference_reader is reader else model_ends(reference_reader)[1]
+    return stream_perplexity(windows, embed, model_blocks(reader, windows.shape[1], transform), head, vocab,
                              reference_hidden, reference_head)
 
 

@@ -425,10 +425,11 @@ def failure_reason(message: str) -> str:
 
 
 def same_size(ours: dict, other: dict) -> bool:
-    """Whether a peer row is at our row's size: the same budget, or the same bits and group size."""
+    """Whether a peer row is at our row's size: the same budget (for our bit plans), else the same
+    bits and group size (a peer's uniform-B row included)."""
     if ours.get("budget") is not None:
         return other.get("budget") == ours["budget"]
-    return other.get("budget") is None and (other.get("bits"), other.get("group_size")) == (ours.get("bits"), ours.get("group_size"))
+    return (other.get("bits"), other.get("group_size")) == (ours.get("bits"), ours.get("group_size"))
 
 
 def paired_against_best_peer(row: dict, rows: list[dict]) -> str:
