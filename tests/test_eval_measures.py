@@ -10,6 +10,7 @@ import pytest
 from layerquant.cli import main
 from layerquant.config import RunConfig, text_name
 from layerquant.errors import InvalidSpec
+from layerquant.report import evaluation_markdown
 from layerquant.solvers.evaluation import paired_ratio, t_quantile
 from layerquant.tasks.context import RunContext
 from layerquant.tasks.validation import compare_models, eval_windows, model_perplexity
@@ -102,6 +103,10 @@ def test_every_evaluation_text_is_reported_under_its_name_and_the_first_is_the_h
     other = report["evaluations"]["tinystories_calib_190k"]
     assert other["ppl_fp"] != headline["ppl_fp"] and 0 < other["kl_mean"]
     assert len(other["window_nll_quant"]) == len(other["window_nll_fp"]) == 16
+    # the Prefect summary has one row per text
+    table = evaluation_markdown(report)
+    assert "| tinystories_eval_600k |" in table and "| tinystories_calib_190k |" in table
+    assert f"{headline['kl_mean']:.5f}" in table
 
 
 @pytest.mark.slow
