@@ -122,3 +122,15 @@ def test_eval_with_a_baseline_reports_what_the_run_measured(gptq_runs, stories_m
     assert result["kl_mean"] == pytest.approx(report["kl_mean"], rel=1e-3)
     assert result["top1_agreement"] == pytest.approx(report["top1_agreement"], abs=2 / result["tokens"])
     assert result["paired"]["low"] < result["paired"]["ratio"] < result["paired"]["high"]
+
+
+def test_eval_flag_repeats_and_a_recipe_takes_a_list(tmp_path, eval_text, calib_text):
+    from layerquant.cli import build_parser, config_from_args
+
+    args = build_parser().parse_args(["quantize", "--out", str(tmp_path / "out"), "--eval", eval_text, "--eval", calib_text])
+    assert config_from_args(args).eval_texts() == [eval_text, calib_text]
+    once = build_parser().parse_args(["quantize", "--out", str(tmp_path / "out"), "--eval", eval_text])
+    assert config_from_args(once).eval == eval_text  # one text: the single-path setting it always was
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(f"eval:\n  - {eval_text}\n  - {calib_text}\n")
+    assert RunConfig.from_sources(str(recipe)).eval_names() == ["tinystories_eval_600k", "tinystories_calib_190k"]
