@@ -15,6 +15,11 @@ N x L tokens of the calibration text, BOS-prefixed), so both tools see exactly t
          data-free.
   float  no quantization: the model only goes through this environment's load and save path
          (checks that the path itself changes nothing).
+AWQ on a machine without an accelerator: llm-compressor 0.14.0.1's AWQ pins its cached
+activations (`IntermediatesCache.pin_memory`, for non-blocking host-to-GPU copies), which a
+CPU-only torch refuses ("Cannot access accelerator device when none is available"). Pinning only
+speeds transfers and changes no value, so on a machine without CUDA it is made a no-op here
+(recorded as patched_pin_memory in llmcompressor.json).
 --special gives layers ending in SUFFIX their own group size: stories260K's down_proj has 172
 input columns and llm-compressor refuses a group size that does not divide the columns.
 
@@ -56,6 +61,7 @@ def main() -> int:
     linear = {n: tuple(m.weight.shape) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and "lm_head" not in n}
     special = {suffix: int(size) for suffix, size in (pair.split("=") for pair in args.special)}
     layer_groups: dict[str, int] = {}
+    patched: list[str] = []
     if args.method != "float":
         from llmcompressor import oneshot
 
@@ -77,6 +83,11 @@ def main() -> int:
                 recipe = GPTQModifier(config_groups=groups, ignore=["lm_head"])
             else:  # the smoothing transform first, then the quantization it was searched for
                 recipe = [AWQModifier(), QuantizationModifier(config_groups=groups, ignore=["lm_head"])]
+                if not torch.cuda.is_available():
+                    from llmcompressor.pipelines.cache import IntermediatesCache
+
+                    IntermediatesCache.pin_memory = lambda self, *args, **kwargs: None
+                    patched.append("pin_memory")
             oneshot(model=model, dataset=dataset, recipe=recipe, max_seq_length=tokens.shape[1], num_calibration_samples=tokens.shape[0])
         else:
             from llmcompressor.modifiers.quantization import QuantizationModifier
@@ -117,7 +128,8 @@ def main() -> int:
     tokenizer.save_pretrained(args.out)
     (args.out / "llmcompressor.json").write_text(json.dumps({
         "version": llmcompressor.__version__, "method": args.method, "bits": args.bits, "asym": args.asym, "group_sizes": layer_groups,
-        "shapes": {name: list(shape) for name, shape in linear.items()}, "seconds": round(time.perf_counter() - started, 2)}, indent=1))
+        "shapes": {name: list(shape) for name, shape in linear.items()}, "seconds": round(time.perf_counter() - started, 2),
+        **({"patched_pin_memory": True} if patched else {})}, indent=1))
     return 0
 
 
