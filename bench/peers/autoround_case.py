@@ -11,19 +11,21 @@ other tools see.
              iterations per block, its learning rate and minmax-tuning defaults; embeddings and
              LM head float. The resolved settings are recorded in autoround.json.
 
-AutoRound writes a "fake" checkpoint (its quantize-dequantized weights in float) to a folder next
-to OUT; this script copies those weights into OUT as a plain float32 checkpoint (config.json
-without quantization_config, the tokenizer) and writes autoround.json (version, method, bits,
-per-layer group sizes and shapes, seconds, resolved settings), deleting the temporary folder.
+After AutoRound's quantize() the in-memory model holds its quantize-dequantized weights (in
+bfloat16: AutoRound casts the model on the CPU). (0.16.1's "fake" export no longer writes them:
+it defers the quantization to load time.) This script writes OUT as a plain float32 checkpoint:
+the quantized linears' weights from memory, every other tensor as it was before AutoRound (what
+its fake export restores too), the original config.json and the tokenizer, plus autoround.json
+(version, method, bits, per-layer group sizes and shapes, seconds, resolved settings).
 layerquant's evaluator then measures it exactly as it measures layerquant's output. Every linear
-except lm_head must come back changed by quantization, else the script fails.
+except lm_head must come back on a 2^bits-level grid per group, else the script fails and says
+which layers AutoRound left unquantized (on stories260K it skips the 172-wide MLP layers).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
-import shutil
 import time
 from pathlib import Path
 
@@ -35,6 +37,17 @@ import torch  # noqa: E402
 BATCH = 8  # AutoRound's default batch size
 
 
+def on_grid(weight: torch.Tensor, bits: int, group: int) -> bool:
+    """Whether every group of `group` columns of every row holds at most 2^bits distinct values."""
+    levels = 2**bits
+    for start in range(0, weight.shape[1], group):
+        values = weight[:, start : start + group].sort(dim=1).values
+        distinct = 1 + (values[:, 1:] != values[:, :-1]).sum(dim=1)
+        if int(distinct.max()) > levels:
+            return False
+    return True
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", required=True)
@@ -43,6 +56,7 @@ def main() -> int:
     parser.add_argument("--windows", required=True)
     parser.add_argument("--bits", type=int, default=4)
     parser.add_argument("--group", type=int, default=128)
+    parser.add_argument("--iters", type=int, help="AutoRound's iterations (default: its own, 200); 0 for a quick smoke test")
     args = parser.parse_args()
     started = time.perf_counter()
 
@@ -55,35 +69,38 @@ def main() -> int:
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     linear = {n: tuple(m.weight.shape) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and "lm_head" not in n}
-    original = {n + ".weight": m.weight.detach().clone() for n, m in model.named_modules() if n in linear}
     tokens = load_file(args.windows)["tokens"]
     batches = [tokens[start : start + BATCH] for start in range(0, tokens.shape[0], BATCH)]
 
-    scratch = args.out.with_name(f".{args.out.name}.autoround-tmp")
-    shutil.rmtree(scratch, ignore_errors=True)
-    try:
-        rounder = AutoRound(model, tokenizer=tokenizer, scheme="W4A16", bits=args.bits, group_size=args.group, sym=True,
-                            dataset=batches, nsamples=tokens.shape[0], seqlen=tokens.shape[1], device_map="cpu")
-        settings = {name: getattr(rounder, name) for name in ("iters", "lr", "minmax_lr", "batch_size", "amp", "enable_minmax_tuning",
-                                                              "nsamples", "seqlen", "sym", "group_size", "bits")
-                    if isinstance(getattr(rounder, name, None), (int, float, bool, str))}
-        rounder.quantize_and_save(str(scratch), format="fake")
-        quantized_at = time.perf_counter()
-        state = {}
-        for file in sorted(scratch.glob("*.safetensors")):
-            state.update(load_file(file))
-        state = {name: tensor.float().contiguous() for name, tensor in state.items()
-                 if not name.endswith((".scale", ".zp", ".scales", ".qzeros", ".qweight", ".g_idx"))}
-        unchanged = [name for name, weight in original.items() if name not in state or torch.equal(state[name], weight)]
-        if unchanged:
-            raise SystemExit(f"error: {len(unchanged)} linear layers were not quantized, e.g. {unchanged[0]}")
-        config = json.loads((scratch / "config.json").read_text())
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
-
+    original = {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
+    source_config = json.loads((Path(args.model) / "config.json").read_text())
+    rounder = AutoRound(model, tokenizer=tokenizer, scheme="W4A16", bits=args.bits, group_size=args.group, sym=True,
+                        dataset=batches, nsamples=tokens.shape[0], seqlen=tokens.shape[1], device_map="cpu",
+                        **({"iters": args.iters} if args.iters is not None else {}))
+    settings = {name: getattr(rounder, name) for name in ("iters", "lr", "minmax_lr", "batch_size", "amp", "enable_minmax_tuning",
+                                                          "nsamples", "seqlen", "sym", "group_size", "bits", "enable_torch_compile")
+                if isinstance(getattr(rounder, name, None), (int, float, bool, str))}
+    quantized_model, _ = rounder.quantize()
+    quantized_at = time.perf_counter()
+    live = quantized_model.state_dict()
+    # AutoRound casts the model to bfloat16 on the CPU; its own "fake" export restores every tensor
+    # it did not quantize to the original float32. Likewise here: the quantized linears' weights
+    # (on the grid, in bfloat16) and every other tensor as it was
+    state = {name: tensor.float().contiguous() for name, tensor in original.items()}
+    skipped = []
+    for name, shape in linear.items():
+        weight = live[name + ".weight"].float()
+        if on_grid(weight, args.bits, args.group):
+            state[name + ".weight"] = weight.contiguous()
+        else:
+            skipped.append(f"{name} {list(shape)}")
+    if skipped:
+        raise SystemExit(f"error: AutoRound {auto_round.__version__} left {len(skipped)} of {len(linear)} linear layers unquantized "
+                         f"at group {args.group}, e.g. {skipped[0]} (out x in)")
+    config = source_config
     config.pop("quantization_config", None)
     config["torch_dtype"] = config["dtype"] = "float32"
-    if config.get("tie_word_embeddings"):
+    if getattr(model.config, "tie_word_embeddings", False):
         state.pop("lm_head.weight", None)
     args.out.mkdir(parents=True, exist_ok=True)
     save_file(state, args.out / "model.safetensors", metadata={"format": "pt"})
