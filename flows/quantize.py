@@ -18,7 +18,7 @@ from layerquant.errors import Cancelled, QualityGateFailed
 from layerquant.flows.cluster import Cluster, open_cluster
 from layerquant.infra.checkpoint import CheckpointReader
 from layerquant.infra.store import open_store
-from layerquant.report import build_report, forwards_per_block, merge_timings, timing_summary
+from layerquant.report import build_report, evaluation_markdown, forwards_per_block, merge_timings, timing_summary
 from layerquant.specs import ArtifactRef
 from layerquant.tasks.blocks import quantize_block
 from layerquant.tasks.calibration import capture_calibration
@@ -123,16 +123,20 @@ def _run_stages(config, run_config, reader, run_id, progress, force_blocks, star
         state["blocks"] = blocks
         record_manifest(run_config.store, run_id, "running", run_manifest(config, n_blocks, blocks, scored))
 
+    evaluations = {}
+    for text_index, text_name in enumerate(run_config.eval_names()):
+        raise_if_cancelled()
+        float_result = evaluate(config, "float", blocks, text_index)
+        raise_if_cancelled()
+        # scored next to the float model's stored last hidden states: KL, top-1, paired ratio
+        evaluations[text_name] = (float_result, evaluate(config, "quant", blocks, text_index, {"hidden": float_result["hidden"]}))
     raise_if_cancelled()
-    ppl_fp = evaluate(config, "float", blocks)
-    raise_if_cancelled()
-    ppl_quant = evaluate(config, "quant", blocks)
-    raise_if_cancelled()
+    ppl_fp, ppl_quant = next(iter(evaluations.values()))  # the first text is the headline
     if plan is not None:
         plan = plan | fit_higgs(config, ppl_fp["ppl"], plan["predicted_loss"])
     metas = [ArtifactRef.from_dict(b["block"]).meta for b in blocks]
     wall_s = time.perf_counter() - started
-    task_timings = [b["timing"] for b in blocks] + [s.get("timing", {}) for s in scored] + [ppl_fp["timing"], ppl_quant["timing"]]
+    task_timings = [b["timing"] for b in blocks] + [s.get("timing", {}) for s in scored] + [result["timing"] for pair in evaluations.values() for result in pair]
     report = build_report(
         metas,
         [reader.block_prefix(i) for i in range(n_blocks)],
@@ -158,6 +162,7 @@ def _run_stages(config, run_config, reader, run_id, progress, force_blocks, star
                 # per worker and block: peak and idle RSS (MB), what bounds a worker's memory
                 "worker_memory": [b.get("worker_memory", {}) for b in blocks]},
         },
+        evaluations,
     )
     if run_config.max_ppl_increase is not None and report["ppl_quant"] > report["ppl_fp"] * (1 + run_config.max_ppl_increase):
         error = QualityGateFailed(report["ppl_fp"], report["ppl_quant"], run_config.max_ppl_increase)
@@ -237,6 +242,7 @@ def publish_summary(run_id: str, report: dict[str, Any]) -> None:
             f"| average bits / weight | {report['avg_bits']:.3f} |\n| quantized size | {report['quantized_mb']:.2f} MiB |\n"
             f"| wall time | {report['wall_s']} s |\n| peak RSS | {report['peak_rss_mb']} MB |\n"
             f"| block forwards per block | {report['forwards_per_block']} |\n\n"
+            + evaluation_markdown(report) +
             "## Where the time went\n\n| phase | seconds | share |\n|---|---|---|\n"
             + "".join(f"| {name} | {seconds} | {100 * report['timing']['share'][name]:.1f}% |\n"
                       for name, seconds in report["timing"]["seconds"].items())

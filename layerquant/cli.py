@@ -39,7 +39,9 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", help="Hugging Face model folder (default: the bundled stories260K)")
     parser.add_argument("--recipe", help="YAML recipe; flags override it")
     parser.add_argument("--calib", help="calibration text (.txt or datasets folder)")
-    parser.add_argument("--eval", dest="eval_text", help="evaluation text (.txt or datasets folder)")
+    parser.add_argument("--eval", dest="eval_text", action="append",
+                        help="evaluation text (.txt or datasets folder); repeat for several, each reported under its name "
+                             "(the first is the headline, used by quality gates and the bit plan's fit)")
     parser.add_argument("--text-encoding", help="encoding of the .txt texts (default utf-8; e.g. latin-1)")
     parser.add_argument("--bits", type=int)
     parser.add_argument("--group-size", type=group_size_arg,
@@ -102,7 +104,7 @@ def config_from_args(args: argparse.Namespace):
         args.recipe,
         model=args.model,
         calib=args.calib,
-        eval=args.eval_text,
+        eval=args.eval_text if args.eval_text is None or len(args.eval_text) > 1 else args.eval_text[0],
         text_encoding=args.text_encoding,
         device=getattr(args, "device", None),
         bits=args.bits,
@@ -138,7 +140,7 @@ def config_from_args(args: argparse.Namespace):
 def protected_paths(config) -> list[tuple[str, str]]:
     """What an output folder must stay clear of (infra.paths.check_output_folder)."""
     return [("artifact store", config.store), ("model folder", config.model), ("calibration text", config.calib),
-            ("evaluation text", config.eval)]
+            *(("evaluation text", text) for text in config.eval_texts())]
 
 
 def check_output(config, out: str | None, args: argparse.Namespace) -> None:
@@ -163,7 +165,9 @@ def preflight(config) -> None:
     check_overrides(config, reader)
     if config.budget is not None:
         check_budget(config, reader)
-    all_token_windows(open_store(config.store), config, ["calibration", "evaluation"] if config.needs_calibration() else ["evaluation"])
+    requests = [("calibration", 0)] if config.needs_calibration() else []
+    requests += [("evaluation", index) for index in range(len(config.eval_texts()))]
+    all_token_windows(open_store(config.store), config, requests)
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
@@ -188,18 +192,25 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    """Perplexity of a model folder; with --baseline, also of the baseline on the same windows
+    (its tokenizer cuts them) and the model's divergence from it: KL(baseline || model) mean and
+    99th percentile, top-1 agreement, and the perplexity ratio with its paired 95% interval."""
     from layerquant.config import RunConfig
-    from layerquant.tasks.context import RunContext
-    from layerquant.tasks.validation import eval_windows, model_perplexity
-
     from layerquant.infra.paths import check_store_location
+    from layerquant.tasks.context import RunContext
+    from layerquant.tasks.validation import compare_models, eval_windows, model_perplexity
 
     check_store_location(args.store)
-    config = RunConfig.from_sources(None, model=args.model, eval=args.text, eval_windows=args.windows, eval_seqlen=args.seqlen, store=args.store,
-                                    text_encoding=args.text_encoding)
+    config = RunConfig.from_sources(None, model=args.baseline or args.model, eval=args.text, eval_windows=args.windows,
+                                    eval_seqlen=args.seqlen, store=args.store, text_encoding=args.text_encoding)
     ctx = RunContext.open(config.model_dump())
-    result = model_perplexity(ctx, eval_windows(ctx), None)
-    print(json.dumps({"model": args.model, "text": args.text, **result, "windows": args.windows, "seqlen": args.seqlen}))
+    windows = eval_windows(ctx)
+    if args.baseline is None:
+        result = model_perplexity(ctx, windows, None)
+    else:
+        result = compare_models(RunContext.open(config.model_copy(update={"model": args.model}).model_dump()).reader, ctx.reader, windows)
+    print(json.dumps({"model": args.model, "baseline": args.baseline, "text": args.text, **result,
+                      "windows": int(windows.shape[0]), "seqlen": int(windows.shape[1])}))
     return 0
 
 
@@ -336,6 +347,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = sub.add_parser("eval", help="perplexity of a model folder on a text, as JSON")
     evaluate.add_argument("--model", required=True)
     evaluate.add_argument("--text", required=True)
+    evaluate.add_argument("--baseline", help="reference model folder (e.g. the float model): adds its perplexity, the KL divergence "
+                                             "from it, top-1 agreement and the paired 95%% interval of the perplexity ratio")
     evaluate.add_argument("--windows", type=int, default=run_default("eval_windows"))
     evaluate.add_argument("--seqlen", type=int, default=run_default("eval_seqlen"))
     evaluate.add_argument("--store", default=run_default("store"))

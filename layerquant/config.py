@@ -37,6 +37,12 @@ def default_eval() -> str:
     return asset_path("text", "tinystories_eval_600k.txt")
 
 
+def text_name(path: str) -> str:
+    """What a report calls an evaluation text: its file name without the extension (or the
+    datasets folder's name)."""
+    return Path(str(path).rstrip("/")).stem
+
+
 class RunConfig(BaseModel):
     """Everything that determines a run's result (and, separately, where things go)."""
 
@@ -44,7 +50,9 @@ class RunConfig(BaseModel):
 
     model: str = Field(default_factory=default_model)
     calib: str = Field(default_factory=default_calib)
-    eval: str = Field(default_factory=default_eval)
+    # one evaluation text, or several (a list): each is reported under its name (text_name); the
+    # first one is the headline, the one quality gates and the mixed-precision fit use
+    eval: str | list[str] = Field(default_factory=default_eval)
     # how .txt texts are decoded; invalid bytes are an error (naming the offset), never replaced
     text_encoding: str = "utf-8"
     # where blocks are reconstructed (weights, stage activations, Hessians, GPTQ solves); the
@@ -150,6 +158,21 @@ class RunConfig(BaseModel):
             raise InvalidSpec(f"a run over a Dask cluster does not support {', '.join(unsupported)} yet",
                               "leave them out, or run without --workers/--dask-address")
 
+    @field_validator("eval")
+    @classmethod
+    def _eval(cls, value: str | list[str]) -> str | list[str]:
+        if isinstance(value, list):
+            if not value:
+                raise ValueError("the list of evaluation texts is empty: give at least one path")
+            names = [text_name(path) for path in value]
+            repeated = sorted({name for name in names if names.count(name) > 1})
+            if repeated:
+                raise ValueError(f"evaluation texts share the name {repeated[0]!r}: rename or move one of them "
+                                 "(results are keyed by the file or folder name)")
+            if len(value) == 1:  # one text in a list is the single-text run it always was (same run id)
+                return value[0]
+        return value
+
     @field_validator("text_encoding")
     @classmethod
     def _encoding(cls, value: str) -> str:
@@ -166,6 +189,14 @@ class RunConfig(BaseModel):
         if value < 0 or 0 < value < 8:
             raise ValueError(f"group_size={value} is out of range: use 0 (per-channel) or >= 8")
         return value
+
+    def eval_texts(self) -> list[str]:
+        """The evaluation texts, the first one the headline."""
+        return [self.eval] if isinstance(self.eval, str) else list(self.eval)
+
+    def eval_names(self) -> list[str]:
+        """The names the report keys each evaluation text's results by (unique: checked)."""
+        return [text_name(text) for text in self.eval_texts()]
 
     def default_spec(self) -> QuantSpec:
         return QuantSpec(

@@ -49,13 +49,48 @@ def forwards_per_block(block_metas: list[dict[str, Any]]) -> float:
     return round(sum(meta.get("forwards", 0.0) for meta in block_metas) / max(len(block_metas), 1), 3)
 
 
+def divergence_fields(quant: dict[str, Any]) -> dict[str, Any]:
+    """What an evaluation made against the float model adds (None where it was not): the
+    perplexity ratio quantized / float with its paired 95% interval over the windows
+    (solvers.evaluation.paired_ratio), mean and 99th percentile of the per-token
+    KL(float || quantized) in nats, and the share of tokens whose top-1 prediction is unchanged."""
+    paired = quant.get("paired")
+    return {
+        "ppl_ratio": paired["ratio"] if paired else None,
+        "ppl_ratio_ci95": [paired["low"], paired["high"]] if paired else None,
+        "kl_mean": quant.get("kl_mean"),
+        "kl_p99": quant.get("kl_p99"),
+        "top1_agreement": quant.get("top1_agreement"),
+    }
+
+
+def evaluation_entry(ppl_fp: dict[str, Any], ppl_quant: dict[str, Any]) -> dict[str, Any]:
+    """One evaluation text's results in the report, per-window NLL sums included (for paired
+    comparisons with other runs on the same windows)."""
+    return {
+        "ppl_fp": ppl_fp["ppl"],
+        "ppl_quant": ppl_quant["ppl"],
+        "ppl_increase_pct": 100.0 * (ppl_quant["ppl"] / ppl_fp["ppl"] - 1.0),
+        "nll_std_err": ppl_quant.get("nll_std_err"),
+        **divergence_fields(ppl_quant),
+        "windows": ppl_fp["windows"],
+        "seqlen": ppl_fp["seqlen"],
+        "window_tokens": ppl_quant.get("window_tokens"),
+        "window_nll_fp": ppl_fp.get("window_nll"),
+        "window_nll_quant": ppl_quant.get("window_nll"),
+    }
+
+
 def build_report(
     block_metas: list[dict[str, Any]],
     block_prefixes: list[str],
     ppl_fp: dict[str, Any],
     ppl_quant: dict[str, Any],
     run: dict[str, Any],
+    evaluations: dict[str, tuple[dict[str, Any], dict[str, Any]]] | None = None,
 ) -> dict[str, Any]:
+    """`ppl_fp` / `ppl_quant`: the headline (first) evaluation text's results; `evaluations`:
+    text name -> (float, quantized) results of every text, the headline's included."""
     layers = []
     for meta, prefix in zip(block_metas, block_prefixes):
         for layer in meta["layers"]:
@@ -80,8 +115,10 @@ def build_report(
         "ppl_increase_pct": 100.0 * (ppl_quant["ppl"] / ppl_fp["ppl"] - 1.0),
         # standard error of the quantized model's mean token NLL over the windows (noise level)
         "nll_std_err": ppl_quant.get("nll_std_err"),
+        **divergence_fields(ppl_quant),
         "eval_windows": ppl_fp["windows"],
         "eval_seqlen": ppl_fp["seqlen"],
+        "evaluations": {name: evaluation_entry(fp, quant) for name, (fp, quant) in (evaluations or {}).items()},
         "avg_bits": total_bits / max(total_weights, 1),
         "quantized_weights": total_weights,
         "quantized_mb": total_bits / 8 / 2**20,
@@ -99,3 +136,15 @@ def build_report(
         "machine": machine_description(),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
+
+
+def evaluation_markdown(report: dict[str, Any]) -> str:
+    """One row per evaluation text: perplexities, the ratio's paired 95% interval, KL, top-1."""
+    rows = "".join(
+        f"| {name} | {e['ppl_fp']:.4f} | {e['ppl_quant']:.4f} | {e['ppl_ratio']:.4f} [{e['ppl_ratio_ci95'][0]:.4f}, "
+        f"{e['ppl_ratio_ci95'][1]:.4f}] | {e['kl_mean']:.5f} | {e['kl_p99']:.5f} | {100 * e['top1_agreement']:.2f}% |\n"
+        for name, e in report["evaluations"].items() if e["ppl_ratio"] is not None)
+    return ("## Quantized against float\n\nKL(float || quantized) per token in nats; top-1: tokens whose most likely "
+            "next token is unchanged; ratio: quantized / float perplexity, paired 95% interval over the windows.\n\n"
+            "| text | float ppl | quantized ppl | ratio [95% CI] | mean KL | KL p99 | top-1 agreement |\n|---|---|---|---|---|---|---|\n"
+            + rows + "\n")

@@ -116,6 +116,15 @@ def family_norm(arch: Architecture, config, norm_weight: torch.Tensor) -> nn.Mod
 
 
 @torch.no_grad()
+def head_logits(hidden: torch.Tensor, norm: nn.Module, lm_head_weight: torch.Tensor, softcap: float | None = None) -> torch.Tensor:
+    """Logits [T, V] of last hidden states [T, H]: final norm, LM head (float32), the family's softcap."""
+    logits = norm(hidden).float() @ lm_head_weight.float().T
+    if softcap:
+        logits = torch.tanh(logits / softcap) * softcap
+    return logits
+
+
+@torch.no_grad()
 def token_nll(
     hidden: torch.Tensor,
     norm: nn.Module,

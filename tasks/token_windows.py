@@ -31,36 +31,39 @@ def tokenizer_fingerprint(model_dir: str) -> str:
                                  zip(TOKENIZER_FILES, files) if path.is_file()))
 
 
-def window_settings(config: RunConfig, purpose: str) -> dict[str, Any]:
+def window_settings(config: RunConfig, purpose: str, text_index: int = 0) -> dict[str, Any]:
+    """Which text (the `text_index`-th evaluation text) and how it is cut into windows."""
     if purpose == "calibration":
         return {"text": config.calib, "n": config.nsamples, "seqlen": config.seqlen, "selection": config.calib_selection,
                 "seed": config.seed}
     if purpose == "evaluation":
-        return {"text": config.eval, "n": config.eval_windows, "seqlen": config.eval_seqlen, "selection": "first", "seed": 0}
+        return {"text": config.eval_texts()[text_index], "n": config.eval_windows, "seqlen": config.eval_seqlen,
+                "selection": "first", "seed": 0}
     raise ValueError(f"purpose must be one of {PURPOSES}, not {purpose!r}")
 
 
-def token_windows(store: ArtifactStore, config: RunConfig, purpose: str, logger=None) -> torch.Tensor:
-    """[n, seqlen] int64 windows of the run's calibration or evaluation text (see make_windows);
-    raises CalibrationError when the text is too short, as make_windows does."""
-    return all_token_windows(store, config, [purpose], logger)[purpose]
+def token_windows(store: ArtifactStore, config: RunConfig, purpose: str, logger=None, text_index: int = 0) -> torch.Tensor:
+    """[n, seqlen] int64 windows of the run's calibration text or `text_index`-th evaluation
+    text (see make_windows); raises CalibrationError when the text is too short, as make_windows does."""
+    return all_token_windows(store, config, [(purpose, text_index)], logger)[purpose, text_index]
 
 
-def all_token_windows(store: ArtifactStore, config: RunConfig, purposes: list[str], logger=None) -> dict[str, torch.Tensor]:
-    """token_windows for several purposes, loading the tokenizer at most once."""
+def all_token_windows(store: ArtifactStore, config: RunConfig, requests: list[tuple[str, int]],
+                      logger=None) -> dict[tuple[str, int], torch.Tensor]:
+    """token_windows for several (purpose, text index) requests, loading the tokenizer at most once."""
     tokenizer = None
     windows = {}
-    for purpose in purposes:
-        settings = window_settings(config, purpose)
+    for purpose, text_index in requests:
+        settings = window_settings(config, purpose, text_index)
         text = read_text(settings["text"], config.text_encoding)
         params = {k: v for k, v in settings.items() if k != "text"} | {"purpose": purpose}
         key = artifact_key(STAGE, CODE_VERSION, [sha256_bytes(text.encode()), tokenizer_fingerprint(config.model)], params)
         hit = cached(store, STAGE, key, logger)
         if hit is not None:
-            windows[purpose] = store.get_tensors(hit)[0]["tokens"]
+            windows[purpose, text_index] = store.get_tensors(hit)[0]["tokens"]
             continue
         tokenizer = tokenizer or load_tokenizer(config.model)
-        windows[purpose] = make_windows(tokenize(tokenizer, text), settings["n"], settings["seqlen"], tokenizer.bos_token_id,
-                                        settings["selection"], settings["seed"], purpose=purpose)
-        store.put_tensors(STAGE, key, {"tokens": windows[purpose]}, {"stage": STAGE, **params})
+        windows[purpose, text_index] = make_windows(tokenize(tokenizer, text), settings["n"], settings["seqlen"],
+                                                    tokenizer.bos_token_id, settings["selection"], settings["seed"], purpose=purpose)
+        store.put_tensors(STAGE, key, {"tokens": windows[purpose, text_index]}, {"stage": STAGE, **params})
     return windows

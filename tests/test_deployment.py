@@ -91,6 +91,7 @@ def test_scheduled_deployment_runs_on_a_process_worker(prefect_api, tmp_path):
     assert progress[0]["data"] == 100.0
     summary = next(a for a in artifacts if a["type"] == "markdown")
     assert "quantized perplexity" in summary["data"]
+    assert "Quantized against float" in summary["data"] and "top-1 agreement" in summary["data"]
     task_runs = httpx.post(f"{api}/task_runs/filter", json={}).json()
     names = {t["name"] for t in task_runs}
     assert "block-04 / reconstruct" in names and "validate / quant perplexity" in names

@@ -23,7 +23,8 @@ def _config(model: str, store, calib_text: str, eval_text: str, **extra) -> RunC
 def test_windows_equal_a_fresh_tokenization_and_come_back_from_the_store(tmp_path, stories_model, calib_text, eval_text, monkeypatch):
     config = _config(stories_model, tmp_path / "store", calib_text, eval_text, calib_selection="random", seed=3)
     store = open_store(config.store)
-    first = all_token_windows(store, config, ["calibration", "evaluation"])
+    first = {purpose: windows for (purpose, _), windows in
+             all_token_windows(store, config, [("calibration", 0), ("evaluation", 0)]).items()}
 
     tokenizer = load_tokenizer(stories_model)
     calib_tokens = tokenize(tokenizer, read_text(calib_text))

@@ -1,16 +1,25 @@
 """One llm-compressor case, run inside the peers virtual environment (never the project's).
 
-Usage: python llmcompressor_case.py --model DIR --out DIR --method gptq|rtn|float
+Usage: python llmcompressor_case.py --model DIR --out DIR --method gptq|awq|rtn|float
                                     [--windows CALIB.safetensors] [--bits B] [--group G] [--special SUFFIX=G ...]
 
 --windows holds the calibration token windows layerquant uses ("tokens" [N, L] int64, the first
 N x L tokens of the calibration text, BOS-prefixed), so both tools see exactly the same tokens.
   gptq   GPTQModifier with its defaults (act-order "static", dampening 0.01, block 128, minmax
          observer), symmetric int weights, one scale per group, embeddings and LM head float.
+  awq    AWQModifier (llm-compressor's transform: activation-aware channel scales found by its grid
+         search, defaults: n_grid 20, duo_scaling, mappings resolved from the architecture) then
+         QuantizationModifier, as in llm-compressor's AWQ examples; asymmetric int weights (AWQ's
+         usual W4A16_ASYM: a scale and a zero point per group; --sym for symmetric), same windows.
   rtn    QuantizationModifier, the same scheme (absmax scales per group, round to nearest),
          data-free.
   float  no quantization: the model only goes through this environment's load and save path
          (checks that the path itself changes nothing).
+AWQ on a machine without an accelerator: llm-compressor 0.14.0.1's AWQ pins its cached
+activations (`IntermediatesCache.pin_memory`, for non-blocking host-to-GPU copies), which a
+CPU-only torch refuses ("Cannot access accelerator device when none is available"). Pinning only
+speeds transfers and changes no value, so on a machine without CUDA it is made a no-op here
+(recorded as patched_pin_memory in llmcompressor.json).
 --special gives layers ending in SUFFIX their own group size: stories260K's down_proj has 172
 input columns and llm-compressor refuses a group size that does not divide the columns.
 
@@ -33,7 +42,8 @@ def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", required=True)
     parser.add_argument("--out", required=True, type=Path)
-    parser.add_argument("--method", required=True, choices=["gptq", "rtn", "float"])
+    parser.add_argument("--method", required=True, choices=["gptq", "awq", "rtn", "float"])
+    parser.add_argument("--asym", action="store_true", help="asymmetric grid (a zero point per group); AWQ's default")
     parser.add_argument("--windows")
     parser.add_argument("--bits", type=int, default=4)
     parser.add_argument("--group", type=int, default=128)
@@ -51,23 +61,34 @@ def main() -> int:
     linear = {n: tuple(m.weight.shape) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and "lm_head" not in n}
     special = {suffix: int(size) for suffix, size in (pair.split("=") for pair in args.special)}
     layer_groups: dict[str, int] = {}
+    patched: list[str] = []
     if args.method != "float":
         from llmcompressor import oneshot
 
-        weights = {"num_bits": args.bits, "type": "int", "symmetric": True, "strategy": "group", "group_size": args.group}
+        weights = {"num_bits": args.bits, "type": "int", "symmetric": not args.asym, "strategy": "group", "group_size": args.group}
         suffixes = sorted({name.rsplit(".", 1)[-1] for name in linear})
         plain = [s for s in suffixes if s not in special]
         groups = {"default": {"targets": [f"re:.*\\.({'|'.join(plain)})$"], "weights": weights}}
         for index, (suffix, size) in enumerate(sorted(special.items())):
             groups[f"special{index}"] = {"targets": [f"re:.*\\.{suffix}$"], "weights": {**weights, "group_size": size}}
-        if args.method == "gptq":
+        if args.method in ("gptq", "awq"):
             from datasets import Dataset
             from llmcompressor.modifiers.gptq import GPTQModifier
+            from llmcompressor.modifiers.quantization import QuantizationModifier
+            from llmcompressor.modifiers.transform.awq import AWQModifier
 
             tokens = load_file(args.windows)["tokens"]
             dataset = Dataset.from_dict({"input_ids": tokens.tolist(), "attention_mask": torch.ones_like(tokens).tolist()})
-            oneshot(model=model, dataset=dataset, recipe=GPTQModifier(config_groups=groups, ignore=["lm_head"]),
-                    max_seq_length=tokens.shape[1], num_calibration_samples=tokens.shape[0])
+            if args.method == "gptq":
+                recipe = GPTQModifier(config_groups=groups, ignore=["lm_head"])
+            else:  # the smoothing transform first, then the quantization it was searched for
+                recipe = [AWQModifier(), QuantizationModifier(config_groups=groups, ignore=["lm_head"])]
+                if not torch.cuda.is_available():
+                    from llmcompressor.pipelines.cache import IntermediatesCache
+
+                    IntermediatesCache.pin_memory = lambda self, *args, **kwargs: None
+                    patched.append("pin_memory")
+            oneshot(model=model, dataset=dataset, recipe=recipe, max_seq_length=tokens.shape[1], num_calibration_samples=tokens.shape[0])
         else:
             from llmcompressor.modifiers.quantization import QuantizationModifier
 
@@ -83,7 +104,7 @@ def main() -> int:
                 raise SystemExit(f"error: {name} has a quantization scheme but no weight_scale")
             with torch.no_grad():
                 # GPTQ has already written its quantized weights (this is then a no-op on the grid);
-                # RTN's are still float and become quantize-dequantize of them
+                # RTN's and AWQ's (smoothed) are still float and become quantize-dequantize of them
                 module.weight.copy_(fake_quantize(module.weight, module.weight_scale, getattr(module, "weight_zero_point", None),
                                                   scheme.weights))
             layer_groups[name] = scheme.weights.group_size
@@ -106,8 +127,9 @@ def main() -> int:
     (args.out / "config.json").write_text(json.dumps(config, indent=2))
     tokenizer.save_pretrained(args.out)
     (args.out / "llmcompressor.json").write_text(json.dumps({
-        "version": llmcompressor.__version__, "method": args.method, "bits": args.bits, "group_sizes": layer_groups,
-        "shapes": {name: list(shape) for name, shape in linear.items()}, "seconds": round(time.perf_counter() - started, 2)}, indent=1))
+        "version": llmcompressor.__version__, "method": args.method, "bits": args.bits, "asym": args.asym, "group_sizes": layer_groups,
+        "shapes": {name: list(shape) for name, shape in linear.items()}, "seconds": round(time.perf_counter() - started, 2),
+        **({"patched_pin_memory": True} if patched else {})}, indent=1))
     return 0
 
 

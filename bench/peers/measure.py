@@ -18,12 +18,13 @@ def layerquant_phases(measured: dict) -> dict:
     """Split a `layerquant quantize` run (as `run_measured` returns it) into quantization and evaluation.
 
     The evaluation starts after the log line that precedes "float perplexity ..." (the last
-    block's task finishing) and ends with "quant perplexity ..."; everything else (imports,
+    block's task finishing) and ends with the last "quant perplexity ..." (and its KL line); everything else (imports,
     Prefect's temporary server, calibration, scoring, blocks, export) is quantization time.
     Returns quant_wall_s, eval_wall_s and the peak tree RSS outside / inside the evaluation."""
     lines = measured["stderr_lines"]
     float_at = next((i for i, (_, text) in enumerate(lines) if FLOAT_DONE.search(text)), None)
-    quant_at = next((i for i, (_, text) in enumerate(lines) if QUANT_DONE.search(text)), None)
+    # the last one: with several evaluation texts, each text's float and quantized passes follow the blocks
+    quant_at = next((i for i, (_, text) in reversed(list(enumerate(lines))) if QUANT_DONE.search(text)), None)
     if float_at is None or quant_at is None or float_at == 0:
         return {"quant_wall_s": measured["wall_s"], "eval_wall_s": None, "quant_peak_rss_mb": measured["peak_rss_mb"],
                 "eval_peak_rss_mb": None}

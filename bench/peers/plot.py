@@ -14,8 +14,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 FAMILIES = [("rtn", "RTN", "s", "--"), ("gptq", "uniform GPTQ", "o", "-"), ("uniform", "uniform GPTQ", "o", "-"),
-            ("ip", "mixed precision (IP, budget)", "D", "-."), ("tuned", "GPTQ + refine + norm tweak", "*", ":")]
-COLORS = {"layerquant": "tab:blue", "llm-compressor": "tab:orange", "gptqmodel": "tab:green"}
+            ("ip", "mixed precision (IP, budget)", "D", "-."), ("tuned", "GPTQ + refine + norm tweak", "*", ":"),
+            ("awq", "AWQ", "v", "-"), ("autoround", "AutoRound", "^", "-")]
+COLORS = {"layerquant": "tab:blue", "llm-compressor": "tab:orange", "gptqmodel": "tab:green", "auto-round": "tab:red"}
 
 
 def family(method: str) -> str:
@@ -26,7 +27,7 @@ def family(method: str) -> str:
 
 def main() -> int:
     every = json.load(open(sys.argv[1]))
-    rows = [r for r in every if r["method"] != "float"]
+    rows = [r for r in every if r["method"] != "float" and r.get("ppl") is not None]  # failed cases have no point
     floats = {r["model"]: r["ppl"] for r in every if r["method"] == "float" and r["tool"] == "layerquant"}
     models = sorted({r["model"] for r in every}, key=lambda m: (m != "stories260K", m))
     if not models:

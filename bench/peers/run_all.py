@@ -2,8 +2,8 @@
 evaluation windows, each tool's GPTQ/RTN defaults, one evaluator (layerquant's) for all, on this machine.
 
 Run (from the repository root, one command):
-    .venv/bin/python bench/peers/run_all.py [--models stories260K,gemma-3-270m] [--tools layerquant,llm-compressor,gptqmodel]
-                                            [--force] [--only SUBSTR]
+    .venv/bin/python bench/peers/run_all.py [--models stories260K,gemma-3-270m] [--tools layerquant,llm-compressor,gptqmodel,auto-round]
+                                            [--force] [--only SUBSTR] [--render]
 Measured duration: see bench/README.md's "Side by side" section (first full run on 2 shared cores: about 5 min to
 build the peers venv if absent, ~2 min the GPTQModel venv, stories260K ~35 min, Gemma 3 270M several hours).
 Writes bench/results/peers.json (one row per case, kept after every case: a re-run skips the
@@ -72,6 +72,9 @@ PEERS_VENV = CACHE / "venvs" / "peers"
 # compressed-tensors 0.19.0; torch 2.13.0 is the CPU wheel in /opt/wheels (newer pulls CUDA)
 PEER_PINS = {"llmcompressor": "0.14.0.1", "torch": "2.13.0", "transformers": "5.17.0", "compressed-tensors": "0.19.0",
              "matplotlib": "3.11.2"}
+AUTOROUND_VENV = CACHE / "venvs" / "autoround"
+# auto-round 0.16.1 (the newest) with the CPU torch wheel; the rest is what it resolved to here
+AUTOROUND_PINS = {"auto-round": "0.16.1", "torch": "2.13.0", "transformers": "5.24.0", "accelerate": "1.16.0"}
 GPTQMODEL_VENV = CACHE / "venvs" / "gptqmodel"
 # gptqmodel 7.7.0 needs torch>=2.14.1, so 7.6.0 is the newest on the CPU wheel; the rest is what it
 # resolved to (its requirements are lower bounds only; torchao is tied to the torch version and
@@ -85,7 +88,11 @@ TOOLS = {
     # scratch: the folder next to OUT that the script removes itself, unless the tool kills the process first
     "gptqmodel": dict(venv=GPTQMODEL_VENV, pins=GPTQMODEL_PINS, script="gptqmodel_case.py", info="gptqmodel.json", slug="gptqmodel",
                       scratch=".gptqmodel-tmp"),
+    "auto-round": dict(venv=AUTOROUND_VENV, pins=AUTOROUND_PINS, script="autoround_case.py", info="autoround.json", slug="autoround",
+                       scratch=None),
 }
+# the peer kinds that are fed layerquant's calibration windows
+CALIBRATED = ("gptq", "awq", "autoround")
 ALL_TOOLS = ["layerquant", *TOOLS]
 ASSETS = ROOT / "layerquant" / "assets"
 DATA = BENCH / "data"  # WikiText-2 copies (CC BY-SA 3.0), see bench/data/README.md
@@ -121,6 +128,20 @@ def gptqm(method: str, bits: int, group: int, **row) -> dict:
     return peer(method, "gptq", bits, group, tool="gptqmodel", **row)
 
 
+def awq(bits: int, group: int, special: dict | None = None) -> dict:
+    """An llm-compressor AWQ case (AWQModifier + QuantizationModifier, asymmetric as AWQ is used)."""
+    return peer(f"awq-w{bits}", "awq", bits, group, special, asym=True)
+
+
+def autoround(bits: int, group: int) -> dict:
+    """An AutoRound case: its defaults (200 sign-gradient iterations per block) on CPU."""
+    return peer(f"autoround-w{bits}-g{group}", "autoround", bits, group, tool="auto-round")
+
+
+# AutoRound: w4/w3/w2 at group 128 and 32 on both models
+AUTOROUND_CASES = [autoround(bits, group) for bits in (4, 3, 2) for group in (128, 32)]
+
+
 # stories260K: down_proj has 172 input columns. layerquant and GPTQModel allow a ragged last group
 # (group 32: 6 groups, the last of 12 columns); llm-compressor needs a divisor, so its group-32 rows
 # use 43 there (4 groups) and its group-64 row 86 (2 groups); avg_bits counts each tool's real groups.
@@ -147,6 +168,9 @@ CASES = {
         ours("ip-2.5+refine+normtweak", budget=2.5, flags=["--budget", "2.5", "--refine-steps", "100", "--norm-tweak-steps", "100"]),
         ours("uniform-3.25 (gptq-w3-g64)", bits=3, group_size=64, flags=["--bits", "3", "--group-size", "64"]),
         ours("uniform-2.5 (gptq-w2-g32)", bits=2, group_size=32, flags=["--bits", "2", "--group-size", "32"]),
+        awq(4, 32, {"down_proj": 43}),
+        awq(3, 32, {"down_proj": 43}),
+        *AUTOROUND_CASES,
     ],
     # the peers' cases first (minutes each), then ours (each one is a whole `quantize` run
     # with two evaluations of a 262k-vocabulary model: tens of minutes on 2 cores)
@@ -160,6 +184,9 @@ CASES = {
         peer("rtn-w3", "rtn", 3, 128),
         gptqm("gptq-w4", 4, 128),
         gptqm("gptq-w3", 3, 128),
+        awq(4, 128),
+        awq(3, 128),
+        *AUTOROUND_CASES,
         ours("gptq-w4", bits=4, group_size=128, flags=["--bits", "4"]),
         ours("gptq-w3", bits=3, group_size=128, flags=["--bits", "3"]),
         ours("ip-3.25", budget=3.25, flags=["--budget", "3.25", "--recipe", str(ROOT / "recipes" / "gemma-budget.yaml")]),
@@ -216,9 +243,11 @@ def calibration_windows(spec: dict, model: str, path: Path) -> None:
     save_file({"tokens": windows.contiguous()}, path)
 
 
-def our_eval(model_dir: str, spec: dict, store: str) -> tuple[dict, float, list[str]]:
+def our_eval(model_dir: str, spec: dict, store: str, baseline: str | None = None) -> tuple[dict, float, list[str]]:
+    """`layerquant eval` of a folder; against `baseline` (the float model) it adds the KL divergence,
+    top-1 agreement and the paired perplexity ratio."""
     command = [*LAYERQUANT, "eval", "--model", model_dir, "--text", str(spec["eval"]), "--windows", str(spec["eval_windows"]),
-               "--seqlen", str(spec["eval_seqlen"]), "--store", store]
+               "--seqlen", str(spec["eval_seqlen"]), "--store", store, *(["--baseline", baseline] if baseline else [])]
     started = time.perf_counter()
     result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode != 0:
@@ -226,12 +255,32 @@ def our_eval(model_dir: str, spec: dict, store: str) -> tuple[dict, float, list[
     return json.loads(result.stdout.strip().splitlines()[-1]), round(time.perf_counter() - started, 1), command
 
 
+def divergence_fields(result: dict) -> dict:
+    """From a `layerquant eval --baseline FLOAT` result: KL(float || model) mean and p99, top-1
+    agreement, the perplexity ratio's paired 95% interval, and the per-window NLL sums (rows on
+    the same windows are compared pairwise from them: see paired_against_best_peer)."""
+    paired = result.get("paired")
+    return {"kl_mean": result.get("kl_mean"), "kl_p99": result.get("kl_p99"), "top1_agreement": result.get("top1_agreement"),
+            "ppl_ratio_ci95": [paired["low"], paired["high"]] if paired else None,
+            "window_nll": result.get("window_nll"), "window_tokens": result.get("window_tokens")}
+
+
+def report_divergence_fields(report: dict) -> dict:
+    """The same fields from a quantize run's report.json (its first evaluation text)."""
+    first = next(iter(report.get("evaluations") or {"": {}}.values()))
+    return {"kl_mean": report.get("kl_mean"), "kl_p99": report.get("kl_p99"), "top1_agreement": report.get("top1_agreement"),
+            "ppl_ratio_ci95": report.get("ppl_ratio_ci95"), "window_nll": first.get("window_nll_quant"),
+            "window_tokens": first.get("window_tokens")}
+
+
 def peer_avg_bits(info: dict) -> float:
-    """Storage per quantized weight as layerquant counts it: codes + one fp16 scale per group."""
+    """Storage per quantized weight as layerquant counts it: codes + one fp16 scale per group
+    (+ a zero point at code precision per group for an asymmetric grid)."""
     total = weights = 0
+    per_group = 16 + (info["bits"] if info.get("asym") else 0)
     for name, (rows, cols) in info["shapes"].items():
         group = info["group_sizes"][name]
-        total += rows * cols * info["bits"] + rows * math.ceil(cols / group) * 16
+        total += rows * cols * info["bits"] + rows * math.ceil(cols / group) * per_group
         weights += rows * cols
     return total / weights
 
@@ -270,7 +319,8 @@ def run_ours(case: dict, name: str, spec: dict, model: str, args, env: dict) -> 
            "avg_bits": report["avg_bits"], "ppl": report["ppl_quant"], "nll_std_err": report.get("nll_std_err"), "ppl_fp": report["ppl_fp"],
            "wall_s": phases["quant_wall_s"], "peak_rss_mb": phases["quant_peak_rss_mb"], "eval_wall_s": phases["eval_wall_s"],
            "total_wall_s": measured["wall_s"], "peak_rss_total_mb": measured["peak_rss_mb"], "report_wall_s": report["wall_s"],
-           "blocks_cached": report.get("blocks_cached", []), "reused": reused, "command": shlex.join(command)}
+           "blocks_cached": report.get("blocks_cached", []), "reused": reused, "command": shlex.join(command),
+           **report_divergence_fields(report)}
     if case.get("budget") is not None:
         row["bits_used"] = sorted({layer["bits"] for layer in report["layers"]})
         row["group_sizes_used"] = sorted({layer["group_size"] for layer in report["layers"]})
@@ -288,13 +338,14 @@ def run_peer(case: dict, name: str, spec: dict, model: str, args) -> dict:
     out = Path(args.out_root) / f"{name}-{tool['slug']}-{case['method'].split()[0]}"
     shutil.rmtree(out, ignore_errors=True)
     windows = Path(args.out_root) / f"{name}-calib-windows.safetensors"
-    if case["kind"] == "gptq" and not windows.is_file():
+    if case["kind"] in CALIBRATED and not windows.is_file():
         calibration_windows(spec, model, windows)
     command = [str(python), str(HERE / tool["script"]), "--model", model, "--out", str(out), "--method", case["kind"]]
     if case["kind"] != "float":
         command += ["--bits", str(case["bits"]), "--group", str(case["group_size"])]
         command += ["--special", *[f"{k}={v}" for k, v in case["special"].items()]] if case["special"] else []
-    if case["kind"] == "gptq":
+        command += ["--asym"] if case.get("asym") else []
+    if case["kind"] in CALIBRATED:
         command += ["--windows", str(windows)]
     log("  " + shlex.join(command))
     try:
@@ -305,15 +356,16 @@ def run_peer(case: dict, name: str, spec: dict, model: str, args) -> dict:
     if measured["returncode"] != 0:
         raise RuntimeError(f"exit {measured['returncode']}: {measured['stderr'][-3000:]}")
     info = json.loads((out / tool["info"]).read_text())
-    result, eval_s, eval_command = our_eval(str(out), spec, args.store)
+    result, eval_s, eval_command = our_eval(str(out), spec, args.store, baseline=None if case["kind"] == "float" else model)
     row = {"tool_version": info["version"], "bits": case["bits"], "group_size": case["group_size"], "budget": case.get("budget"),
            "group_size_overrides": case["special"] or None,
            "avg_bits": 32.0 if case["kind"] == "float" else peer_avg_bits(info), "ppl": result["ppl"], "nll_std_err": result.get("nll_std_err"),
            "wall_s": measured["wall_s"], "peak_rss_mb": measured["peak_rss_mb"], "eval_wall_s": eval_s,
-           "command": shlex.join(command), "eval_command": shlex.join(eval_command)}
+           "command": shlex.join(command), "eval_command": shlex.join(eval_command), "asym": bool(info.get("asym")),
+           **divergence_fields(result)}
     # what the tool reports about itself beyond the common keys (GPTQModel: its resolved quantize
     # config, packed file size, patched packing); the per-layer tables stay in its json
-    extra = {k: v for k, v in info.items() if k not in ("version", "method", "bits", "group_sizes", "shapes", "seconds")}
+    extra = {k: v for k, v in info.items() if k not in ("version", "method", "bits", "group_sizes", "shapes", "seconds", "asym")}
     if extra:
         row["tool_info"] = extra
     if not args.keep_outputs:
@@ -354,36 +406,105 @@ def tool_version_ours() -> str:
     return _VERSION
 
 
+def current(row: dict, spec: dict) -> bool:
+    """Whether a finished row stands: measured on the chosen windows, with per-window NLLs."""
+    return row.get("ppl") is not None and row.get("eval_windows") == spec["eval_windows"] and bool(row.get("window_nll"))
+
+
+def tool_versions(tool: str) -> str:
+    """A peer's version as pinned (for a row whose case failed before the tool reported it)."""
+    pins = TOOLS[tool]["pins"]
+    return next(iter(pins.values()))
+
+
+def failure_reason(message: str) -> str:
+    """The line of a failed case's output that says why: the last exception line, else the last line."""
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    errors = [line for line in lines if "Error" in line or "error:" in line or "Exception" in line]
+    return (errors or lines or ["unknown failure"])[-1][:300]
+
+
+def same_size(ours: dict, other: dict) -> bool:
+    """Whether a peer row is at our row's size: the same budget (for our bit plans), else the same
+    bits and group size (a peer's uniform-B row included)."""
+    if ours.get("budget") is not None:
+        return other.get("budget") == ours["budget"]
+    return (other.get("bits"), other.get("group_size")) == (ours.get("bits"), ours.get("group_size"))
+
+
+def paired_against_best_peer(row: dict, rows: list[dict]) -> str:
+    """Our row against the best peer row (lowest perplexity) at the same size, measured on the
+    same windows: perplexity ratio ours / peer with its paired 95% interval."""
+    from layerquant.solvers.evaluation import paired_ratio
+
+    if row["tool"] != "layerquant" or row["method"] == "float" or not row.get("window_nll"):
+        return ""
+    peers = [r for r in rows if r["model"] == row["model"] and r["tool"] != "layerquant" and r.get("ppl") is not None
+             and r.get("window_nll") and len(r["window_nll"]) == len(row["window_nll"]) and same_size(row, r)]
+    if not peers:
+        return ""
+    best = min(peers, key=lambda r: r["ppl"])
+    paired = paired_ratio(best["window_nll"], row["window_nll"], row["window_tokens"])
+    verdict = "better" if paired["high"] < 1 else "worse" if paired["low"] > 1 else "tie"
+    return f"{paired['ratio']:.3f} [{paired['low']:.3f}, {paired['high']:.3f}] {verdict} vs {best['tool']} {best['method'].split()[0]}"
+
+
+def row_spec(row: dict) -> str:
+    if row["method"] == "float":
+        return "float32"
+    if row.get("budget") is not None and row["tool"] == "layerquant":
+        return f"budget {row['budget']}: bits {row.get('bits_used')} g {row.get('group_sizes_used')}"
+    extra = ", " + ", ".join(f"{k} {v}" for k, v in row["group_size_overrides"].items()) if row.get("group_size_overrides") else ""
+    spec = f"{row['bits']} / {row['group_size']}{extra}" + (" asym" if row.get("asym") else "")
+    if (row.get("tool_info") or {}).get("patched_packing"):
+        spec += " †"
+    if (row.get("tool_info") or {}).get("patched_pin_memory"):
+        spec += " ‡"
+    return spec
+
+
 def render(rows: list[dict], python: Path) -> None:
-    header = ("| model | tool | method | bits / group | avg bits | perplexity | vs float | quant. wall s | quant. peak RSS MB |\n"
-              "|---|---|---|---|---|---|---|---|---|")
+    header = ("| model | tool | method | bits / group | avg bits | perplexity | vs float [95% CI] | KL mean | KL p99 | top-1 | "
+              "vs best peer [95% CI] | quant. wall s | quant. peak RSS MB |\n"
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     lines = [header]
-    for row in sorted(rows, key=lambda r: (r["model"] != "stories260K", r["model"], -r["avg_bits"], r["tool"], r["method"])):
-        if row["method"] == "float":
-            spec = "float32"
-        elif row.get("budget") is not None and row["tool"] == "layerquant":
-            spec = f"budget {row['budget']}: bits {row.get('bits_used')} g {row.get('group_sizes_used')}"
-        else:
-            extra = ", " + ", ".join(f"{k} {v}" for k, v in row["group_size_overrides"].items()) if row.get("group_size_overrides") else ""
-            spec = f"{row['bits']} / {row['group_size']}{extra}"
-            if (row.get("tool_info") or {}).get("patched_packing"):
-                spec += " †"
+    for row in sorted(rows, key=lambda r: (r["model"] != "stories260K", r["model"], -(r["avg_bits"] or 0), r["tool"], r["method"])):
+        spec = row_spec(row)
+        if row.get("ppl") is None:
+            lines.append(f"| {row['model']} | {row['tool']} {row['tool_version']} | {row['method']} | {spec} | | "
+                         f"failed: {row.get('failed', '').replace('|', '/')} | | | | | | | |")
+            continue
         wall = f"{row['wall_s']:.0f}" if row.get("wall_s") is not None else ""
         if any("calibration" not in item for item in row.get("reused") or []):
             wall += "*"
         rss = f"{row['peak_rss_mb']:.0f}" if row.get("peak_rss_mb") else ""
         ratio = f"{row['ppl'] / row['ppl_fp']:.3f}x" if row.get("ppl_fp") else ""
+        if row.get("ppl_ratio_ci95"):
+            ratio += f" [{row['ppl_ratio_ci95'][0]:.3f}, {row['ppl_ratio_ci95'][1]:.3f}]"
+        kl = f"{row['kl_mean']:.4f}" if row.get("kl_mean") is not None else ""
+        kl99 = f"{row['kl_p99']:.3f}" if row.get("kl_p99") is not None else ""
+        top1 = f"{100 * row['top1_agreement']:.1f}%" if row.get("top1_agreement") is not None else ""
         lines.append(f"| {row['model']} | {row['tool']} {row['tool_version']} | {row['method']} | {spec} | {row['avg_bits']:.3f} | "
-                     f"{row['ppl']:.3f} | {ratio} | {wall} | {rss} |")
+                     f"{row['ppl']:.3f} | {ratio} | {kl} | {kl99} | {top1} | {paired_against_best_peer(row, rows)} | {wall} | {rss} |")
     notes = ["", "Perplexity: layerquant's evaluator for every tool (non-overlapping BOS-prefixed windows; stories260K: first 200 x 256 "
              "tokens of tinystories_eval_600k; Gemma 3 270M: first 6 x 2048 tokens of wikitext2_test_gptq_join). "
-             "avg bits: codes + fp16 scale per group, for every tool (GPTQModel's file also stores packed zeros, but symmetric "
+             "vs float: perplexity ratio to the float model with its paired 95% interval over the windows (t interval of the "
+             "per-window NLL differences, token-weighted; blank on rows measured before per-window NLLs were kept). KL mean / p99: "
+             "KL(float || quantized) of the next-token distributions in nats, mean over the evaluation tokens and its 99th "
+             "percentile; top-1: share of tokens whose most likely next token is the float model's. vs best peer: our perplexity "
+             "over that of the best peer row (lowest perplexity) of the same size (same bits and group, or the same budget), "
+             "paired 95% interval over the same windows: better / worse when it excludes 1, tie otherwise. "
+             "avg bits: codes + fp16 scale per group, for every tool (+ a zero point at code precision per group for the "
+             "asymmetric AWQ rows; GPTQModel's file also stores packed zeros, but symmetric "
              "zeros are all 2^(bits-1), so they are not counted). Quantization wall time and peak RSS of the whole process tree, evaluation "
              "excluded (the float rows: llm-compressor's load + save only; GPTQModel's rows include its packing and our unpacking). "
              "* = blocks or scores found cached in the store (see `reused` in peers.json). llm-compressor's and GPTQModel's "
              "uniform-B rows are their best uniform configuration that fits layerquant's budget B (they have no bit allocator). "
              "† GPTQModel 7.6.0's 3-bit packer crashes on layers whose width is not a multiple of 32 (stories260K's 172); "
              "bench/peers/gptqmodel_case.py pads that lossless packing step, the quantization is GPTQModel's own. "
+             "‡ llm-compressor 0.14.0.1's AWQ pins cached activations in memory, which a CPU-only torch refuses; "
+             "bench/peers/llmcompressor_case.py makes that transfer optimization a no-op on a machine without CUDA (no value changes). "
+             "failed: the peer could not run the case on this machine (its error). "
              "Gemma 3 270M's weights come from a Q4_K_M GGUF (already on llama.cpp grids).",
              f"Machine: {rows[0]['machine'] if rows else ''}; generated by bench/peers/run_all.py."]
     table = "\n".join(lines + notes) + "\n"
@@ -418,7 +539,14 @@ def main() -> int:
     parser.add_argument("--out-root", default=str(CACHE / "peers" / "out"))
     parser.add_argument("--keep-outputs", action="store_true", help="keep the quantized weights (deleted after measuring by default)")
     parser.add_argument("--verbose", action="store_true", help="echo layerquant's log")
+    parser.add_argument("--eval-windows", type=int,
+                        help="evaluation windows for every chosen model (default: the model's own, e.g. 6 x 2048 on Gemma); "
+                             "rows are compared pairwise only with rows measured on as many windows")
+    parser.add_argument("--render", action="store_true", help="only regenerate peers.md, peers.png and the README table from peers.json")
     args = parser.parse_args()
+    if args.render:
+        render(load_rows("peers"), ensure_peers_venv())
+        return 0
     args.budget_stores_emptied = set()
     chosen = [m for m in args.models.split(",") if m]
     unknown = set(chosen) - set(MODELS)
@@ -436,7 +564,7 @@ def main() -> int:
     env = {**os.environ, "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120", "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
     failures = []
     for name in chosen:
-        spec = MODELS[name]
+        spec = MODELS[name] | ({"eval_windows": args.eval_windows} if args.eval_windows else {})
         model = spec["path"]()
         facts = model_facts(model)
         common_row = {"bench": "peers", "model": name, **facts, "eval_text": Path(spec["eval"]).stem, "eval_windows": spec["eval_windows"],
@@ -449,11 +577,13 @@ def main() -> int:
             if args.cases and case["method"] not in args.cases.split(","):
                 continue
             key = (name, case["tool"], case["method"])
-            existing = [r for r in rows if (r["model"], r["tool"], r["method"]) == key]
+            # a row measured on other windows, or before per-window NLLs were kept (no paired
+            # comparison, no KL), is stale; a failed one is retried
+            existing = [r for r in rows if (r["model"], r["tool"], r["method"]) == key and current(r, spec)]
             if existing and not args.force:
                 continue
             if ppl_fp is None:
-                floats = [r for r in rows if r["model"] == name and r["tool"] == "layerquant" and r["method"] == "float"]
+                floats = [r for r in rows if r["model"] == name and r["tool"] == "layerquant" and r["method"] == "float" and current(r, spec)]
                 if floats and not args.force:
                     ppl_fp = floats[0]["ppl"]
                 else:
@@ -463,6 +593,7 @@ def main() -> int:
                     rows = save_row({**common_row, "tool": "layerquant", "tool_version": tool_version_ours(), "method": "float", "bits": None,
                                      "group_size": None, "avg_bits": 32.0, "ppl": ppl_fp, "nll_std_err": result.get("nll_std_err"),
                                      "ppl_fp": ppl_fp, "wall_s": None, "peak_rss_mb": None, "eval_wall_s": eval_s, "command": shlex.join(command),
+                                     "window_nll": result.get("window_nll"), "window_tokens": result.get("window_tokens"),
                                      "machine": machine(), "date": datetime.now(timezone.utc).isoformat(timespec="seconds")})
                     log(f"{name}: float {ppl_fp:.4f} ({eval_s:.0f} s)")
             log(f"{name} {case['tool']} {case['method']}")
@@ -476,6 +607,12 @@ def main() -> int:
             except Exception as exc:  # one failed case must not lose the others
                 failures.append(f"{name} {case['tool']} {case['method']}: {exc}")
                 log(f"  FAILED: {str(exc)[-1500:]}")
+                if case["tool"] != "layerquant":  # the table says why a peer has no number for this case
+                    rows = save_row({**common_row, "tool": case["tool"], "method": case["method"], "bits": case.get("bits"),
+                                     "group_size": case.get("group_size"), "budget": case.get("budget"), "tool_version": tool_versions(case["tool"]),
+                                     "avg_bits": None, "ppl": None, "ppl_fp": ppl_fp, "failed": failure_reason(str(exc)),
+                                     "case_wall_s": round(time.perf_counter() - case_started, 1), "machine": machine(),
+                                     "date": datetime.now(timezone.utc).isoformat(timespec="seconds")})
                 continue
             row = {**common_row, "tool": case["tool"], "method": case["method"], "ppl_fp": ppl_fp, **measured,
                    "case_wall_s": round(time.perf_counter() - case_started, 1), **at_start,
