@@ -259,6 +259,7 @@ def reconstruct_block(
     full_output_error: bool = False,
     error_samples: int = ERROR_SAMPLES,
     device: str | torch.device | None = None,
+    runtime=None,
 ) -> BlockReconstruction:
     """Quantize decoder block `index` (float `weights`, block-relative names) on `inputs` [N, L, H],
     then apply `tuning` (refinement, norm tweaking) if given, fitted to `tuning_targets`: by
@@ -273,10 +274,15 @@ def reconstruct_block(
 
     With `device` (e.g. "cuda"), the block's weights, each batch's activations, the Hessians
     and the solves live there (`inputs` may stay in host memory, pinned for fast copies); what
-    is returned is on the host. None computes where the tensors already are."""
+    is returned is on the host. None computes where the tensors already are.
+
+    `runtime` (a `solvers.activations.BlockRuntime`), when given, makes the block run as the
+    quantized model runs: fake-quantized activations and KV cache, online rotations. The float
+    reference, the Hessians and the outputs handed to the next block all see it, so GPTQ fits
+    the weights to the inputs they will really get."""
     if device is None:
         return _reconstruct_block(arch, config, index, weights, inputs, specs, damp_percent, batch_size, layer_prefix,
-                                  tuning, tuning_targets, next_norm, full_output_error, error_samples)
+                                  tuning, tuning_targets, next_norm, full_output_error, error_samples, runtime=runtime)
     device = torch.device(device)
     if inputs.device.type == "cpu" and device.type == "cuda":
         inputs = inputs.pin_memory()
@@ -285,17 +291,19 @@ def reconstruct_block(
         result = _reconstruct_block(
             arch, config, index, {name: t.to(device) for name, t in weights.items()}, inputs, specs, damp_percent, batch_size,
             layer_prefix, tuning, None if tuning_targets is None else tuning_targets.to(device),
-            None if next_norm is None else next_norm.to(device), full_output_error, error_samples, device)
+            None if next_norm is None else next_norm.to(device), full_output_error, error_samples, device, runtime)
     return result.to_host()
 
 
 def _reconstruct_block(arch, config, index, weights, inputs, specs, damp_percent, batch_size, layer_prefix, tuning,
-                       tuning_targets, next_norm, full_output_error, error_samples, device=None) -> BlockReconstruction:
+                       tuning_targets, next_norm, full_output_error, error_samples, device=None, runtime=None) -> BlockReconstruction:
     from layerquant.solvers.architectures import BlockContext, build_block, run_block
 
     start = time.perf_counter()
-    context = BlockContext(arch, config, seq_len=inputs.shape[1])
+    context = BlockContext(arch, config, seq_len=inputs.shape[1], kv_cache=None if runtime is None else runtime.kv_cache())
     block = build_block(arch, config, index, weights)
+    if runtime is not None:
+        runtime.install(block)  # before staged_quantize's Hessian hooks: they see the transformed inputs
     n_samples = inputs.shape[0]
 
     def forward(module: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
