@@ -11,6 +11,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from layerquant.errors import InvalidSpec
+from layerquant.runtime_quant import FLOAT_BITS, RuntimeQuant
 from layerquant.specs import SUPPORTED_BITS, QuantSpec
 from layerquant.tuning import BlockTuning
 
@@ -97,6 +98,16 @@ class RunConfig(BaseModel):
     overrides: dict[str, dict[str, Any]] = Field(default_factory=dict)
     # what --out receives: the dequantized model (any transformers loads it) or a packed one
     pack_format: Literal["dequantized", "compressed-tensors", "gptq"] = "dequantized"
+    # what the model quantizes while it runs (issue 16; layerquant/runtime_quant.py): per-token
+    # activations at every quantized linear's input, the KV cache per head and token (its first
+    # prompt_kv_tokens positions kept float), and QuaRot's Hadamard rotations. 16 = float
+    act_bits: Literal[3, 4, 8, 16] = FLOAT_BITS
+    act_group_size: int = Field(0, ge=0)
+    kv_bits: Literal[3, 4, 8, 16] = FLOAT_BITS
+    kv_group_size: int = Field(0, ge=0)
+    prompt_kv_tokens: int = Field(0, ge=0)
+    rotate: bool = False
+    smooth: bool = False
     # where artifacts and results go (not part of the run's identity)
     store: str = ".layerquant/store"
     out: str | None = None
@@ -141,6 +152,11 @@ class RunConfig(BaseModel):
                            norm_tweak_lr=self.norm_tweak_lr, norm_tweak_loss=self.norm_tweak_loss, seed=self.seed,
                            holdout=self.tuning_holdout, space=self.tuning_space)
 
+    def runtime_quant(self) -> RuntimeQuant:
+        return RuntimeQuant(act_bits=self.act_bits, act_group_size=self.act_group_size, kv_bits=self.kv_bits,
+                            kv_group_size=self.kv_group_size, prompt_kv_tokens=self.prompt_kv_tokens, rotate=self.rotate,
+                            smooth=self.smooth, seed=self.seed)
+
     def needs_calibration(self) -> bool:
         """Whether the run needs calibration samples and block forwards at all: GPTQ and PB-LLM
         need input Hessians, a budget scores layers on data, a gate and block tuning compare
@@ -173,6 +189,13 @@ class RunConfig(BaseModel):
             del identity["text_encoding"]
         if identity["device"] == "cpu":  # a GPU's float arithmetic differs in the last bits: part of the result
             del identity["device"]
+        # run-time quantization: in the identity only as far as it is on, so weight-only runs keep their ids
+        runtime_fields = ("act_bits", "act_group_size", "kv_bits", "kv_group_size", "prompt_kv_tokens", "rotate", "smooth")
+        for name in runtime_fields:
+            del identity[name]
+        runtime = self.runtime_quant().identity()
+        if runtime:
+            identity["runtime_quant"] = runtime
         return identity
 
     def run_id(self) -> str:
@@ -200,6 +223,14 @@ class RunConfig(BaseModel):
             where = ".".join(str(p) for p in first["loc"]) or "recipe"
             raise InvalidSpec(f"invalid setting {where}: {first['msg']}", "fix the flag or recipe value") from None
         config.default_spec()  # validates the combination
+        runtime = config.runtime_quant()
+        if runtime.rotate and config.out:
+            raise InvalidSpec("a rotated model cannot be written out yet: its online Hadamard at down_proj and on the cached keys "
+                              "has no place in the dequantized, gptq or compressed-tensors folders this writes",
+                              "drop --out to quantize and measure only, or drop --rotate")
+        if runtime.rotate and config.budget is not None:
+            raise InvalidSpec("rotate with a mixed-precision budget is not built yet: layers are scored on unrotated weights",
+                              "drop --budget or --rotate")
         for layer in config.overrides:
             config.spec_for(layer)
         if config.budget is not None:

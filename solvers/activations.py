@@ -44,36 +44,49 @@ class FakeQuantKVCache:
     RoPE) and values [batch, kv_heads, seq, head_dim] and attends to what it returns. Keys and
     values come back quantized per head and token (or group of head channels), except the first
     `prompt_tokens` positions, which stay float. Stateless: the streamed evaluation runs each
-    window's whole sequence in one call, so "the cache" is that call's keys and values."""
+    window's whole sequence in one call, so "the cache" is that call's keys and values.
 
-    def __init__(self, bits: int, group_size: int = 0, prompt_tokens: int = 0):
+    `key_rotation` (QuaRot's R3, head_dim x head_dim orthogonal): keys are quantized in the
+    rotated basis, k -> Q(k R3) R3^T. Attention then computes q . Q(k R3) R3^T = (q R3) . Q(k R3),
+    exactly what rotating queries and keys online after RoPE and caching the rotated keys
+    computes, without touching the attention code."""
+
+    def __init__(self, bits: int, group_size: int = 0, prompt_tokens: int = 0, key_rotation: torch.Tensor | None = None):
         self.bits = bits
         self.group_size = group_size
         self.prompt_tokens = prompt_tokens
+        self.key_rotation = key_rotation
 
-    def _quantize(self, states: torch.Tensor) -> torch.Tensor:
+    def _quantize(self, states: torch.Tensor, rotation: torch.Tensor | None = None) -> torch.Tensor:
         keep = min(self.prompt_tokens, states.shape[-2])
-        quantized = fake_quant_asymmetric(states[..., keep:, :], self.bits, self.group_size)
+        rest = states[..., keep:, :]
+        if rotation is not None:
+            rotation = rotation.to(dtype=states.dtype, device=states.device)
+            quantized = fake_quant_asymmetric(rest @ rotation, self.bits, self.group_size) @ rotation.T
+        else:
+            quantized = fake_quant_asymmetric(rest, self.bits, self.group_size)
         return torch.cat([states[..., :keep, :], quantized], dim=-2) if keep else quantized
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
-        return self._quantize(key_states), self._quantize(value_states)
+        return self._quantize(key_states, self.key_rotation), self._quantize(value_states)
 
 
 @dataclass
 class BlockRuntime:
     """What one block does at run time beyond its weights: `online` maps a block-relative linear
     name to the orthogonal matrix its input is multiplied by first (QuaRot's online Hadamard at
-    down_proj), `quantized` names the linears whose inputs are fake-quantized."""
+    down_proj), `quantized` names the linears whose inputs are fake-quantized, `key_rotation` the
+    rotation keys are quantized in (see FakeQuantKVCache)."""
 
     settings: RuntimeQuant
     quantized: tuple[str, ...] = ()
     online: Mapping[str, torch.Tensor] = field(default_factory=dict)
+    key_rotation: torch.Tensor | None = None  # R3: keys quantized in a rotated basis
 
     def kv_cache(self) -> FakeQuantKVCache | None:
         if not self.settings.quantizes_cache:
             return None
-        return FakeQuantKVCache(self.settings.kv_bits, self.settings.kv_group_size, self.settings.prompt_kv_tokens)
+        return FakeQuantKVCache(self.settings.kv_bits, self.settings.kv_group_size, self.settings.prompt_kv_tokens, self.key_rotation)
 
     def install(self, block: nn.Module) -> list:
         """Register the pre-hooks on `block`; returns their handles (remove them to undo).

@@ -19,8 +19,9 @@ For the Llama-like families (llama, mistral, qwen2, qwen3):
   tokens, never channels, so a per-head rotation of the values passes through.
 - R4 (intermediate x intermediate) at down_proj's input: W_down R4 folded, x R4 online (the
   SiLU-gated product cannot carry a rotation from gate/up), applied by `BlockRuntime.online`.
-- R3 (keys after RoPE) is not built: it needs the queries rotated too, inside the attention
-  call, which the cache hook does not see (see notes/bisup-readme.md).
+- R3 (head_dim x head_dim) on queries and keys after RoPE: online, and only where it matters,
+  in the quantized KV cache: keys are quantized as k R3 and handed back as Q(k R3) R3^T, which
+  gives attention exactly what rotating both q and k would (solvers/activations.py).
 
 Gemma 3 (design; `rotate` refuses it until built, see `ensure_rotatable`):
 - input_layernorm and pre_feedforward_layernorm scale by (1 + w): folded like Llama's with
@@ -149,6 +150,7 @@ def final_norm_input_transform(rotation: Rotation | None) -> torch.Tensor | None
 
 def block_runtime(arch, settings: RuntimeQuant, rotation: Rotation | None, quantized: tuple[str, ...] | None = None) -> BlockRuntime:
     """The run-time transforms of one block: activation fake-quant at the inputs of `quantized`
-    (default: every decoder linear), R4 online at down_proj when rotated."""
+    (default: every decoder linear), R4 online at down_proj and R3 on cached keys when rotated."""
     online = {"mlp.down_proj": rotation.down} if rotation is not None else {}
-    return BlockRuntime(settings, tuple(arch.linear_names if quantized is None else quantized), online)
+    key_rotation = rotation.head if rotation is not None else None
+    return BlockRuntime(settings, tuple(arch.linear_names if quantized is None else quantized), online, key_rotation)

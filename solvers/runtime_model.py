@@ -43,6 +43,13 @@ class RuntimeModel:
         """A block's float weights as the run quantizes them (rotated when rotating)."""
         return weights if self.rotation is None else rotate_block_weights(self.arch, self.config, weights, self.rotation)
 
+    def norm_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        """A norm's weight as the run sees the residual through it (what block tuning's
+        "next_norm" space compares in): rotated, every norm's scale is folded into the linears
+        after it, leaving a unit-scale RMSNorm (rotation-invariant, so also right where R1 is
+        undone online before the final norm)."""
+        return weight if self.rotation is None else torch.full_like(weight, 1.0 - self.arch.norm_offset)
+
     def block_runtime(self) -> BlockRuntime | None:
         """The hooks a block runs with; None when nothing happens at run time (weight-only runs
         keep the exact code path they always had)."""

@@ -13,8 +13,10 @@ from layerquant.cancellation import raise_if_cancelled
 from layerquant.infra.texts import load_tokenizer, read_text, tokenize
 from layerquant.solvers import architectures as arch_ops
 from layerquant.solvers.evaluation import stream_perplexity
+from layerquant.runtime_quant import RuntimeQuant
 from layerquant.solvers.reconstruct import apply_block_artifact
-from layerquant.solvers.windows import make_windows
+from layerquant.solvers.runtime_model import RuntimeModel
+from layerquant.solvers.windows import make_windows, prompt_windows
 from layerquant.tasks.context import RunContext, cached, ref_of, retry_transient
 
 STAGE = "eval"
@@ -24,12 +26,17 @@ def eval_windows(ctx: RunContext):
     cfg = ctx.config
     tokenizer = load_tokenizer(cfg.model)
     tokens = tokenize(tokenizer, read_text(cfg.eval, cfg.text_encoding))
+    if cfg.prompt_kv_tokens:  # continuations after one shared prompt, scored from prompt_kv_tokens on
+        return prompt_windows(tokens, cfg.eval_windows, cfg.eval_seqlen, cfg.prompt_kv_tokens, tokenizer.bos_token_id)
     return make_windows(tokens, cfg.eval_windows, cfg.eval_seqlen, tokenizer.bos_token_id, "first", purpose="evaluation")
 
 
 def model_perplexity(ctx: RunContext, windows, block_refs: list[dict] | None, batch_size: int = 8) -> dict:
     """Streamed perplexity of the float model (block_refs None) or of the quantized one."""
     reader = ctx.reader
+    runtime = ctx.config.runtime_quant()
+    if runtime.enabled or runtime.prompt_kv_tokens:
+        return runtime_perplexity(ctx, windows, block_refs, batch_size)
     context = arch_ops.BlockContext(reader.arch, reader.config, windows.shape[1])
 
     def blocks():
@@ -55,6 +62,26 @@ def model_perplexity(ctx: RunContext, windows, block_refs: list[dict] | None, ba
     )
 
 
+def runtime_perplexity(ctx: RunContext, windows, block_refs: list[dict] | None, batch_size: int = 8) -> dict:
+    """The quantized model exactly as it runs (rotated weights, online rotations, fake-quantized
+    activations and KV cache), or the float model (block_refs None); with prompt_kv_tokens, only
+    the continuations after the shared prompt are scored."""
+    reader, cfg = ctx.reader, ctx.config
+    settings = cfg.runtime_quant() if block_refs is not None else RuntimeQuant()
+    model = RuntimeModel.plan(reader.arch, reader.config, settings, tied_embeddings=not reader.has(reader.arch.lm_head_name))
+
+    def block_weights(index: int):
+        weights = model.block_weights(reader.block_weights(index))
+        if block_refs is not None:
+            tensors, meta = ctx.store.get_tensors(ref_of(block_refs[index]))
+            weights = apply_block_artifact(weights, BlockArtifact.decode(tensors, meta["layers"]))
+        return weights
+
+    return model.perplexity(windows, reader.n_blocks, block_weights, reader.embed_weight(), reader.final_norm_weight(),
+                            reader.lm_head_weight(), score_from=cfg.prompt_kv_tokens, batch_size=batch_size,
+                            between_blocks=raise_if_cancelled)
+
+
 @task(name="evaluate", task_run_name="validate / {variant} perplexity", cache_policy=NO_CACHE, persist_result=False,
       retries=3, retry_delay_seconds=[2, 5, 10],
       retry_condition_fn=retry_transient)
@@ -69,7 +96,13 @@ def evaluate(config: dict, variant: str, blocks: list[dict]) -> dict:
         upstream = [ref_of(b["block"]).sha256 for b in blocks]
     head_names = [ctx.reader.arch.embed_name, ctx.reader.arch.final_norm_name]
     upstream += [ctx.reader.fingerprint(n for n in head_names + [ctx.reader.arch.lm_head_name] if ctx.reader.has(n))]
-    key = artifact_key(STAGE, CODE_VERSION, upstream, {"variant": variant, "windows": sha256_bytes(windows.numpy().tobytes())})
+    settings = {"variant": variant, "windows": sha256_bytes(windows.numpy().tobytes())}
+    runtime = ctx.config.runtime_quant().identity()
+    if variant == "quant" and runtime:  # absent when off: weight-only runs keep their keys
+        settings["runtime_quant"] = runtime
+    if ctx.config.prompt_kv_tokens:
+        settings["score_from"] = ctx.config.prompt_kv_tokens
+    key = artifact_key(STAGE, CODE_VERSION, upstream, settings)
     hit = cached(ctx.store, STAGE, key, logger)
     if hit is not None:
         result = ctx.store.get_json(hit) | {"timing": {}}

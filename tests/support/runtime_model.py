@@ -13,7 +13,7 @@ from layerquant.infra.texts import load_tokenizer, read_text, tokenize
 from layerquant.runtime_quant import RuntimeQuant
 from layerquant.solvers.reconstruct import reconstruct_block, stored_weight
 from layerquant.solvers.runtime_model import RuntimeModel
-from layerquant.solvers.windows import make_windows
+from layerquant.solvers.windows import make_windows, prompt_windows
 from layerquant.specs import QuantSpec
 
 
@@ -25,21 +25,18 @@ def text_windows(tokenizer, text_path: str, n: int, seq_len: int, selection: str
     return make_windows(tokenize(tokenizer, read_text(text_path)), n, seq_len, tokenizer.bos_token_id, selection, purpose="test")
 
 
-def prompt_windows(tokenizer, text_path: str, n: int, prompt_tokens: int, continuation: int) -> torch.Tensor:
-    """[n, prompt_tokens + continuation]: the same prompt (BOS + the eval text's first
-    prompt_tokens - 1 tokens) before each of n continuations cut from the text after it."""
+def continuation_windows(tokenizer, text_path: str, n: int, prompt_tokens: int, continuation: int) -> torch.Tensor:
+    """[n, prompt_tokens + continuation]: one shared prompt before n continuations (as the
+    validation cuts them when prompt_kv_tokens is set)."""
     tokens = tokenize(tokenizer, read_text(text_path))
-    prompt = torch.cat([torch.tensor([tokenizer.bos_token_id]), tokens[: prompt_tokens - 1]])
-    rest = tokens[prompt_tokens - 1 :]
-    rows = [torch.cat([prompt, rest[i * continuation : (i + 1) * continuation]]) for i in range(n)]
-    return torch.stack(rows)
+    return prompt_windows(tokens, n, prompt_tokens + continuation, prompt_tokens, tokenizer.bos_token_id, purpose="test")
 
 
-def quantize_run(reader: CheckpointReader, model: RuntimeModel, calib: torch.Tensor, spec: QuantSpec | None) -> list[dict[str, torch.Tensor]]:
+def quantize_run(reader: CheckpointReader, model: RuntimeModel, calib: torch.Tensor | None, spec: QuantSpec | None) -> list[dict[str, torch.Tensor]]:
     """Each block's weights as the run uses them: rotated (if so), then GPTQ/RTN-quantized
     block by block on the inputs the quantized earlier blocks produce, with activations and
     cache fake-quantized while calibrating. `spec` None keeps the weights float."""
-    hidden = model.embed(reader.embed_weight(), calib)
+    hidden = None if spec is None else model.embed(reader.embed_weight(), calib)
     out = []
     for index in range(reader.n_blocks):
         weights = model.block_weights(reader.block_weights(index))
