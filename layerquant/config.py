@@ -224,10 +224,10 @@ class RunConfig(BaseModel):
             raise InvalidSpec(f"invalid setting {where}: {first['msg']}", "fix the flag or recipe value") from None
         config.default_spec()  # validates the combination
         runtime = config.runtime_quant()
-        if runtime.rotate and config.out:
-            raise InvalidSpec("a rotated model cannot be written out yet: its online Hadamard at down_proj and on the cached keys "
-                              "has no place in the dequantized, gptq or compressed-tensors folders this writes",
-                              "drop --out to quantize and measure only, or drop --rotate")
+        if runtime.rotate and config.pack_format != "dequantized":
+            raise InvalidSpec(f"a rotated run cannot be packed as {config.pack_format} yet: its codes live in the rotated basis and "
+                              "the online Hadamards (down_proj, cached keys) have no place in that format",
+                              "use --pack-format dequantized (the rotations undone in the written weights), or drop --rotate")
         if runtime.rotate and config.budget is not None:
             raise InvalidSpec("rotate with a mixed-precision budget is not built yet: layers are scored on unrotated weights",
                               "drop --budget or --rotate")

@@ -121,6 +121,36 @@ def rotate_block_weights(arch, config, weights: dict[str, torch.Tensor], rotatio
     return out
 
 
+def unrotate_block_weights(arch, config, weights: dict[str, torch.Tensor], rotation: Rotation) -> dict[str, torch.Tensor]:
+    """Rotated (and possibly quantized) block weights expressed back in the original basis:
+    R1, R2 and R4 undone, the norm scales left folded into the linears (norms at scale 1, so no
+    division by a norm weight). With the original embeddings, final norm and LM head this is a
+    plain model computing exactly what the rotated one computes: how a rotated run's weights are
+    written out as a folder any transformers loads (activation quantization is not in it)."""
+    ensure_rotatable(arch)
+    out = dict(weights)
+    q = rotation.residual
+    d = head_dim(config)
+    for name in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj"):
+        w = weights[f"{name}.weight"]
+        out[f"{name}.weight"] = (w.double() @ q.T).to(w.dtype)
+    v = out["self_attn.v_proj.weight"]
+    heads = v.shape[0] // d
+    out["self_attn.v_proj.weight"] = (rotation.head @ v.double().reshape(heads, d, -1)).reshape(v.shape).to(v.dtype)
+    if "self_attn.v_proj.bias" in weights:
+        b = weights["self_attn.v_proj.bias"]
+        out["self_attn.v_proj.bias"] = (b.double().reshape(heads, d) @ rotation.head.T).reshape(b.shape).to(b.dtype)
+    o = weights["self_attn.o_proj.weight"]
+    o_plain = (q @ o.double()).reshape(o.shape[0], -1, d) @ rotation.head.T
+    out["self_attn.o_proj.weight"] = o_plain.reshape(o.shape).to(o.dtype)
+    if "self_attn.o_proj.bias" in weights:
+        b = weights["self_attn.o_proj.bias"]
+        out["self_attn.o_proj.bias"] = (b.double() @ q.T).to(b.dtype)
+    down = weights["mlp.down_proj.weight"]
+    out["mlp.down_proj.weight"] = (q @ down.double() @ rotation.down.T).to(down.dtype)
+    return out
+
+
 def rotate_embedding(embed_weight: torch.Tensor, rotation: Rotation) -> torch.Tensor:
     """The input embeddings as the rotated model reads them (unchanged when R1 is online there)."""
     if rotation.online_ends:

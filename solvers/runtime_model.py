@@ -22,6 +22,7 @@ from layerquant.solvers.rotated import (
     rotate_block_weights,
     rotate_embedding,
     rotate_head,
+    unrotate_block_weights,
 )
 
 
@@ -42,6 +43,13 @@ class RuntimeModel:
     def block_weights(self, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """A block's float weights as the run quantizes them (rotated when rotating)."""
         return weights if self.rotation is None else rotate_block_weights(self.arch, self.config, weights, self.rotation)
+
+    def exported_block_weights(self, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """A block's run weights (as `block_weights` gave them, quantized layers dequantized) in
+        the original basis, for a plain model folder: the rotations undone, the norms left
+        folded; with the original embeddings, final norm and head the folder computes what the
+        rotated run computes without activation quantization."""
+        return weights if self.rotation is None else unrotate_block_weights(self.arch, self.config, weights, self.rotation)
 
     def norm_weight(self, weight: torch.Tensor) -> torch.Tensor:
         """A norm's weight as the run sees the residual through it (what block tuning's
