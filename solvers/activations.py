@@ -82,6 +82,7 @@ class BlockRuntime:
     quantized: tuple[str, ...] = ()
     online: Mapping[str, torch.Tensor] = field(default_factory=dict)
     key_rotation: torch.Tensor | None = None  # R3: keys quantized in a rotated basis
+    online_outputs: Mapping[str, torch.Tensor] = field(default_factory=dict)  # module name -> matrix its output is multiplied by
 
     def kv_cache(self) -> FakeQuantKVCache | None:
         if not self.settings.quantizes_cache:
@@ -99,6 +100,8 @@ class BlockRuntime:
             if matrix is None and bits is None:
                 continue
             handles.append(block.get_submodule(name).register_forward_pre_hook(_input_hook(matrix, bits, self.settings.act_group_size)))
+        for name, matrix in sorted(self.online_outputs.items()):
+            handles.append(block.get_submodule(name).register_forward_hook(_output_hook(matrix)))
         return handles
 
 
@@ -115,6 +118,18 @@ def _input_hook(matrix: torch.Tensor | None, bits: int | None, group_size: int):
         if bits is not None:
             x = fake_quant_symmetric(x, bits, group_size)
         return (x, *args[1:])
+
+    return transform
+
+
+def _output_hook(matrix: torch.Tensor):
+    cache: dict = {}
+
+    def transform(_module, _args, output):
+        key = (output.dtype, output.device)
+        if key not in cache:
+            cache[key] = matrix.to(dtype=output.dtype, device=output.device)
+        return output @ cache[key]
 
     return transform
 

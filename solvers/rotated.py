@@ -23,7 +23,7 @@ For the Llama-like families (llama, mistral, qwen2, qwen3):
   in the quantized KV cache: keys are quantized as k R3 and handed back as Q(k R3) R3^T, which
   gives attention exactly what rotating both q and k would (solvers/activations.py).
 
-Gemma 3 (design; `rotate` refuses it until built, see `ensure_rotatable`):
+Gemma 3 (built as below; the family table's `mlp_norm` and `output_norms` say where it differs):
 - input_layernorm and pre_feedforward_layernorm scale by (1 + w): folded like Llama's with
   offset 1 (the norm is then left with w = 0, i.e. scale 1).
 - post_attention_layernorm and post_feedforward_layernorm normalize o_proj's and down_proj's
@@ -48,7 +48,7 @@ from layerquant.runtime_quant import RuntimeQuant
 from layerquant.solvers.activations import BlockRuntime
 from layerquant.solvers.rotation import hadamard, random_hadamard
 
-ROTATABLE = ("llama", "mistral", "qwen2", "qwen3")
+ROTATABLE = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text")
 
 
 @dataclass(frozen=True)
@@ -61,7 +61,7 @@ class Rotation:
 
 def ensure_rotatable(arch) -> None:
     if arch.model_type not in ROTATABLE:
-        raise InvalidSpec(f"rotation is not built for {arch.model_type} yet (its post-norms need online rotations: see solvers/rotated.py)",
+        raise InvalidSpec(f"rotation is not built for {arch.model_type} yet (its norms and linears must be mapped: see solvers/rotated.py)",
                           f"leave rotate off for this model; it is built for {', '.join(ROTATABLE)}")
 
 
@@ -100,8 +100,11 @@ def rotate_block_weights(arch, config, weights: dict[str, torch.Tensor], rotatio
         norm_w = weights[f"{norm}.weight"]
         out[f"{norm}.weight"] = torch.full_like(norm_w, 1.0 - arch.norm_offset)
 
-    reading(("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "input_layernorm")
-    reading(("mlp.gate_proj", "mlp.up_proj"), "post_attention_layernorm")
+    reading(("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), arch.input_norm)
+    reading(("mlp.gate_proj", "mlp.up_proj"), arch.mlp_norm)
+    # writers into the residual stream take Q^T on their output side, unless a post-norm sits
+    # between them and the residual add: then R1 is applied online after that norm instead
+    write_rotation = q.T if not arch.output_norms else torch.eye(q.shape[0], dtype=q.dtype)
     # R2: each kv head's value rows v_h -> v_h R2 (rows of W_v: R2^T W_h), and o_proj's columns
     # of each attention head read them back (W_o[:, h] R2)
     v = out["self_attn.v_proj.weight"]
@@ -112,12 +115,12 @@ def rotate_block_weights(arch, config, weights: dict[str, torch.Tensor], rotatio
         out["self_attn.v_proj.bias"] = (b.double().reshape(heads, d) @ rotation.head).reshape(b.shape).to(b.dtype)
     o = weights["self_attn.o_proj.weight"]
     o_heads = o.double().reshape(o.shape[0], -1, d) @ rotation.head
-    out["self_attn.o_proj.weight"] = (q.T @ o_heads.reshape(o.shape)).to(o.dtype)
+    out["self_attn.o_proj.weight"] = (write_rotation @ o_heads.reshape(o.shape)).to(o.dtype)
     if "self_attn.o_proj.bias" in weights:
         b = weights["self_attn.o_proj.bias"]
-        out["self_attn.o_proj.bias"] = (b.double() @ q).to(b.dtype)
+        out["self_attn.o_proj.bias"] = (b.double() @ write_rotation.T).to(b.dtype)
     down = weights["mlp.down_proj.weight"]
-    out["mlp.down_proj.weight"] = (q.T @ down.double() @ rotation.down).to(down.dtype)
+    out["mlp.down_proj.weight"] = (write_rotation @ down.double() @ rotation.down).to(down.dtype)
     return out
 
 
@@ -131,6 +134,7 @@ def unrotate_block_weights(arch, config, weights: dict[str, torch.Tensor], rotat
     out = dict(weights)
     q = rotation.residual
     d = head_dim(config)
+    write_rotation = q if not arch.output_norms else torch.eye(q.shape[0], dtype=q.dtype)
     for name in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj"):
         w = weights[f"{name}.weight"]
         out[f"{name}.weight"] = (w.double() @ q.T).to(w.dtype)
@@ -141,13 +145,13 @@ def unrotate_block_weights(arch, config, weights: dict[str, torch.Tensor], rotat
         b = weights["self_attn.v_proj.bias"]
         out["self_attn.v_proj.bias"] = (b.double().reshape(heads, d) @ rotation.head.T).reshape(b.shape).to(b.dtype)
     o = weights["self_attn.o_proj.weight"]
-    o_plain = (q @ o.double()).reshape(o.shape[0], -1, d) @ rotation.head.T
+    o_plain = (write_rotation @ o.double()).reshape(o.shape[0], -1, d) @ rotation.head.T
     out["self_attn.o_proj.weight"] = o_plain.reshape(o.shape).to(o.dtype)
     if "self_attn.o_proj.bias" in weights:
         b = weights["self_attn.o_proj.bias"]
-        out["self_attn.o_proj.bias"] = (b.double() @ q.T).to(b.dtype)
+        out["self_attn.o_proj.bias"] = (b.double() @ write_rotation.T).to(b.dtype)
     down = weights["mlp.down_proj.weight"]
-    out["mlp.down_proj.weight"] = (q @ down.double() @ rotation.down.T).to(down.dtype)
+    out["mlp.down_proj.weight"] = (write_rotation @ down.double() @ rotation.down.T).to(down.dtype)
     return out
 
 
@@ -180,7 +184,10 @@ def final_norm_input_transform(rotation: Rotation | None) -> torch.Tensor | None
 
 def block_runtime(arch, settings: RuntimeQuant, rotation: Rotation | None, quantized: tuple[str, ...] | None = None) -> BlockRuntime:
     """The run-time transforms of one block: activation fake-quant at the inputs of `quantized`
-    (default: every decoder linear), R4 online at down_proj and R3 on cached keys when rotated."""
+    (default: every decoder linear), R4 online at down_proj, R3 on cached keys and R1 after the
+    post-norms (Gemma 3) when rotated."""
     online = {"mlp.down_proj": rotation.down} if rotation is not None else {}
     key_rotation = rotation.head if rotation is not None else None
-    return BlockRuntime(settings, tuple(arch.linear_names if quantized is None else quantized), online, key_rotation)
+    # Gemma 3: R1 after each post-norm, where it could not be folded into o_proj / down_proj
+    online_outputs = {norm: rotation.residual for norm in arch.output_norms} if rotation is not None else {}
+    return BlockRuntime(settings, tuple(arch.linear_names if quantized is None else quantized), online, key_rotation, online_outputs)

@@ -98,11 +98,19 @@ def test_rotated_float_model_gives_the_same_logits(stories, tied):
     assert peak_ratio(rotated_inputs) < 0.8 * peak_ratio(plain_inputs)
 
 
-def test_rotation_refuses_families_it_does_not_fold(stories):
-    from layerquant.solvers.architectures import architecture_for
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "gemma3_text"])
+def test_every_family_rotates_exactly(tiny_model_dir, stories, family):
+    """Random 2-block models (norms away from their init, so (1 + w) and the fold matter):
+    qwen2's q/k/v biases, qwen3's and Gemma 3's per-head q/k norms, Gemma 3's (1 + w) norms,
+    post-norms (R1 online after them), tied scaled embeddings and sliding window, head_dim 16."""
+    from tests.support.runtime_model import open_model as open_tiny
 
-    with pytest.raises(InvalidSpec, match="gemma3_text"):
-        plan_rotation(architecture_for("gemma3_text"), stories["reader"].config, tied_embeddings=True)
+    reader, _ = open_tiny(str(tiny_model_dir(family)))
+    windows = stories["eval"][:4, :64]
+    tied = not reader.has(reader.arch.lm_head_name)
+    reference, _ = streamed_logits(reader, RuntimeModel.plan(reader.arch, reader.config, RuntimeQuant(), tied), windows)
+    rotated, _ = streamed_logits(reader, RuntimeModel.plan(reader.arch, reader.config, RuntimeQuant(rotate=True), tied), windows)
+    assert torch.allclose(rotated, reference, atol=1e-4, rtol=1e-5), (rotated - reference).abs().max()
 
 
 def test_rotated_weights_differ_and_norms_are_folded(stories):
