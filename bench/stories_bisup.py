@@ -1,7 +1,7 @@
 """stories260K: weight-activation quantization (issue 16): W4A16 / W4A8 / W4A4 / W3A3, with and
-without QuaRot rotation, and 4- and 3-bit KV caches with and without BiSup's float prompt cache.
+without QuaRot rotation or SmoothQuant migration, and 4- and 3-bit KV caches with and without BiSup's float prompt cache.
 
-Run: .venv/bin/python bench/stories_bisup.py   (about 5 minutes on 2 quiet cores)
+Run: .venv/bin/python bench/stories_bisup.py   (about 12 minutes on 2 busy cores)
 Writes bench/results/stories_bisup.json.
 
 The solver calls of a run, composed without Prefect (tests/support/runtime_model.py; a CLI run
@@ -39,17 +39,18 @@ def main() -> int:
     cases = [(16, 16, 16)] + [(4, 16, 16), (4, 8, 16), (4, 4, 16), (3, 3, 16), (4, 4, 4), (3, 3, 3), (16, 16, 4), (16, 16, 3)]
     rows = []
     for w_bits, a_bits, kv_bits in cases:
-        for rotate in (False, True):
+        for transform in ("none", "rotate", "smooth"):
             for prompt in ((0, PROMPT) if kv_bits < 16 else (0,)):
-                if w_bits == 16 and a_bits == 16 and kv_bits == 16 and rotate:
-                    continue  # the rotated float model is the float model (tests/test_runtime_quant.py)
+                if (w_bits == 16 and a_bits == 16 and kv_bits == 16 and transform != "none") or (w_bits == 16 and transform == "smooth"):
+                    continue  # both keep the float model's function (tests/test_runtime_quant.py)
                 start = time.perf_counter()
-                settings = RuntimeQuant(act_bits=a_bits, kv_bits=kv_bits, prompt_kv_tokens=prompt, rotate=rotate)
+                settings = RuntimeQuant(act_bits=a_bits, kv_bits=kv_bits, prompt_kv_tokens=prompt, rotate=transform == "rotate",
+                                        smooth=transform == "smooth")
                 model = plan(reader, settings)
                 spec = QuantSpec(bits=w_bits, group_size=32) if w_bits < 16 else None
                 blocks = quantize_run(reader, model, calib, spec)
                 row = {"bench": "stories_bisup", "model": "stories260K", "w_bits": w_bits, "a_bits": a_bits, "kv_bits": kv_bits,
-                       "rotate": rotate, "prompt_kv_tokens": prompt, "method": "gptq" if spec else "float", "group_size": 32,
+                       "rotate": transform == "rotate", "smooth": transform == "smooth", "prompt_kv_tokens": prompt, "method": "gptq" if spec else "float", "group_size": 32,
                        "nsamples": 128, "eval_windows": 40, "eval_seqlen": 256}
                 if kv_bits == 16:
                     row["ppl"] = run_perplexity(reader, model, blocks, plain)

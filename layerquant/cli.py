@@ -78,7 +78,7 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rotate", action=argparse.BooleanOptionalAction, default=None,
                         help="QuaRot Hadamard rotations folded into the weights (+ online at down_proj and the cached keys)")
     parser.add_argument("--smooth", action=argparse.BooleanOptionalAction, default=None,
-                        help="SmoothQuant scale migration (not built yet: refused)")
+                        help="SmoothQuant scale migration (alpha 0.5) folded into norms and weights: the alternative to --rotate")
     parser.add_argument("--device", choices=["cpu", "cuda", "auto"],
                         help=f"where blocks are reconstructed (default {run_default('device')}; auto = CUDA when present)")
 

@@ -13,6 +13,7 @@ from layerquant.errors import InvalidSpec
 
 FLOAT_BITS = 16  # "not quantized": activations and cache stay in the model's float type
 ACT_BITS = (3, 4, 8, FLOAT_BITS)
+SMOOTH_ALPHA = 0.5  # SmoothQuant's migration strength (its paper's default)
 
 
 @dataclass(frozen=True)
@@ -24,7 +25,7 @@ class RuntimeQuant:
     first `prompt_kv_tokens` positions, which stay float (BiSup's prompt-precision cache: the
     shared system prompt is computed once, so keeping it exact costs little memory and stops its
     error from spreading to every later token). `rotate`: QuaRot's Hadamard rotations
-    (solvers/rotated.py). `smooth`: SmoothQuant's scale migration (not built yet: refused)."""
+    (solvers/rotated.py). `smooth`: SmoothQuant's scale migration instead (solvers/smooth.py)."""
 
     act_bits: int = FLOAT_BITS
     act_group_size: int = 0
@@ -42,8 +43,9 @@ class RuntimeQuant:
         for name in ("act_group_size", "kv_group_size", "prompt_kv_tokens"):
             if getattr(self, name) < 0:
                 raise InvalidSpec(f"{name}={getattr(self, name)} is negative", "use 0 (off / per token) or a positive size")
-        if self.smooth:
-            raise InvalidSpec("smooth (SmoothQuant scale migration) is not implemented yet", "use rotate instead, or leave smooth off")
+        if self.smooth and self.rotate:
+            raise InvalidSpec("smooth and rotate are alternatives: the rotation folds the norm scales that smoothing would move",
+                              "choose one of --smooth and --rotate")
 
     @property
     def quantizes_activations(self) -> bool:
@@ -55,7 +57,7 @@ class RuntimeQuant:
 
     @property
     def enabled(self) -> bool:
-        return self.quantizes_activations or self.quantizes_cache or self.rotate
+        return self.quantizes_activations or self.quantizes_cache or self.rotate or self.smooth
 
     def identity(self) -> dict:
         """The settings that change a result; empty when nothing is on, so weight-only runs keep
@@ -67,4 +69,6 @@ class RuntimeQuant:
             out["kv"] = {"bits": self.kv_bits, "group_size": self.kv_group_size, "prompt_tokens": self.prompt_kv_tokens}
         if self.rotate:
             out["rotate"] = {"seed": self.seed}
+        if self.smooth:
+            out["smooth"] = {"alpha": SMOOTH_ALPHA}
         return out

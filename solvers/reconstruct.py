@@ -301,6 +301,9 @@ def _reconstruct_block(arch, config, index, weights, inputs, specs, damp_percent
 
     start = time.perf_counter()
     context = BlockContext(arch, config, seq_len=inputs.shape[1], kv_cache=None if runtime is None else runtime.kv_cache())
+    smoothed_norms: dict[str, torch.Tensor] = {}
+    if runtime is not None and runtime.settings.smooth:
+        weights, smoothed_norms = _smoothed(arch, config, index, weights, inputs, context, batch_size)
     block = build_block(arch, config, index, weights)
     if runtime is not None:
         runtime.install(block)  # before staged_quantize's Hessian hooks: they see the transformed inputs
@@ -342,8 +345,24 @@ def _reconstruct_block(arch, config, index, weights, inputs, specs, damp_percent
         timing["forward"] += time.perf_counter() - rerun_start
         forwards += 1.0
     error = relative_output_error(float_outputs, outputs[:reference_count])
+    overrides = smoothed_norms | overrides  # tuned norms start from the smoothed ones
     return BlockReconstruction(outcomes, outputs, error, time.perf_counter() - start, overrides, report,
                                {k: round(v, 3) for k, v in timing.items()}, forwards, reference_count)
+
+
+def _smoothed(arch, config, index, weights, inputs, context, batch_size):
+    """SmoothQuant's migration on the float block's own input statistics (solvers/smooth.py):
+    (smoothed weights, the norm weights it changed, which the artifact stores as overrides: the
+    quantized linears carry their share in their stored codes)."""
+    from layerquant.solvers.architectures import build_block, run_block
+    from layerquant.solvers.smooth import input_absmax, smooth_block_weights
+
+    plain = build_block(arch, config, index, weights)
+    stats = input_absmax(plain, lambda module, hidden: run_block(module, context, index, hidden, batch_size), inputs)
+    del plain
+    smoothed = smooth_block_weights(arch, weights, stats)
+    norms = {f"{name}.weight": smoothed[f"{name}.weight"] for name in (arch.input_norm, arch.mlp_norm)}
+    return smoothed, norms
 
 
 def tune_block(

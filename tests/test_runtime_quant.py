@@ -162,6 +162,28 @@ def test_rotated_weights_differ_and_norms_are_folded(stories):
     assert not torch.allclose(rotated["self_attn.q_proj.weight"], weights["self_attn.q_proj.weight"])
 
 
+@pytest.mark.parametrize("family", ["stories", "gemma3_text"])
+def test_smoothing_keeps_the_float_block(tiny_model_dir, stories, family):
+    """SmoothQuant's migration folded into the norms ((1 + w) on Gemma 3, whose MLP reads
+    pre_feedforward_layernorm) and up_proj: the float block computes the same outputs, while
+    the per-channel peaks of the smoothed inputs come closer together."""
+    from layerquant.solvers.smooth import input_absmax, smooth_block_weights
+
+    reader = stories["reader"] if family == "stories" else open_model(str(tiny_model_dir(family)))[0]
+    windows = stories["eval"][:4, :64]
+    context = arch_ops.BlockContext(reader.arch, reader.config, windows.shape[1])
+    hidden = arch_ops.embed_tokens(reader.arch, reader.config, reader.embed_weight(), windows)
+    forward = lambda block, x: arch_ops.run_block(block, context, 0, x)  # noqa: E731
+    weights = reader.block_weights(0)
+    block = arch_ops.build_block(reader.arch, reader.config, 0, weights)
+    stats = input_absmax(block, forward, hidden)
+    smoothed_block = arch_ops.build_block(reader.arch, reader.config, 0, smooth_block_weights(reader.arch, weights, stats))
+    assert torch.allclose(forward(smoothed_block, hidden), forward(block, hidden), atol=1e-4, rtol=1e-4)
+    after = input_absmax(smoothed_block, forward, hidden)
+    for name in stats:
+        assert after[name].max() / after[name].min() < stats[name].max() / stats[name].min(), name
+
+
 # -- fake quantization ----------------------------------------------------------------------------
 @pytest.mark.parametrize("bits", [3, 4, 8])
 def test_symmetric_activation_grid_per_token(bits):
@@ -275,7 +297,7 @@ def test_runtime_options_enter_the_run_id_only_when_set():
 def test_bad_runtime_options_are_refused():
     with pytest.raises(InvalidSpec, match="act_bits"):
         RunConfig.from_sources(act_bits=5)
-    with pytest.raises(InvalidSpec, match="not implemented"):
-        RunConfig.from_sources(smooth=True)
+    with pytest.raises(InvalidSpec, match="alternatives"):
+        RunConfig.from_sources(smooth=True, rotate=True)
     with pytest.raises(InvalidSpec, match="cannot be packed"):
         RunConfig.from_sources(rotate=True, pack_format="compressed-tensors")

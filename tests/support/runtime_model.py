@@ -48,6 +48,7 @@ def quantize_run(reader: CheckpointReader, model: RuntimeModel, calib: torch.Ten
         quantized = dict(weights)
         for outcome in result.outcomes:
             quantized[f"{outcome.name}.weight"] = stored_weight(outcome.tensors, outcome.spec)
+        quantized.update(result.overrides)  # smoothed (or tuned) norms, as the stored artifact applies them
         out.append(quantized)
         hidden = result.outputs
     return out
