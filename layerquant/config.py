@@ -164,7 +164,7 @@ class RunConfig(BaseModel):
         needs only the weights."""
         methods = {self.method} | {override.get("method", self.method) for override in self.overrides.values()}
         return (methods != {"rtn"} or self.budget is not None or self.gate_output_error is not None
-                or self.block_tuning().enabled)
+                or self.block_tuning().enabled or self.smooth)  # smoothing reads the blocks' input statistics
 
     def spec_for(self, layer: str) -> QuantSpec:
         base = self.default_spec()

@@ -294,6 +294,11 @@ def test_runtime_options_enter_the_run_id_only_when_set():
                 RunConfig(kv_bits=4, prompt_kv_tokens=64).run_id()}) == 5
 
 
+def test_smoothing_needs_calibration_even_with_round_to_nearest():
+    assert not RunConfig(method="rtn").needs_calibration()
+    assert RunConfig(method="rtn", smooth=True).needs_calibration()
+
+
 def test_bad_runtime_options_are_refused():
     with pytest.raises(InvalidSpec, match="act_bits"):
         RunConfig.from_sources(act_bits=5)
