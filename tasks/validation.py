@@ -8,12 +8,12 @@ from prefect.cache_policies import NO_CACHE
 
 from layerquant.block_artifact import BlockArtifact
 from layerquant.config import CODE_VERSION
+from layerquant.runtime_quant import RuntimeQuant
 from layerquant.infra.store import artifact_key, sha256_bytes
 from layerquant.cancellation import raise_if_cancelled
 from layerquant.infra.texts import load_tokenizer, read_text, tokenize
 from layerquant.solvers import architectures as arch_ops
 from layerquant.solvers.evaluation import stream_perplexity
-from layerquant.runtime_quant import RuntimeQuant
 from layerquant.solvers.reconstruct import apply_block_artifact
 from layerquant.solvers.runtime_model import RuntimeModel
 from layerquant.solvers.windows import make_windows, prompt_windows
@@ -77,9 +77,10 @@ def runtime_perplexity(ctx: RunContext, windows, block_refs: list[dict] | None, 
             weights = apply_block_artifact(weights, BlockArtifact.decode(tensors, meta["layers"]))
         return weights
 
-    return model.perplexity(windows, reader.n_blocks, block_weights, reader.embed_weight(), reader.final_norm_weight(),
-                            reader.lm_head_weight(), score_from=cfg.prompt_kv_tokens, batch_size=batch_size,
-                            between_blocks=raise_if_cancelled)
+    embed = reader.embed_weight()
+    head = reader.lm_head_weight() if reader.has(reader.arch.lm_head_name) else embed  # tied: one tensor, as above
+    return model.perplexity(windows, reader.n_blocks, block_weights, embed, reader.final_norm_weight(), head,
+                            score_from=cfg.prompt_kv_tokens, batch_size=batch_size, between_blocks=raise_if_cancelled)
 
 
 @task(name="evaluate", task_run_name="validate / {variant} perplexity", cache_policy=NO_CACHE, persist_result=False,
