@@ -20,12 +20,12 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from layerquant.config import default_calib, default_eval, default_model  # noqa: E402
 from layerquant.runtime_quant import RuntimeQuant  # noqa: E402
 from layerquant.specs import QuantSpec  # noqa: E402
-from tests.support.runtime_model import continuation_windows, open_model, plan, quantize_run, run_perplexity, text_windows  # noqa: E402
+from support.runtime_model import continuation_windows, open_model, plan, quantize_run, run_perplexity, text_windows  # noqa: E402
 
 PROMPT = 64
 

@@ -18,8 +18,8 @@ from layerquant.solvers.rotated import final_norm_input_transform, plan_rotation
 from layerquant.solvers.rotation import block_orders, hadamard, random_hadamard
 from layerquant.solvers.runtime_model import RuntimeModel
 from layerquant.specs import QuantSpec
-from tests.support.runtime_model import continuation_windows, open_model, plan, quantize_run, run_perplexity, text_windows
-from tests.support.stories_block import one_thread  # noqa: F401 - autouse fixture
+from support.runtime_model import continuation_windows, open_model, plan, quantize_run, run_perplexity, text_windows
+from support.stories_block import one_thread  # noqa: F401 - autouse fixture
 
 
 # -- Hadamard matrices --------------------------------------------------------------------------
@@ -103,7 +103,7 @@ def test_every_family_rotates_exactly(tiny_model_dir, stories, family):
     """Random 2-block models (norms away from their init, so (1 + w) and the fold matter):
     qwen2's q/k/v biases, qwen3's and Gemma 3's per-head q/k norms, Gemma 3's (1 + w) norms,
     post-norms (R1 online after them), tied scaled embeddings and sliding window, head_dim 16."""
-    from tests.support.runtime_model import open_model as open_tiny
+    from support.runtime_model import open_model as open_tiny
 
     reader, _ = open_tiny(str(tiny_model_dir(family)))
     windows = stories["eval"][:4, :64]
@@ -306,3 +306,27 @@ def test_bad_runtime_options_are_refused():
         RunConfig.from_sources(smooth=True, rotate=True)
     with pytest.raises(InvalidSpec, match="cannot be packed"):
         RunConfig.from_sources(rotate=True, pack_format="compressed-tensors")
+
+
+# -- the pipeline end to end ----------------------------------------------------------------------
+@pytest.mark.slow
+@pytest.mark.usefixtures("prefect_server")
+def test_pipeline_runs_rotated_w4a4_and_writes_a_plain_folder(tmp_path, stories, eval_text):
+    """The flow with --act-bits 4 --rotate: rotated calibration, blocks reconstructed with the
+    hooks, the validation measuring the model as it runs (the same number as the solver
+    composition the other tests use), and --out a plain folder whose transformers perplexity is
+    the rotated weights' W4A16 one (activations are not in the folder)."""
+    from layerquant.flows.quantize import quantize_flow
+    from support.perplexity import transformers_perplexity
+
+    settings = dict(bits=4, group_size=32, nsamples=32, seqlen=256, rotate=True)
+    config = RunConfig(store=str(tmp_path / "store"), out=str(tmp_path / "out"), act_bits=4, **settings)
+    report = quantize_flow(config.model_dump())
+    assert report["config"]["runtime_quant"] == {"act": {"bits": 4, "group_size": 0}, "rotate": {"seed": 0}}
+    expected = quantized_perplexity(stories, RuntimeQuant(act_bits=4, rotate=True))
+    assert report["ppl_quant"] == pytest.approx(expected, rel=1e-6)
+    weight_only = plan(stories["reader"], RuntimeQuant(rotate=True))
+    # the same rotated weights measured without activation quantization, by plain transformers
+    blocks = quantize_run(stories["reader"], plan(stories["reader"], RuntimeQuant(act_bits=4, rotate=True)), stories["calib"], W4)
+    w4a16 = run_perplexity(stories["reader"], weight_only, blocks, stories["eval"])
+    assert transformers_perplexity(tmp_path / "out", eval_text, 40) == pytest.approx(w4a16, rel=1e-4)
