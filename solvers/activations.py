@@ -9,12 +9,12 @@ really get) and the streamed evaluation.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
 
-from layerquant.runtime_quant import RuntimeQuant
+from layerquant.runtime_quant import FLOAT_BITS, RuntimeQuant
 
 
 def fake_quant_symmetric(x: torch.Tensor, bits: int, group_size: int = 0) -> torch.Tensor:
@@ -24,7 +24,7 @@ def fake_quant_symmetric(x: torch.Tensor, bits: int, group_size: int = 0) -> tor
     groups = x.reshape(*shape[:-1], -1, group_size) if group_size and shape[-1] % group_size == 0 else x.unsqueeze(-2)
     top = 2 ** (bits - 1) - 1
     scale = groups.abs().amax(dim=-1, keepdim=True).clamp(min=1e-8) / top
-    return (torch.clamp(torch.round(groups / scale), -top - 1, top) * scale).reshape(shape)
+    return _straight_through(x, (torch.clamp(torch.round(groups / scale), -top - 1, top) * scale).reshape(shape))
 
 
 def fake_quant_asymmetric(x: torch.Tensor, bits: int, group_size: int = 0) -> torch.Tensor:
@@ -36,7 +36,17 @@ def fake_quant_asymmetric(x: torch.Tensor, bits: int, group_size: int = 0) -> to
     top = 2**bits - 1
     scale = (high - low).clamp(min=1e-8) / top
     codes = torch.clamp(torch.round((groups - low) / scale), 0, top)
-    return (codes * scale + low).reshape(shape)
+    return _straight_through(x, (codes * scale + low).reshape(shape))
+
+
+def _straight_through(x: torch.Tensor, quantized: torch.Tensor) -> torch.Tensor:
+    """`quantized` in the forward pass; under autograd the gradient passes to x unchanged
+    (straight-through estimator), so block tuning can train through the activation and cache
+    quantizers (round's own gradient is zero: everything before a quantized linear would get
+    none). Without autograd the values are returned as computed, to the last bit."""
+    if not x.requires_grad:
+        return quantized
+    return x + (quantized - x).detach()
 
 
 class FakeQuantKVCache:
@@ -88,6 +98,12 @@ class BlockRuntime:
         if not self.settings.quantizes_cache:
             return None
         return FakeQuantKVCache(self.settings.kv_bits, self.settings.kv_group_size, self.settings.prompt_kv_tokens, self.key_rotation)
+
+    def without_quantizers(self) -> "BlockRuntime":
+        """The same block with float activations and cache: only its online rotations, which
+        belong to the float function of a rotated block (the float reference of tuning)."""
+        settings = replace(self.settings, act_bits=FLOAT_BITS, kv_bits=FLOAT_BITS)
+        return replace(self, settings=settings)
 
     def install(self, block: nn.Module) -> list:
         """Register the pre-hooks on `block`; returns their handles (remove them to undo).

@@ -300,13 +300,11 @@ def _reconstruct_block(arch, config, index, weights, inputs, specs, damp_percent
     from layerquant.solvers.architectures import BlockContext, build_block, run_block
 
     start = time.perf_counter()
-    context = BlockContext(arch, config, seq_len=inputs.shape[1], kv_cache=None if runtime is None else runtime.kv_cache())
+    context = BlockContext(arch, config, seq_len=inputs.shape[1])
     smoothed_norms: dict[str, torch.Tensor] = {}
     if runtime is not None and runtime.settings.smooth:
         weights, smoothed_norms = _smoothed(arch, config, index, weights, inputs, context, batch_size)
     block = build_block(arch, config, index, weights)
-    if runtime is not None:
-        runtime.install(block)  # before staged_quantize's Hessian hooks: they see the transformed inputs
     n_samples = inputs.shape[0]
 
     def forward(module: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
@@ -320,8 +318,17 @@ def _reconstruct_block(arch, config, index, weights, inputs, specs, damp_percent
         inputs = inputs.to(device)  # tuning samples batches at random: keep them where it computes
     reference_count = n_samples if (tuned and tuning_targets is None) or full_output_error else min(error_samples, n_samples)
     reference_start = time.perf_counter()
+    # the float block: its online rotations (part of its function) but no quantizer yet
+    float_hooks = [] if runtime is None else runtime.without_quantizers().install(block)
     float_outputs = forward(block, inputs[:reference_count])
+    for handle in float_hooks:
+        handle.remove()
     float_seconds = time.perf_counter() - reference_start
+    if runtime is not None:
+        # from here on the block runs as the quantized model runs; installed before
+        # staged_quantize's Hessian hooks, so those see the transformed inputs
+        runtime.install(block)
+        context.kv_cache = runtime.kv_cache()
     sequential = quantize_block_sequential(block, forward, inputs, arch.linear_groups, specs, damp_percent,
                                            layer_prefix=layer_prefix, batch_size=batch_size)
     outcomes, outputs = sequential.outcomes, sequential.outputs

@@ -252,6 +252,24 @@ def test_rotation_lowers_low_bit_activation_perplexity(stories):
     assert rotated3 <= 0.7 * plain3, (plain3, rotated3)
 
 
+@pytest.mark.slow
+def test_block_tuning_with_the_quantizers_in_the_loop_lowers_w4a4_and_w3a3(stories):
+    """BiSup's fine-tuning, on the parameter set the pipeline already tunes (weight scales, then
+    norm weights; held-out best iterate): with the activation quantizers in the loop
+    (straight-through) and fitted to the float block (its online rotations included). Measured,
+    rotated, 50 + 50 steps: W4A4 5.610 -> 5.496, W3A3 33.85 -> 18.63."""
+    from layerquant.tuning import BlockTuning
+
+    tuning = BlockTuning(refine_steps=50, norm_tweak_steps=50, space="residual")
+    for bits, bound in ((4, 1.0), (3, 0.8)):
+        settings, spec = RuntimeQuant(act_bits=bits, rotate=True), QuantSpec(bits=bits, group_size=32)
+        model = plan(stories["reader"], settings)
+        plain = run_perplexity(stories["reader"], model, quantize_run(stories["reader"], model, stories["calib"], spec), stories["eval"])
+        tuned = run_perplexity(stories["reader"], model, quantize_run(stories["reader"], model, stories["calib"], spec, tuning),
+                               stories["eval"])
+        assert tuned < bound * plain, (bits, plain, tuned)
+
+
 def continuation_perplexity(stories, bits: int, prompt_kv_tokens: int) -> float:
     """W{bits}A{bits}KV{bits}, rotated (BiSup builds on QuaRot), on 40 windows of one shared
     64-token prompt + 192-token continuations (the same windows for every call), scored on the

@@ -32,10 +32,12 @@ def continuation_windows(tokenizer, text_path: str, n: int, prompt_tokens: int, 
     return prompt_windows(tokens, n, prompt_tokens + continuation, prompt_tokens, tokenizer.bos_token_id, purpose="test")
 
 
-def quantize_run(reader: CheckpointReader, model: RuntimeModel, calib: torch.Tensor | None, spec: QuantSpec | None) -> list[dict[str, torch.Tensor]]:
+def quantize_run(reader: CheckpointReader, model: RuntimeModel, calib: torch.Tensor | None, spec: QuantSpec | None,
+                 tuning=None) -> list[dict[str, torch.Tensor]]:
     """Each block's weights as the run uses them: rotated (if so), then GPTQ/RTN-quantized
     block by block on the inputs the quantized earlier blocks produce, with activations and
-    cache fake-quantized while calibrating. `spec` None keeps the weights float."""
+    cache fake-quantized while calibrating, then `tuning` (a BlockTuning) with them in the loop.
+    `spec` None keeps the weights float."""
     hidden = None if spec is None else model.embed(reader.embed_weight(), calib)
     out = []
     for index in range(reader.n_blocks):
@@ -44,7 +46,8 @@ def quantize_run(reader: CheckpointReader, model: RuntimeModel, calib: torch.Ten
             out.append(weights)
             continue
         specs = {name: spec for name in reader.arch.linear_names}
-        result = reconstruct_block(reader.arch, reader.config, index, weights, hidden, specs, runtime=model.block_runtime())
+        result = reconstruct_block(reader.arch, reader.config, index, weights, hidden, specs, runtime=model.block_runtime(),
+                                   tuning=tuning)
         quantized = dict(weights)
         for outcome in result.outcomes:
             quantized[f"{outcome.name}.weight"] = stored_weight(outcome.tensors, outcome.spec)
