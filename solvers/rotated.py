@@ -135,9 +135,15 @@ def unrotate_block_weights(arch, config, weights: dict[str, torch.Tensor], rotat
     q = rotation.residual
     d = head_dim(config)
     write_rotation = q if not arch.output_norms else torch.eye(q.shape[0], dtype=q.dtype)
-    for name in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj"):
-        w = weights[f"{name}.weight"]
-        out[f"{name}.weight"] = (w.double() @ q.T).to(w.dtype)
+    # norm scales that tuning moved away from 1 act in the rotated basis: folded into the
+    # linears before those are rotated back (a no-op for the untuned unit norms)
+    readers = {arch.input_norm: ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), arch.mlp_norm: ("mlp.gate_proj", "mlp.up_proj")}
+    for norm, names in readers.items():
+        scale = _scale(arch, weights, norm)
+        for name in names:
+            w = weights[f"{name}.weight"]
+            out[f"{name}.weight"] = ((w.double() * scale[None, :]) @ q.T).to(w.dtype)
+        out[f"{norm}.weight"] = torch.full_like(weights[f"{norm}.weight"], 1.0 - arch.norm_offset)
     v = out["self_attn.v_proj.weight"]
     heads = v.shape[0] // d
     out["self_attn.v_proj.weight"] = (rotation.head @ v.double().reshape(heads, d, -1)).reshape(v.shape).to(v.dtype)

@@ -137,6 +137,27 @@ def test_unrotated_export_is_a_plain_model_with_the_same_logits(tiny_model_dir, 
     folded = Exported(reader.arch, reader.config, RuntimeQuant(), None).block_weights(reader.block_weights(0))
     assert torch.equal(folded["input_layernorm.weight"], torch.full_like(folded["input_layernorm.weight"], 1 - reader.arch.norm_offset))
 
+    # norms tuned in the rotated basis (norm tweaking after rotation) are folded on the way out
+    def tuned(weights):
+        out = rotate_block_weights(reader.arch, reader.config, weights, rotation)
+        generator = torch.Generator().manual_seed(1)
+        for norm in (reader.arch.input_norm, reader.arch.mlp_norm):
+            out[f"{norm}.weight"] = out[f"{norm}.weight"] + 0.2 * torch.randn(out[f"{norm}.weight"].shape, generator=generator)
+        return out
+
+    class TunedRotated(RuntimeModel):
+        def block_weights(self, weights):
+            return tuned(weights)
+
+    class TunedExported(RuntimeModel):
+        def block_weights(self, weights):
+            return unrotate_block_weights(self.arch, self.config, tuned(weights), rotation)
+
+    run_model, _ = streamed_logits(reader, TunedRotated(reader.arch, reader.config, RuntimeQuant(rotate=True), rotation), windows)
+    written, _ = streamed_logits(reader, TunedExported(reader.arch, reader.config, RuntimeQuant(), None), windows)
+    assert torch.allclose(written, run_model, atol=1e-4, rtol=1e-5), (written - run_model).abs().max()
+    assert not torch.allclose(run_model, reference, atol=1e-2)  # the tuned norms did change the model
+
 
 def test_gemma3_runs_quantized_activations_cache_and_rotation(tiny_model_dir, stories):
     """The whole W4A4KV4 rotated path on Gemma 3's layout (post-norm hooks, q/k norms, sliding
