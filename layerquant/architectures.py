@@ -30,6 +30,10 @@ class Architecture:
     linear_groups: tuple[tuple[str, ...], ...] = LLAMA_GROUPS
     norms: tuple[str, ...] = ("input_layernorm", "post_attention_layernorm")
     input_norm: str = "input_layernorm"  # the norm a block applies to its input first
+    mlp_norm: str = "post_attention_layernorm"  # the norm whose output gate/up read
+    # norms applied to a sublayer's output before the residual add (Gemma 3's post-norms): a
+    # residual-stream rotation cannot be folded through them (solvers/rotated.py)
+    output_norms: tuple[str, ...] = ()
     norm_offset: float = 0.0  # Gemma's RMSNorm scales by (1 + w)
     embed_scaled: bool = False  # Gemma multiplies embeddings by sqrt(hidden_size)
     rotary_per_layer_type: bool = False  # Gemma 3 keeps local and global rope tables
@@ -72,6 +76,8 @@ ARCHITECTURES: dict[str, Architecture] = {
             "post_feedforward_layernorm",
         )
         + _QK_NORMS,
+        mlp_norm="pre_feedforward_layernorm",
+        output_norms=("post_attention_layernorm", "post_feedforward_layernorm"),
         norm_offset=1.0,
         embed_scaled=True,
         rotary_per_layer_type=True,

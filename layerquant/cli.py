@@ -71,6 +71,16 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pack-format", choices=["dequantized", "compressed-tensors", "gptq"],
                         help=f"what --out receives (default {run_default('pack_format')}; dequantized weights load in any transformers)")
     parser.add_argument("--store", help=f"artifact store: a folder or s3://bucket/prefix (default {run_default('store')})")
+    parser.add_argument("--act-bits", type=int, choices=[3, 4, 8, 16],
+                        help="per-token dynamic symmetric activations at every quantized linear's input (default 16 = float)")
+    parser.add_argument("--act-group-size", type=int, help="input channels per activation scale (default 0 = one per token)")
+    parser.add_argument("--kv-bits", type=int, choices=[3, 4, 8, 16], help="KV cache per head and token (default 16 = float)")
+    parser.add_argument("--kv-group-size", type=int, help="head channels per KV scale (default 0 = one per head and token)")
+    parser.add_argument("--prompt-kv-tokens", type=int, metavar="P", help="keep the first P tokens' keys and values float (default 0)")
+    parser.add_argument("--rotate", action=argparse.BooleanOptionalAction, default=None,
+                        help="QuaRot Hadamard rotations folded into the weights (+ online at down_proj and the cached keys)")
+    parser.add_argument("--smooth", action=argparse.BooleanOptionalAction, default=None,
+                        help="SmoothQuant scale migration (alpha 0.5) folded into norms and weights: the alternative to --rotate")
     parser.add_argument("--device", choices=["cpu", "cuda", "auto"],
                         help=f"where blocks are reconstructed (default {run_default('device')}; auto = CUDA when present)")
     parser.add_argument("--workers", type=int,
@@ -128,6 +138,13 @@ def config_from_args(args: argparse.Namespace):
         tuning_space=args.tuning_space,
         gate_output_error=args.gate_output_error,
         max_ppl_increase=args.max_ppl_increase,
+        act_bits=getattr(args, "act_bits", None),
+        act_group_size=getattr(args, "act_group_size", None),
+        kv_bits=getattr(args, "kv_bits", None),
+        kv_group_size=getattr(args, "kv_group_size", None),
+        prompt_kv_tokens=getattr(args, "prompt_kv_tokens", None),
+        rotate=getattr(args, "rotate", None),
+        smooth=getattr(args, "smooth", None),
         store=absolute_location(args.store or run_default("store")),
         out=absolute_location(getattr(args, "out", None)),
         workers=getattr(args, "workers", None),

@@ -11,6 +11,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from layerquant.errors import InvalidSpec
+from layerquant.runtime_quant import FLOAT_BITS, RuntimeQuant
 from layerquant.specs import SUPPORTED_BITS, QuantSpec
 from layerquant.tuning import BlockTuning
 
@@ -106,6 +107,16 @@ class RunConfig(BaseModel):
     overrides: dict[str, dict[str, Any]] = Field(default_factory=dict)
     # what --out receives: the dequantized model (any transformers loads it) or a packed one
     pack_format: Literal["dequantized", "compressed-tensors", "gptq"] = "dequantized"
+    # what the model quantizes while it runs (issue 16; layerquant/runtime_quant.py): per-token
+    # activations at every quantized linear's input, the KV cache per head and token (its first
+    # prompt_kv_tokens positions kept float), and QuaRot's Hadamard rotations. 16 = float
+    act_bits: Literal[3, 4, 8, 16] = FLOAT_BITS
+    act_group_size: int = Field(0, ge=0)
+    kv_bits: Literal[3, 4, 8, 16] = FLOAT_BITS
+    kv_group_size: int = Field(0, ge=0)
+    prompt_kv_tokens: int = Field(0, ge=0)
+    rotate: bool = False
+    smooth: bool = False
     # where artifacts and results go (not part of the run's identity)
     store: str = ".layerquant/store"
     out: str | None = None
@@ -214,6 +225,11 @@ class RunConfig(BaseModel):
                            norm_tweak_lr=self.norm_tweak_lr, norm_tweak_loss=self.norm_tweak_loss, seed=self.seed,
                            holdout=self.tuning_holdout, space=self.tuning_space)
 
+    def runtime_quant(self) -> RuntimeQuant:
+        return RuntimeQuant(act_bits=self.act_bits, act_group_size=self.act_group_size, kv_bits=self.kv_bits,
+                            kv_group_size=self.kv_group_size, prompt_kv_tokens=self.prompt_kv_tokens, rotate=self.rotate,
+                            smooth=self.smooth, seed=self.seed)
+
     def needs_calibration(self) -> bool:
         """Whether the run needs calibration samples and block forwards at all: GPTQ and PB-LLM
         need input Hessians, a budget scores layers on data, a gate and block tuning compare
@@ -221,7 +237,7 @@ class RunConfig(BaseModel):
         needs only the weights."""
         methods = {self.method} | {override.get("method", self.method) for override in self.overrides.values()}
         return (methods != {"rtn"} or self.budget is not None or self.gate_output_error is not None
-                or self.block_tuning().enabled)
+                or self.block_tuning().enabled or self.smooth)  # smoothing reads the blocks' input statistics
 
     def spec_for(self, layer: str) -> QuantSpec:
         base = self.default_spec()
@@ -246,6 +262,13 @@ class RunConfig(BaseModel):
             del identity["text_encoding"]
         if identity["device"] == "cpu":  # a GPU's float arithmetic differs in the last bits: part of the result
             del identity["device"]
+        # run-time quantization: in the identity only as far as it is on, so weight-only runs keep their ids
+        runtime_fields = ("act_bits", "act_group_size", "kv_bits", "kv_group_size", "prompt_kv_tokens", "rotate", "smooth")
+        for name in runtime_fields:
+            del identity[name]
+        runtime = self.runtime_quant().identity()
+        if runtime:
+            identity["runtime_quant"] = runtime
         return identity
 
     def run_id(self) -> str:
@@ -273,6 +296,14 @@ class RunConfig(BaseModel):
             where = ".".join(str(p) for p in first["loc"]) or "recipe"
             raise InvalidSpec(f"invalid setting {where}: {first['msg']}", "fix the flag or recipe value") from None
         config.default_spec()  # validates the combination
+        runtime = config.runtime_quant()
+        if runtime.rotate and config.pack_format != "dequantized":
+            raise InvalidSpec(f"a rotated run cannot be packed as {config.pack_format} yet: its codes live in the rotated basis and "
+                              "the online Hadamards (down_proj, cached keys) have no place in that format",
+                              "use --pack-format dequantized (the rotations undone in the written weights), or drop --rotate")
+        if runtime.rotate and config.budget is not None:
+            raise InvalidSpec("rotate with a mixed-precision budget is not built yet: layers are scored on unrotated weights",
+                              "drop --budget or --rotate")
         for layer in config.overrides:
             config.spec_for(layer)
         if config.budget is not None:

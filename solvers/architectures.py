@@ -39,8 +39,11 @@ def layer_types(config) -> list[str]:
 class BlockContext:
     """Per-sequence-length tables shared by every block: rotary cos/sin and attention masks."""
 
-    def __init__(self, arch: Architecture, config, seq_len: int, dtype: torch.dtype = torch.float32):
+    def __init__(self, arch: Architecture, config, seq_len: int, dtype: torch.dtype = torch.float32, kv_cache: Any = None):
         self.arch = arch
+        # handed to every block as `past_key_values`: a fake-quantized cache (solvers/activations.py)
+        # sees keys and values as they would enter a real cache; None runs attention on them as computed
+        self.kv_cache = kv_cache
         self.config = config
         self.seq_len = seq_len
         self.layer_types = layer_types(config)
@@ -66,11 +69,14 @@ class BlockContext:
 
     def block_kwargs(self, index: int) -> dict[str, Any]:
         kind = self.layer_types[index]
-        return {
+        kwargs = {
             "attention_mask": self.masks[kind],
             "position_embeddings": self.position_embeddings[kind],
             "position_ids": self.position_ids,
         }
+        if self.kv_cache is not None:
+            kwargs["past_key_values"] = self.kv_cache
+        return kwargs
 
 
 def build_block(arch: Architecture, config, index: int, weights: dict[str, torch.Tensor]) -> nn.Module:

@@ -140,12 +140,18 @@ def stream_perplexity(
     vocab_size: int,
     reference_hidden: torch.Tensor | None = None,
     reference_head: Head | None = None,
+    score_from: int = 0,
 ) -> tuple[dict, torch.Tensor]:
     """Perplexity of `windows` [W, L] (every token after the first predicted from its prefix),
     and, given the reference's last hidden states [W, L, H], the divergence from it (`summarize`).
+    With `score_from` P > 0 only tokens at positions >= P are scored: the continuations after a
+    shared P-token prompt (the prompt-precision KV cache's evaluation).
     Returns the summary and the model's last hidden states (a later comparison's reference)."""
     hidden = stream_hidden(windows, embed, blocks)
-    scores = score_windows(hidden, next_token_targets(windows), head, vocab_size, reference_hidden, reference_head)
+    targets = next_token_targets(windows)
+    if score_from > 0:
+        targets[:, : score_from - 1] = -100  # the target at position i is token i + 1
+    scores = score_windows(hidden, targets, head, vocab_size, reference_hidden, reference_head)
     return summarize(scores), hidden
 
 

@@ -275,6 +275,7 @@ def reconstruct_block(
     full_output_error: bool = False,
     error_samples: int = ERROR_SAMPLES,
     device: str | torch.device | None = None,
+    runtime=None,
 ) -> BlockReconstruction:
     """Quantize decoder block `index` (float `weights`, block-relative names) on `inputs` [N, L, H],
     then apply `tuning` (refinement, norm tweaking) if given, fitted to `tuning_targets`: by
@@ -289,10 +290,15 @@ def reconstruct_block(
 
     With `device` (e.g. "cuda"), the block's weights, each batch's activations, the Hessians
     and the solves live there (`inputs` may stay in host memory, pinned for fast copies); what
-    is returned is on the host. None computes where the tensors already are."""
+    is returned is on the host. None computes where the tensors already are.
+
+    `runtime` (a `solvers.activations.BlockRuntime`), when given, makes the block run as the
+    quantized model runs: fake-quantized activations and KV cache, online rotations. The float
+    reference, the Hessians and the outputs handed to the next block all see it, so GPTQ fits
+    the weights to the inputs they will really get."""
     if device is None:
         return _reconstruct_block(arch, config, index, weights, inputs, specs, damp_percent, batch_size, layer_prefix,
-                                  tuning, tuning_targets, next_norm, full_output_error, error_samples)
+                                  tuning, tuning_targets, next_norm, full_output_error, error_samples, runtime=runtime)
     device = torch.device(device)
     if inputs.device.type == "cpu" and device.type == "cuda":
         inputs = inputs.pin_memory()
@@ -301,16 +307,19 @@ def reconstruct_block(
         result = _reconstruct_block(
             arch, config, index, {name: t.to(device) for name, t in weights.items()}, inputs, specs, damp_percent, batch_size,
             layer_prefix, tuning, None if tuning_targets is None else tuning_targets.to(device),
-            None if next_norm is None else next_norm.to(device), full_output_error, error_samples, device)
+            None if next_norm is None else next_norm.to(device), full_output_error, error_samples, device, runtime)
     return result.to_host()
 
 
 def _reconstruct_block(arch, config, index, weights, inputs, specs, damp_percent, batch_size, layer_prefix, tuning,
-                       tuning_targets, next_norm, full_output_error, error_samples, device=None) -> BlockReconstruction:
+                       tuning_targets, next_norm, full_output_error, error_samples, device=None, runtime=None) -> BlockReconstruction:
     from layerquant.solvers.architectures import BlockContext, build_block, run_block
 
     start = time.perf_counter()
     context = BlockContext(arch, config, seq_len=inputs.shape[1])
+    smoothed_norms: dict[str, torch.Tensor] = {}
+    if runtime is not None and runtime.settings.smooth:
+        weights, smoothed_norms = _smoothed(arch, config, index, weights, inputs, context, batch_size)
     block = build_block(arch, config, index, weights)
     n_samples = inputs.shape[0]
 
@@ -325,8 +334,17 @@ def _reconstruct_block(arch, config, index, weights, inputs, specs, damp_percent
         inputs = inputs.to(device)  # tuning samples batches at random: keep them where it computes
     reference_count = n_samples if (tuned and tuning_targets is None) or full_output_error else min(error_samples, n_samples)
     reference_start = time.perf_counter()
+    # the float block: its online rotations (part of its function) but no quantizer yet
+    float_hooks = [] if runtime is None else runtime.without_quantizers().install(block)
     float_outputs = forward(block, inputs[:reference_count])
+    for handle in float_hooks:
+        handle.remove()
     float_seconds = time.perf_counter() - reference_start
+    if runtime is not None:
+        # from here on the block runs as the quantized model runs; installed before
+        # staged_quantize's Hessian hooks, so those see the transformed inputs
+        runtime.install(block)
+        context.kv_cache = runtime.kv_cache()
     sequential = quantize_block_sequential(block, forward, inputs, arch.linear_groups, specs, damp_percent,
                                            layer_prefix=layer_prefix, batch_size=batch_size)
     outcomes, outputs = sequential.outcomes, sequential.outputs
@@ -350,8 +368,24 @@ def _reconstruct_block(arch, config, index, weights, inputs, specs, damp_percent
         timing["forward"] += time.perf_counter() - rerun_start
         forwards += 1.0
     error = relative_output_error(float_outputs, outputs[:reference_count])
+    overrides = smoothed_norms | overrides  # tuned norms start from the smoothed ones
     return BlockReconstruction(outcomes, outputs, error, time.perf_counter() - start, overrides, report,
                                {k: round(v, 3) for k, v in timing.items()}, forwards, reference_count)
+
+
+def _smoothed(arch, config, index, weights, inputs, context, batch_size):
+    """SmoothQuant's migration on the float block's own input statistics (solvers/smooth.py):
+    (smoothed weights, the norm weights it changed, which the artifact stores as overrides: the
+    quantized linears carry their share in their stored codes)."""
+    from layerquant.solvers.architectures import build_block, run_block
+    from layerquant.solvers.smooth import input_absmax, smooth_block_weights
+
+    plain = build_block(arch, config, index, weights)
+    stats = input_absmax(plain, lambda module, hidden: run_block(module, context, index, hidden, batch_size), inputs)
+    del plain
+    smoothed = smooth_block_weights(arch, weights, stats)
+    norms = {f"{name}.weight": smoothed[f"{name}.weight"] for name in (arch.input_norm, arch.mlp_norm)}
+    return smoothed, norms
 
 
 def tune_block(

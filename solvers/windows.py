@@ -44,3 +44,25 @@ def make_windows(
     if bos is not None:
         rows = torch.cat([torch.full((n_windows, 1), bos, dtype=torch.int64), rows], dim=1)
     return rows
+
+
+def prompt_windows(tokens: torch.Tensor, n_windows: int, seq_len: int, prompt_tokens: int, bos: int | None,
+                   purpose: str = "evaluation") -> torch.Tensor:
+    """[n_windows, seq_len] int64: one shared prompt (`bos` + the text's first tokens,
+    `prompt_tokens` in all) before each of n_windows continuations cut, in order and without
+    overlap, from the text after it. What the prompt-precision KV cache is judged on: the
+    perplexity of the continuations (positions >= prompt_tokens), with and without the
+    prompt's keys and values kept float, on the same windows."""
+    if not 0 < prompt_tokens < seq_len:
+        raise CalibrationError(f"{purpose} prompt of {prompt_tokens} tokens does not fit windows of {seq_len}",
+                               "use prompt_kv_tokens smaller than the evaluation sequence length")
+    head = prompt_tokens - 1 if bos is not None else prompt_tokens
+    body = seq_len - prompt_tokens
+    if tokens.numel() < head + n_windows * body:
+        raise CalibrationError(f"{purpose} text has {tokens.numel()} tokens: too few for a {prompt_tokens}-token prompt and "
+                               f"{n_windows} continuations of {body}", "give more text, or fewer / shorter windows")
+    prompt = tokens[:head]
+    if bos is not None:
+        prompt = torch.cat([torch.tensor([bos], dtype=torch.int64), prompt])
+    rest = tokens[head:]
+    return torch.stack([torch.cat([prompt, rest[i * body : (i + 1) * body]]) for i in range(n_windows)])

@@ -13,6 +13,7 @@ from layerquant.infra.checkpoint import tensors_fingerprint
 from layerquant.infra.store import artifact_key
 from layerquant.solvers.architectures import family_norm
 from layerquant.solvers.reconstruct import BlockReconstruction, quantize_block_data_free, reconstruct_block, resolve_device
+from layerquant.solvers.runtime_model import RuntimeModel
 from layerquant.report import merge_timings
 from layerquant.specs import QuantSpec
 from layerquant.tasks.context import RunContext, cached, phase, ref_of, retry_transient
@@ -21,10 +22,12 @@ BLOCK_STAGE = "block"
 HIDDEN_STAGE = "hidden"
 
 
-def block_key(inputs_sha: str, weights_fp: str, specs: dict[str, dict], damp_percent: float, tuning: dict) -> str:
+def block_key(inputs_sha: str, weights_fp: str, specs: dict[str, dict], damp_percent: float, tuning: dict, runtime: dict | None = None) -> str:
     settings = {"specs": specs, "damp": damp_percent}
     if tuning:  # absent when off: plain runs keep the keys they always had
         settings["tuning"] = tuning
+    if runtime:  # activation / KV quantization and rotation, likewise absent when off
+        settings["runtime_quant"] = runtime
     return artifact_key(BLOCK_STAGE, CODE_VERSION, [inputs_sha, weights_fp], settings)
 
 
@@ -51,13 +54,16 @@ def quantize_block(config: dict, index: int, inputs: dict | None, specs: dict[st
         weights_fp = tensors_fingerprint(sorted(weights.items()))
     tuning = ctx.config.block_tuning()
     tuning_identity = tuning.identity()
+    runtime = ctx.config.runtime_quant()
+    model = RuntimeModel.plan(reader.arch, reader.config, runtime, tied_embeddings=not reader.has(reader.arch.lm_head_name))
     next_norm_weight = None
     if tuning.enabled and tuning.space == "next_norm":
         next_name = reader.arch.norm_reading_block_output(index, reader.n_blocks)
-        next_norm_weight = reader.tensor(next_name).float()
+        next_norm_weight = model.norm_weight(reader.tensor(next_name).float())
         tuning_identity["next_norm"] = tensors_fingerprint([(next_name, next_norm_weight)])
     inputs_ref = None if inputs is None else ref_of(inputs)
-    key = block_key(DATA_FREE if inputs_ref is None else inputs_ref.sha256, weights_fp, specs, ctx.config.damp_percent, tuning_identity)
+    key = block_key(DATA_FREE if inputs_ref is None else inputs_ref.sha256, weights_fp, specs, ctx.config.damp_percent, tuning_identity,
+                    runtime.identity())
     with phase(timing, "store_io"):
         block_hit = None if force else cached(ctx.store, BLOCK_STAGE, key, logger)
         outputs_hit = None if force or inputs_ref is None else cached(ctx.store, HIDDEN_STAGE, key, logger)
@@ -68,7 +74,7 @@ def quantize_block(config: dict, index: int, inputs: dict | None, specs: dict[st
                 "timing": timing}
 
     layer_specs = {name: QuantSpec.from_dict(spec) for name, spec in specs.items()}
-    float_weights = {name: t.float() for name, t in weights.items()}
+    float_weights = model.block_weights({name: t.float() for name, t in weights.items()})
     if inputs_ref is None:
         with phase(timing, "solve"):
             outcomes = quantize_block_data_free(float_weights, layer_specs)
@@ -83,6 +89,7 @@ def quantize_block(config: dict, index: int, inputs: dict | None, specs: dict[st
             # a gate judges the error on every sample; otherwise a subset estimates it
             full_output_error=ctx.config.gate_output_error is not None,
             device=resolve_device(ctx.config.device),
+            runtime=model.block_runtime(),
         )
         del hidden
         timing = merge_timings(timing, result.timing)

@@ -6,7 +6,7 @@ from prefect.cache_policies import NO_CACHE
 
 from layerquant.config import CODE_VERSION
 from layerquant.infra.store import artifact_key, sha256_bytes
-from layerquant.solvers.architectures import embed_tokens
+from layerquant.solvers.runtime_model import RuntimeModel
 from layerquant.tasks.context import RunContext, cached, retry_transient
 from layerquant.tasks.token_windows import token_windows
 
@@ -22,12 +22,16 @@ def capture_calibration(config: dict) -> dict:
     cfg, reader = ctx.config, ctx.reader
     windows = token_windows(ctx.store, cfg, "calibration", logger)
     embed_fp = reader.fingerprint([reader.arch.embed_name])
-    key = artifact_key(STAGE, CODE_VERSION, [sha256_bytes(windows.numpy().tobytes()), embed_fp, reader.config_fingerprint()], {})
+    runtime = cfg.runtime_quant()
+    # only the rotation changes block 0's inputs; absent without it, so plain runs keep their keys
+    settings = {"rotate": runtime.identity()["rotate"]} if runtime.rotate else {}
+    key = artifact_key(STAGE, CODE_VERSION, [sha256_bytes(windows.numpy().tobytes()), embed_fp, reader.config_fingerprint()], settings)
     hit = cached(ctx.store, STAGE, key, logger)
     if hit is not None:
         logger.info("calibration: cached %s", key[:12])
         return hit.to_dict()
-    hidden = embed_tokens(reader.arch, reader.config, reader.embed_weight(), windows)
+    model = RuntimeModel.plan(reader.arch, reader.config, runtime, tied_embeddings=not reader.has(reader.arch.lm_head_name))
+    hidden = model.embed(reader.embed_weight(), windows)
     ref = ctx.store.put_tensors(
         STAGE, key, {"tokens": windows, "hidden": hidden},
         meta={"nsamples": cfg.nsamples, "seqlen": cfg.seqlen, "embed_fp": embed_fp, "stage": STAGE},

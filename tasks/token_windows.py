@@ -16,7 +16,7 @@ import torch
 from layerquant.config import CODE_VERSION, RunConfig
 from layerquant.infra.store import ArtifactStore, artifact_key, sha256_bytes
 from layerquant.infra.texts import load_tokenizer, read_text, tokenize
-from layerquant.solvers.windows import make_windows
+from layerquant.solvers.windows import make_windows, prompt_windows
 from layerquant.tasks.context import cached
 
 STAGE = "windows"
@@ -37,8 +37,11 @@ def window_settings(config: RunConfig, purpose: str, text_index: int = 0) -> dic
         return {"text": config.calib, "n": config.nsamples, "seqlen": config.seqlen, "selection": config.calib_selection,
                 "seed": config.seed}
     if purpose == "evaluation":
-        return {"text": config.eval_texts()[text_index], "n": config.eval_windows, "seqlen": config.eval_seqlen,
-                "selection": "first", "seed": 0}
+        settings = {"text": config.eval_texts()[text_index], "n": config.eval_windows, "seqlen": config.eval_seqlen,
+                    "selection": "first", "seed": 0}
+        if config.prompt_kv_tokens:  # continuations after one shared prompt, scored from prompt_kv_tokens on
+            settings["prompt_tokens"] = config.prompt_kv_tokens
+        return settings
     raise ValueError(f"purpose must be one of {PURPOSES}, not {purpose!r}")
 
 
@@ -63,7 +66,12 @@ def all_token_windows(store: ArtifactStore, config: RunConfig, requests: list[tu
             windows[purpose, text_index] = store.get_tensors(hit)[0]["tokens"]
             continue
         tokenizer = tokenizer or load_tokenizer(config.model)
-        windows[purpose, text_index] = make_windows(tokenize(tokenizer, text), settings["n"], settings["seqlen"],
-                                                    tokenizer.bos_token_id, settings["selection"], settings["seed"], purpose=purpose)
+        tokens = tokenize(tokenizer, text)
+        if "prompt_tokens" in settings:
+            windows[purpose, text_index] = prompt_windows(tokens, settings["n"], settings["seqlen"], settings["prompt_tokens"],
+                                                          tokenizer.bos_token_id, purpose=purpose)
+        else:
+            windows[purpose, text_index] = make_windows(tokens, settings["n"], settings["seqlen"], tokenizer.bos_token_id,
+                                                        settings["selection"], settings["seed"], purpose=purpose)
         store.put_tensors(STAGE, key, {"tokens": windows[purpose, text_index]}, {"stage": STAGE, **params})
     return windows

@@ -13,6 +13,7 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from layerquant.block_artifact import BlockArtifact
+from layerquant.runtime_quant import RuntimeQuant
 from layerquant.cancellation import raise_if_cancelled
 from layerquant.config import CODE_VERSION
 from layerquant.infra.checkpoint import CheckpointReader
@@ -20,6 +21,7 @@ from layerquant.infra.store import artifact_key, sha256_bytes
 from layerquant.solvers import architectures as arch_ops
 from layerquant.solvers.evaluation import stream_perplexity
 from layerquant.solvers.reconstruct import apply_block_artifact
+from layerquant.solvers.runtime_model import RuntimeModel
 from layerquant.tasks.context import RunContext, cached, ref_of, retry_transient
 from layerquant.tasks.token_windows import token_windows
 
@@ -84,6 +86,8 @@ def reader_perplexity(reader: CheckpointReader, windows: torch.Tensor, transform
 
 def model_perplexity(ctx: RunContext, windows, block_refs: list[dict] | None) -> dict:
     """Streamed perplexity of the float model (block_refs None) or of the quantized one."""
+    if runs_as_runtime_model(ctx):
+        return runtime_perplexity(ctx, windows, block_refs)
     transform = None if block_refs is None else stored_quantization(ctx, block_refs)
     return reader_perplexity(ctx.reader, windows, transform)[0]
 
@@ -93,6 +97,34 @@ def compare_models(reader: CheckpointReader, baseline: CheckpointReader, windows
     pass first (its last hidden states kept), then the model's, scored side by side with them."""
     _, baseline_hidden = reader_perplexity(baseline, windows)
     return reader_perplexity(reader, windows, reference=(baseline_hidden, baseline))[0]
+
+
+def runs_as_runtime_model(ctx: RunContext) -> bool:
+    """Activation/KV quantization, rotation or a float prompt cache: the model is evaluated as it
+    runs (RuntimeModel), without the float-reference divergence of weight-only runs."""
+    runtime = ctx.config.runtime_quant()
+    return bool(runtime.enabled or runtime.prompt_kv_tokens)
+
+
+def runtime_perplexity(ctx: RunContext, windows, block_refs: list[dict] | None, batch_size: int = 8) -> dict:
+    """The quantized model exactly as it runs (rotated weights, online rotations, fake-quantized
+    activations and KV cache), or the float model (block_refs None); with prompt_kv_tokens, only
+    the continuations after the shared prompt are scored."""
+    reader, cfg = ctx.reader, ctx.config
+    settings = cfg.runtime_quant() if block_refs is not None else RuntimeQuant()
+    model = RuntimeModel.plan(reader.arch, reader.config, settings, tied_embeddings=not reader.has(reader.arch.lm_head_name))
+
+    def block_weights(index: int):
+        weights = model.block_weights(reader.block_weights(index))
+        if block_refs is not None:
+            tensors, meta = ctx.store.get_tensors(ref_of(block_refs[index]))
+            weights = apply_block_artifact(weights, BlockArtifact.decode(tensors, meta["layers"]))
+        return weights
+
+    embed = reader.embed_weight()
+    head = reader.lm_head_weight() if reader.has(reader.arch.lm_head_name) else embed  # tied: one tensor, as above
+    return model.perplexity(windows, reader.n_blocks, block_weights, embed, reader.final_norm_weight(), head,
+                            score_from=cfg.prompt_kv_tokens, batch_size=batch_size, between_blocks=raise_if_cancelled)
 
 
 @task(name="evaluate", task_run_name="validate / {variant} perplexity", cache_policy=NO_CACHE, persist_result=False,
@@ -111,25 +143,35 @@ def evaluate(config: dict, variant: str, blocks: list[dict], text_index: int = 0
         upstream = [ref_of(b["block"]).sha256 for b in blocks]
     head_names = [ctx.reader.arch.embed_name, ctx.reader.arch.final_norm_name]
     upstream += [ctx.reader.fingerprint(n for n in head_names + [ctx.reader.arch.lm_head_name] if ctx.reader.has(n))]
-    if reference is not None:
+    settings = {"variant": variant, "windows": sha256_bytes(windows.numpy().tobytes()), "scores": "per-window+kl"}
+    runtime = ctx.config.runtime_quant().identity()
+    if variant == "quant" and runtime:  # absent when off: weight-only runs keep their keys
+        settings["runtime_quant"] = runtime
+    if ctx.config.prompt_kv_tokens:
+        settings["score_from"] = ctx.config.prompt_kv_tokens
+    if reference is not None and "hidden" in reference:
         upstream += [reference["hidden"]["sha256"]]
     # "scores": the per-window, hidden-state-keeping evaluation (results before it had neither)
-    key = artifact_key(STAGE, CODE_VERSION, upstream, {"variant": variant, "windows": sha256_bytes(windows.numpy().tobytes()),
-                                                       "scores": "per-window+kl"})
+    key = artifact_key(STAGE, CODE_VERSION, upstream, settings)
+    as_runtime = runs_as_runtime_model(ctx)
     hit = cached(ctx.store, STAGE, key, logger)
-    if hit is not None and (variant != "float" or cached(ctx.store, HIDDEN_STAGE, key, logger) is not None):
+    keeps_hidden = variant == "float" and not as_runtime
+    if hit is not None and (not keeps_hidden or cached(ctx.store, HIDDEN_STAGE, key, logger) is not None):
         result = ctx.store.get_json(hit) | {"timing": {}}
         logger.info("%s perplexity %.4f (cached)", variant, result["ppl"])
         return result
     started = time.perf_counter()
-    transform = stored_quantization(ctx, [b["block"] for b in blocks]) if variant == "quant" else None
-    reference_pair = None
-    if reference is not None:
-        tensors, _ = ctx.store.get_tensors(ref_of(reference["hidden"]))
-        reference_pair = (tensors["hidden"], ctx.reader)
-    result, hidden = reader_perplexity(ctx.reader, windows, transform, reference_pair)
+    if as_runtime:
+        result, hidden = runtime_perplexity(ctx, windows, [b["block"] for b in blocks] if variant == "quant" else None), None
+    else:
+        transform = stored_quantization(ctx, [b["block"] for b in blocks]) if variant == "quant" else None
+        reference_pair = None
+        if reference is not None and "hidden" in reference:
+            tensors, _ = ctx.store.get_tensors(ref_of(reference["hidden"]))
+            reference_pair = (tensors["hidden"], ctx.reader)
+        result, hidden = reader_perplexity(ctx.reader, windows, transform, reference_pair)
     result.update({"variant": variant, "windows": int(windows.shape[0]), "seqlen": int(windows.shape[1])})
-    if variant == "float":
+    if keeps_hidden:
         result["hidden"] = ctx.store.put_tensors(HIDDEN_STAGE, key, {"hidden": hidden.contiguous()}).to_dict()
     ctx.store.put_json(STAGE, key, result)
     logger.info("%s perplexity %.4f on %d windows x %d tokens", variant, result["ppl"], windows.shape[0], windows.shape[1])

@@ -1,0 +1,74 @@
+"""Settings of what a quantized model quantizes while it runs: activations, the KV cache, and the
+rotations that make low-bit activations usable (issue 16, after QuaRot and BiSup).
+
+Core rather than solvers for the reason `tuning.py` is: the run config builds these settings and
+the block and evaluation keys include them, neither of which may depend on the math that uses
+them (solvers/activations.py, solvers/rotated.py).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from layerquant.errors import InvalidSpec
+
+FLOAT_BITS = 16  # "not quantized": activations and cache stay in the model's float type
+ACT_BITS = (3, 4, 8, FLOAT_BITS)
+SMOOTH_ALPHA = 0.5  # SmoothQuant's migration strength (its paper's default)
+
+
+@dataclass(frozen=True)
+class RuntimeQuant:
+    """Activations: per-token dynamic symmetric fake-quant at the input of every quantized linear
+    (`act_group_size` 0 = one scale per token, else one per group of input channels). KV cache:
+    keys (after RoPE) and values quantized per head and token (or group of head channels) as
+    they enter the cache, asymmetric (min/max) as QuaRot and KIVI quantize the cache, except the
+    first `prompt_kv_tokens` positions, which stay float (BiSup's prompt-precision cache: the
+    shared system prompt is computed once, so keeping it exact costs little memory and stops its
+    error from spreading to every later token). `rotate`: QuaRot's Hadamard rotations
+    (solvers/rotated.py). `smooth`: SmoothQuant's scale migration instead (solvers/smooth.py)."""
+
+    act_bits: int = FLOAT_BITS
+    act_group_size: int = 0
+    kv_bits: int = FLOAT_BITS
+    kv_group_size: int = 0
+    prompt_kv_tokens: int = 0
+    rotate: bool = False
+    smooth: bool = False
+    seed: int = 0  # the random signs of the residual rotation
+
+    def __post_init__(self):
+        for name in ("act_bits", "kv_bits"):
+            if getattr(self, name) not in ACT_BITS:
+                raise InvalidSpec(f"{name}={getattr(self, name)} is not supported", f"use one of {', '.join(map(str, ACT_BITS))} (16 = float)")
+        for name in ("act_group_size", "kv_group_size", "prompt_kv_tokens"):
+            if getattr(self, name) < 0:
+                raise InvalidSpec(f"{name}={getattr(self, name)} is negative", "use 0 (off / per token) or a positive size")
+        if self.smooth and self.rotate:
+            raise InvalidSpec("smooth and rotate are alternatives: the rotation folds the norm scales that smoothing would move",
+                              "choose one of --smooth and --rotate")
+
+    @property
+    def quantizes_activations(self) -> bool:
+        return self.act_bits < FLOAT_BITS
+
+    @property
+    def quantizes_cache(self) -> bool:
+        return self.kv_bits < FLOAT_BITS
+
+    @property
+    def enabled(self) -> bool:
+        return self.quantizes_activations or self.quantizes_cache or self.rotate or self.smooth
+
+    def identity(self) -> dict:
+        """The settings that change a result; empty when nothing is on, so weight-only runs keep
+        their keys. The prompt length matters only with a quantized cache."""
+        out: dict = {}
+        if self.quantizes_activations:
+            out["act"] = {"bits": self.act_bits, "group_size": self.act_group_size}
+        if self.quantizes_cache:
+            out["kv"] = {"bits": self.kv_bits, "group_size": self.kv_group_size, "prompt_tokens": self.prompt_kv_tokens}
+        if self.rotate:
+            out["rotate"] = {"seed": self.seed}
+        if self.smooth:
+            out["smooth"] = {"alpha": SMOOTH_ALPHA}
+        return out

@@ -1,0 +1,155 @@
+"""The quantized model as it runs: fake-quantized activations at every quantized linear's input,
+a fake-quantized KV cache, and the online rotations that could not be folded into weights.
+
+Everything is attached to the family's own transformers block (forward pre-hooks on the linears,
+a cache object passed as `past_key_values`), so the block's forward stays transformers' code:
+the same hooks serve GPTQ's calibration pass (its Hessians then see the inputs the layers will
+really get) and the streamed evaluation.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, replace
+
+import torch
+from torch import nn
+
+from layerquant.runtime_quant import FLOAT_BITS, RuntimeQuant
+
+
+def fake_quant_symmetric(x: torch.Tensor, bits: int, group_size: int = 0) -> torch.Tensor:
+    """Round x to a symmetric signed `bits` grid, one scale per row of the last dimension (or per
+    `group_size` channels of it): what a per-token dynamic int activation kernel computes."""
+    shape = x.shape
+    groups = x.reshape(*shape[:-1], -1, group_size) if group_size and shape[-1] % group_size == 0 else x.unsqueeze(-2)
+    top = 2 ** (bits - 1) - 1
+    scale = groups.abs().amax(dim=-1, keepdim=True).clamp(min=1e-8) / top
+    return _straight_through(x, (torch.clamp(torch.round(groups / scale), -top - 1, top) * scale).reshape(shape))
+
+
+def fake_quant_asymmetric(x: torch.Tensor, bits: int, group_size: int = 0) -> torch.Tensor:
+    """Round x to an unsigned `bits` grid between each row's (or group's) min and max."""
+    shape = x.shape
+    groups = x.reshape(*shape[:-1], -1, group_size) if group_size and shape[-1] % group_size == 0 else x.unsqueeze(-2)
+    low = groups.amin(dim=-1, keepdim=True)
+    high = groups.amax(dim=-1, keepdim=True)
+    top = 2**bits - 1
+    scale = (high - low).clamp(min=1e-8) / top
+    codes = torch.clamp(torch.round((groups - low) / scale), 0, top)
+    return _straight_through(x, (codes * scale + low).reshape(shape))
+
+
+def _straight_through(x: torch.Tensor, quantized: torch.Tensor) -> torch.Tensor:
+    """`quantized` in the forward pass; under autograd the gradient passes to x unchanged
+    (straight-through estimator), so block tuning can train through the activation and cache
+    quantizers (round's own gradient is zero: everything before a quantized linear would get
+    none). Without autograd the values are returned as computed, to the last bit."""
+    if not x.requires_grad:
+        return quantized
+    return x + (quantized - x).detach()
+
+
+class FakeQuantKVCache:
+    """Stands in for a transformers Cache in a block's forward: attention hands it keys (after
+    RoPE) and values [batch, kv_heads, seq, head_dim] and attends to what it returns. Keys and
+    values come back quantized per head and token (or group of head channels), except the first
+    `prompt_tokens` positions, which stay float. Stateless: the streamed evaluation runs each
+    window's whole sequence in one call, so "the cache" is that call's keys and values.
+
+    `key_rotation` (QuaRot's R3, head_dim x head_dim orthogonal): keys are quantized in the
+    rotated basis, k -> Q(k R3) R3^T. Attention then computes q . Q(k R3) R3^T = (q R3) . Q(k R3),
+    exactly what rotating queries and keys online after RoPE and caching the rotated keys
+    computes, without touching the attention code."""
+
+    def __init__(self, bits: int, group_size: int = 0, prompt_tokens: int = 0, key_rotation: torch.Tensor | None = None):
+        self.bits = bits
+        self.group_size = group_size
+        self.prompt_tokens = prompt_tokens
+        self.key_rotation = key_rotation
+
+    def _quantize(self, states: torch.Tensor, rotation: torch.Tensor | None = None) -> torch.Tensor:
+        keep = min(self.prompt_tokens, states.shape[-2])
+        rest = states[..., keep:, :]
+        if rotation is not None:
+            rotation = rotation.to(dtype=states.dtype, device=states.device)
+            quantized = fake_quant_asymmetric(rest @ rotation, self.bits, self.group_size) @ rotation.T
+        else:
+            quantized = fake_quant_asymmetric(rest, self.bits, self.group_size)
+        return torch.cat([states[..., :keep, :], quantized], dim=-2) if keep else quantized
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        return self._quantize(key_states, self.key_rotation), self._quantize(value_states)
+
+
+@dataclass
+class BlockRuntime:
+    """What one block does at run time beyond its weights: `online` maps a block-relative linear
+    name to the orthogonal matrix its input is multiplied by first (QuaRot's online Hadamard at
+    down_proj), `quantized` names the linears whose inputs are fake-quantized, `key_rotation` the
+    rotation keys are quantized in (see FakeQuantKVCache)."""
+
+    settings: RuntimeQuant
+    quantized: tuple[str, ...] = ()
+    online: Mapping[str, torch.Tensor] = field(default_factory=dict)
+    key_rotation: torch.Tensor | None = None  # R3: keys quantized in a rotated basis
+    online_outputs: Mapping[str, torch.Tensor] = field(default_factory=dict)  # module name -> matrix its output is multiplied by
+
+    def kv_cache(self) -> FakeQuantKVCache | None:
+        if not self.settings.quantizes_cache:
+            return None
+        return FakeQuantKVCache(self.settings.kv_bits, self.settings.kv_group_size, self.settings.prompt_kv_tokens, self.key_rotation)
+
+    def without_quantizers(self) -> "BlockRuntime":
+        """The same block with float activations and cache: only its online rotations, which
+        belong to the float function of a rotated block (the float reference of tuning)."""
+        settings = replace(self.settings, act_bits=FLOAT_BITS, kv_bits=FLOAT_BITS)
+        return replace(self, settings=settings)
+
+    def install(self, block: nn.Module) -> list:
+        """Register the pre-hooks on `block`; returns their handles (remove them to undo).
+        Registered before any Hessian hook, so GPTQ's Hessians see the transformed inputs."""
+        handles = []
+        names = set(self.quantized) | set(self.online)
+        for name in sorted(names):
+            matrix = self.online.get(name)
+            bits = self.settings.act_bits if name in self.quantized and self.settings.quantizes_activations else None
+            if matrix is None and bits is None:
+                continue
+            handles.append(block.get_submodule(name).register_forward_pre_hook(_input_hook(matrix, bits, self.settings.act_group_size)))
+        for name, matrix in sorted(self.online_outputs.items()):
+            handles.append(block.get_submodule(name).register_forward_hook(_output_hook(matrix)))
+        return handles
+
+
+def _input_hook(matrix: torch.Tensor | None, bits: int | None, group_size: int):
+    cache: dict = {}
+
+    def transform(_module, args):
+        x = args[0]
+        if matrix is not None:
+            key = (x.dtype, x.device)
+            if key not in cache:
+                cache[key] = matrix.to(dtype=x.dtype, device=x.device)
+            x = x @ cache[key]
+        if bits is not None:
+            x = fake_quant_symmetric(x, bits, group_size)
+        return (x, *args[1:])
+
+    return transform
+
+
+def _output_hook(matrix: torch.Tensor):
+    cache: dict = {}
+
+    def transform(_module, _args, output):
+        key = (output.dtype, output.device)
+        if key not in cache:
+            cache[key] = matrix.to(dtype=output.dtype, device=output.device)
+        return output @ cache[key]
+
+    return transform
+
+
+def remove_hooks(handles: Iterable) -> None:
+    for handle in handles:
+        handle.remove()

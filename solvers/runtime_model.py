@@ -1,0 +1,120 @@
+"""A whole model streamed block by block exactly as its quantized form runs: rotated weights,
+online rotations, fake-quantized activations and KV cache. The one place that composes the
+pieces of solvers/rotated.py and solvers/activations.py, for calibration (the embedding end),
+reconstruction (each block's weights and run-time hooks) and the streamed evaluation."""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from layerquant.runtime_quant import RuntimeQuant
+from layerquant.solvers import architectures as arch_ops
+from layerquant.solvers.activations import BlockRuntime
+from layerquant.solvers.evaluation import stream_perplexity
+from layerquant.solvers.rotated import (
+    Rotation,
+    block_runtime,
+    embedding_output_transform,
+    final_norm_input_transform,
+    plan_rotation,
+    rotate_block_weights,
+    rotate_embedding,
+    rotate_head,
+    unrotate_block_weights,
+)
+
+
+@dataclass(frozen=True)
+class RuntimeModel:
+    """How the model of a run is executed: `settings` and, when `settings.rotate`, the rotation."""
+
+    arch: object
+    config: object
+    settings: RuntimeQuant
+    rotation: Rotation | None
+
+    @classmethod
+    def plan(cls, arch, config, settings: RuntimeQuant, tied_embeddings: bool) -> "RuntimeModel":
+        rotation = plan_rotation(arch, config, tied_embeddings, settings.seed) if settings.rotate else None
+        return cls(arch, config, settings, rotation)
+
+    def block_weights(self, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """A block's float weights as the run quantizes them (rotated when rotating)."""
+        return weights if self.rotation is None else rotate_block_weights(self.arch, self.config, weights, self.rotation)
+
+    def exported_block_weights(self, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """A block's run weights (as `block_weights` gave them, quantized layers dequantized) in
+        the original basis, for a plain model folder: the rotations undone, the norms left
+        folded; with the original embeddings, final norm and head the folder computes what the
+        rotated run computes without activation quantization."""
+        return weights if self.rotation is None else unrotate_block_weights(self.arch, self.config, weights, self.rotation)
+
+    def norm_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        """A norm's weight as the run sees the residual through it (what block tuning's
+        "next_norm" space compares in): rotated, every norm's scale is folded into the linears
+        after it, leaving a unit-scale RMSNorm (rotation-invariant, so also right where R1 is
+        undone online before the final norm)."""
+        return weight if self.rotation is None else torch.full_like(weight, 1.0 - self.arch.norm_offset)
+
+    def block_runtime(self) -> BlockRuntime | None:
+        """The hooks a block runs with; None when nothing happens at run time (weight-only runs
+        keep the exact code path they always had)."""
+        if not self.settings.enabled:
+            return None
+        return block_runtime(self.arch, self.settings, self.rotation)
+
+    def embed(self, embed_weight: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """Block 0's inputs: the embedding of `tokens`, rotated."""
+        hidden = arch_ops.embed_tokens(self.arch, self.config, self.embed_weight(embed_weight), tokens)
+        online = embedding_output_transform(self.rotation)
+        return hidden if online is None else (hidden.double() @ online).to(hidden.dtype)
+
+    def embed_weight(self, embed_weight: torch.Tensor) -> torch.Tensor:
+        return embed_weight if self.rotation is None else rotate_embedding(embed_weight, self.rotation)
+
+    def head(self, final_norm_weight: torch.Tensor, lm_head_weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.rotation is None:
+            return final_norm_weight, lm_head_weight
+        return rotate_head(self.arch, final_norm_weight, lm_head_weight, self.rotation)
+
+    def perplexity(
+        self,
+        windows: torch.Tensor,
+        n_blocks: int,
+        block_weights: Callable[[int], dict[str, torch.Tensor]],
+        embed_weight: torch.Tensor,
+        final_norm_weight: torch.Tensor,
+        lm_head_weight: torch.Tensor,
+        score_from: int = 0,
+        batch_size: int = 8,
+        between_blocks: Callable[[], None] | None = None,
+    ) -> dict[str, float]:
+        """Streamed perplexity of `windows`; `block_weights(index)` gives block `index`'s weights
+        as the run uses them (already rotated, quantized layers dequantized). Only tokens at
+        positions >= `score_from` are scored (continuations after a shared prompt)."""
+        runtime = self.block_runtime()
+        context = arch_ops.BlockContext(self.arch, self.config, windows.shape[1], kv_cache=None if runtime is None else runtime.kv_cache())
+
+        def blocks():
+            for index in range(n_blocks):
+                if between_blocks is not None:
+                    between_blocks()
+                block = arch_ops.build_block(self.arch, self.config, index, block_weights(index))
+                if runtime is not None:
+                    runtime.install(block)
+                yield lambda hidden, block=block, index=index: arch_ops.run_block(block, context, index, hidden, batch_size)
+
+        norm_weight, head = self.head(final_norm_weight, lm_head_weight)
+        norm = arch_ops.family_norm(self.arch, self.config, norm_weight)
+        unrotate = final_norm_input_transform(self.rotation)
+        softcap = getattr(self.config, "final_logit_softcapping", None)
+
+        def logits(hidden):
+            if unrotate is not None:
+                hidden = (hidden.double() @ unrotate).to(hidden.dtype)
+            return arch_ops.head_logits(hidden, norm, head, softcap)
+
+        return stream_perplexity(windows, lambda tokens: self.embed(embed_weight, tokens), blocks(), logits, int(head.shape[0]),
+                                 score_from=score_from)[0]

@@ -1,0 +1,67 @@
+"""A whole stories260K run with activation / KV quantization and rotation, without Prefect: the
+solver calls a run makes (calibration embedding, block-by-block GPTQ with the run-time hooks,
+streamed evaluation), composed in one function so the tests and bench/bisup.py measure the same
+thing the pipeline does."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from layerquant.infra.checkpoint import CheckpointReader
+from layerquant.infra.texts import load_tokenizer, read_text, tokenize
+from layerquant.runtime_quant import RuntimeQuant
+from layerquant.solvers.reconstruct import reconstruct_block, stored_weight
+from layerquant.solvers.runtime_model import RuntimeModel
+from layerquant.solvers.windows import make_windows, prompt_windows
+from layerquant.specs import QuantSpec
+
+
+def open_model(model_dir: str) -> tuple[CheckpointReader, object]:
+    return CheckpointReader(model_dir), load_tokenizer(model_dir)
+
+
+def text_windows(tokenizer, text_path: str, n: int, seq_len: int, selection: str = "first") -> torch.Tensor:
+    return make_windows(tokenize(tokenizer, read_text(text_path)), n, seq_len, tokenizer.bos_token_id, selection, purpose="test")
+
+
+def continuation_windows(tokenizer, text_path: str, n: int, prompt_tokens: int, continuation: int) -> torch.Tensor:
+    """[n, prompt_tokens + continuation]: one shared prompt before n continuations (as the
+    validation cuts them when prompt_kv_tokens is set)."""
+    tokens = tokenize(tokenizer, read_text(text_path))
+    return prompt_windows(tokens, n, prompt_tokens + continuation, prompt_tokens, tokenizer.bos_token_id, purpose="test")
+
+
+def quantize_run(reader: CheckpointReader, model: RuntimeModel, calib: torch.Tensor | None, spec: QuantSpec | None,
+                 tuning=None) -> list[dict[str, torch.Tensor]]:
+    """Each block's weights as the run uses them: rotated (if so), then GPTQ/RTN-quantized
+    block by block on the inputs the quantized earlier blocks produce, with activations and
+    cache fake-quantized while calibrating, then `tuning` (a BlockTuning) with them in the loop.
+    `spec` None keeps the weights float."""
+    hidden = None if spec is None else model.embed(reader.embed_weight(), calib)
+    out = []
+    for index in range(reader.n_blocks):
+        weights = model.block_weights(reader.block_weights(index))
+        if spec is None:
+            out.append(weights)
+            continue
+        specs = {name: spec for name in reader.arch.linear_names}
+        result = reconstruct_block(reader.arch, reader.config, index, weights, hidden, specs, runtime=model.block_runtime(),
+                                   tuning=tuning)
+        quantized = dict(weights)
+        for outcome in result.outcomes:
+            quantized[f"{outcome.name}.weight"] = stored_weight(outcome.tensors, outcome.spec)
+        quantized.update(result.overrides)  # smoothed (or tuned) norms, as the stored artifact applies them
+        out.append(quantized)
+        hidden = result.outputs
+    return out
+
+
+def run_perplexity(reader: CheckpointReader, model: RuntimeModel, blocks: list[dict[str, torch.Tensor]], windows: torch.Tensor,
+                   score_from: int = 0) -> float:
+    return model.perplexity(windows, reader.n_blocks, lambda i: blocks[i], reader.embed_weight(), reader.final_norm_weight(),
+                            reader.lm_head_weight(), score_from=score_from)["ppl"]
+
+
+def plan(reader: CheckpointReader, settings: RuntimeQuant) -> RuntimeModel:
+    return RuntimeModel.plan(reader.arch, reader.config, settings, tied_embeddings=not reader.has(reader.arch.lm_head_name))
