@@ -18,8 +18,8 @@ def prefect_environment() -> None:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     # the ephemeral API server needs 13-20 s to start on 2 cores, past Prefect's 20 s default
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    # HF_HUB_OFFLINE / HF_DATASETS_OFFLINE are left to the user: local folders never touch the
+    # network, and a hub model (--model org/name) is taken from the cache before any download
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
@@ -36,7 +36,9 @@ def on_off(value: bool) -> str:
 
 
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", help="Hugging Face model folder (default: the bundled stories260K)")
+    parser.add_argument("--model", help="model folder, or a Hugging Face Hub id org/name (its cache first, downloaded if online; "
+                                        "default: the bundled stories260K)")
+    parser.add_argument("--revision", help="with --model org/name: a branch, tag or commit (default main)")
     parser.add_argument("--recipe", help="YAML recipe; flags override it")
     parser.add_argument("--calib", help="calibration text (.txt or datasets folder)")
     parser.add_argument("--eval", dest="eval_text", help="evaluation text (.txt or datasets folder)")
@@ -92,7 +94,9 @@ def absolute_location(location: str | None) -> str | None:
 def config_from_args(args: argparse.Namespace):
     from layerquant.config import RunConfig
 
-    return RunConfig.from_sources(
+    from layerquant.infra.hub import resolve_model
+
+    config = RunConfig.from_sources(
         args.recipe,
         model=args.model,
         calib=args.calib,
@@ -123,6 +127,8 @@ def config_from_args(args: argparse.Namespace):
         store=absolute_location(args.store or run_default("store")),
         out=absolute_location(getattr(args, "out", None)),
     )
+    # a hub id (flag or recipe) becomes its snapshot folder in the hub cache, fetched if need be
+    return config.model_copy(update={"model": resolve_model(config.model, args.revision)})
 
 
 def protected_paths(config) -> list[tuple[str, str]]:
@@ -186,7 +192,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from layerquant.infra.paths import check_store_location
 
     check_store_location(args.store)
-    config = RunConfig.from_sources(None, model=args.model, eval=args.text, eval_windows=args.windows, eval_seqlen=args.seqlen, store=args.store,
+    from layerquant.infra.hub import resolve_model
+
+    config = RunConfig.from_sources(None, model=resolve_model(args.model, args.revision), eval=args.text, eval_windows=args.windows, eval_seqlen=args.seqlen, store=args.store,
                                     text_encoding=args.text_encoding)
     ctx = RunContext.open(config.model_dump())
     result = model_perplexity(ctx, eval_windows(ctx), None)
@@ -325,7 +333,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.set_defaults(func=cmd_serve)
 
     evaluate = sub.add_parser("eval", help="perplexity of a model folder on a text, as JSON")
-    evaluate.add_argument("--model", required=True)
+    evaluate.add_argument("--model", required=True, help="model folder (any transformers loads) or a hub id org/name")
+    evaluate.add_argument("--revision", help="with --model org/name: a branch, tag or commit")
     evaluate.add_argument("--text", required=True)
     evaluate.add_argument("--windows", type=int, default=run_default("eval_windows"))
     evaluate.add_argument("--seqlen", type=int, default=run_default("eval_seqlen"))
