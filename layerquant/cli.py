@@ -40,8 +40,11 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
                                         "default: the bundled stories260K)")
     parser.add_argument("--revision", help="with --model org/name: a branch, tag or commit (default main)")
     parser.add_argument("--recipe", help="YAML recipe; flags override it")
-    parser.add_argument("--calib", help="calibration text (.txt or datasets folder)")
-    parser.add_argument("--eval", dest="eval_text", help="evaluation text (.txt or datasets folder)")
+    parser.add_argument("--calib", help="calibration text: a .txt file, a datasets folder, json:FILE, text:FILE, "
+                                        "or a hub dataset org/name[:config[:split]] (cached, or downloaded when online)")
+    parser.add_argument("--eval", dest="eval_text", help="evaluation text (same forms as --calib)")
+    parser.add_argument("--text-column", help="the dataset column read as text (default text; a chat `messages` column is "
+                                              "rendered with the tokenizer's chat template)")
     parser.add_argument("--text-encoding", help="encoding of the .txt texts (default utf-8; e.g. latin-1)")
     parser.add_argument("--bits", type=int)
     parser.add_argument("--group-size", type=group_size_arg,
@@ -102,6 +105,7 @@ def config_from_args(args: argparse.Namespace):
         calib=args.calib,
         eval=args.eval_text,
         text_encoding=args.text_encoding,
+        text_column=args.text_column,
         device=getattr(args, "device", None),
         bits=args.bits,
         group_size=None if args.group_size == "auto" else args.group_size,
@@ -133,8 +137,10 @@ def config_from_args(args: argparse.Namespace):
 
 def protected_paths(config) -> list[tuple[str, str]]:
     """What an output folder must stay clear of (infra.paths.check_output_folder)."""
-    return [("artifact store", config.store), ("model folder", config.model), ("calibration text", config.calib),
-            ("evaluation text", config.eval)]
+    from layerquant.infra.texts import text_source_file
+
+    return [("artifact store", config.store), ("model folder", config.model), ("calibration text", text_source_file(config.calib)),
+            ("evaluation text", text_source_file(config.eval))]
 
 
 def check_output(config, out: str | None, args: argparse.Namespace) -> None:
@@ -157,9 +163,9 @@ def preflight(config) -> None:
     if config.budget is not None:
         check_budget(config, reader)
     tokenizer = load_tokenizer(config.model)
-    calib = tokenize(tokenizer, read_text(config.calib, config.text_encoding))
+    calib = tokenize(tokenizer, read_text(config.calib, config.text_encoding, config.text_column, tokenizer))
     make_windows(calib, config.nsamples, config.seqlen, tokenizer.bos_token_id, purpose="calibration")
-    evaluation = tokenize(tokenizer, read_text(config.eval, config.text_encoding))
+    evaluation = tokenize(tokenizer, read_text(config.eval, config.text_encoding, config.text_column, tokenizer))
     make_windows(evaluation, config.eval_windows, config.eval_seqlen, tokenizer.bos_token_id, purpose="evaluation")
 
 
@@ -195,7 +201,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from layerquant.infra.hub import resolve_model
 
     config = RunConfig.from_sources(None, model=resolve_model(args.model, args.revision), eval=args.text, eval_windows=args.windows, eval_seqlen=args.seqlen, store=args.store,
-                                    text_encoding=args.text_encoding)
+                                    text_encoding=args.text_encoding, text_column=args.text_column)
     ctx = RunContext.open(config.model_dump())
     result = model_perplexity(ctx, eval_windows(ctx), None)
     print(json.dumps({"model": args.model, "text": args.text, **result, "windows": args.windows, "seqlen": args.seqlen}))
@@ -340,6 +346,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--seqlen", type=int, default=run_default("eval_seqlen"))
     evaluate.add_argument("--store", default=run_default("store"))
     evaluate.add_argument("--text-encoding", help="encoding of a .txt text (default utf-8; e.g. latin-1)")
+    evaluate.add_argument("--text-column", help="the dataset column read as text (default text)")
     evaluate.set_defaults(func=cmd_eval)
     return parser
 

@@ -46,6 +46,9 @@ class RunConfig(BaseModel):
     eval: str = Field(default_factory=default_eval)
     # how .txt texts are decoded; invalid bytes are an error (naming the offset), never replaced
     text_encoding: str = "utf-8"
+    # the column a dataset's text is read from (a chat `messages` column is rendered with the
+    # tokenizer's chat template); see infra/texts.py for the sources a text can come from
+    text_column: str = Field("text", min_length=1)
     # where blocks are reconstructed (weights, stage activations, Hessians, GPTQ solves); the
     # store, checkpoint reading, scoring and evaluation stay on the host. "auto": CUDA if present
     device: Literal["cpu", "cuda", "auto"] = "cpu"
@@ -171,6 +174,8 @@ class RunConfig(BaseModel):
             del identity["tuning_space"]
         if identity["text_encoding"] == "utf-8":  # the default keeps the ids runs had before the setting
             del identity["text_encoding"]
+        if identity["text_column"] == "text":  # likewise
+            del identity["text_column"]
         if identity["device"] == "cpu":  # a GPU's float arithmetic differs in the last bits: part of the result
             del identity["device"]
         return identity

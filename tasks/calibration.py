@@ -22,7 +22,7 @@ def capture_calibration(config: dict) -> dict:
     ctx = RunContext.open(config)
     cfg, reader = ctx.config, ctx.reader
     tokenizer = load_tokenizer(cfg.model)
-    tokens = tokenize(tokenizer, read_text(cfg.calib, cfg.text_encoding))
+    tokens = tokenize(tokenizer, read_text(cfg.calib, cfg.text_encoding, cfg.text_column, tokenizer))
     windows = make_windows(tokens, cfg.nsamples, cfg.seqlen, tokenizer.bos_token_id, cfg.calib_selection, cfg.seed)
     embed_fp = reader.fingerprint([reader.arch.embed_name])
     key = artifact_key(STAGE, CODE_VERSION, [sha256_bytes(windows.numpy().tobytes()), embed_fp, reader.config_fingerprint()], {})

@@ -23,7 +23,7 @@ STAGE = "eval"
 def eval_windows(ctx: RunContext):
     cfg = ctx.config
     tokenizer = load_tokenizer(cfg.model)
-    tokens = tokenize(tokenizer, read_text(cfg.eval, cfg.text_encoding))
+    tokens = tokenize(tokenizer, read_text(cfg.eval, cfg.text_encoding, cfg.text_column, tokenizer))
     return make_windows(tokens, cfg.eval_windows, cfg.eval_seqlen, tokenizer.bos_token_id, "first", purpose="evaluation")
 
 
