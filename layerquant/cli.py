@@ -72,7 +72,8 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
                         help="redo a block with a more generous spec when its relative output error exceeds this")
     parser.add_argument("--max-ppl-increase", type=float, help="fail the run if perplexity rises by more than this fraction (0.05 = +5%%)")
     parser.add_argument("--pack-format", choices=["dequantized", "compressed-tensors", "gptq"],
-                        help=f"what --out receives (default {run_default('pack_format')}; dequantized weights load in any transformers)")
+                        help=f"what --out receives (default {run_default('pack_format')}, what vLLM and transformers + compressed-tensors "
+                             "load; dequantized: float weights any transformers loads)")
     parser.add_argument("--store", help=f"artifact store: a folder or s3://bucket/prefix (default {run_default('store')})")
     parser.add_argument("--device", choices=["cpu", "cuda", "auto"],
                         help=f"where blocks are reconstructed (default {run_default('device')}; auto = CUDA when present)")
@@ -96,7 +97,6 @@ def absolute_location(location: str | None) -> str | None:
 
 def config_from_args(args: argparse.Namespace):
     from layerquant.config import RunConfig
-
     from layerquant.infra.hub import resolve_model
 
     config = RunConfig.from_sources(

@@ -98,8 +98,10 @@ class RunConfig(BaseModel):
     ip_solver: Literal["cbc", "highs"] = "cbc"
     # per-layer overrides: full layer name (e.g. "model.layers.0.mlp.down_proj") -> spec fields
     overrides: dict[str, dict[str, Any]] = Field(default_factory=dict)
-    # what --out receives: the dequantized model (any transformers loads it) or a packed one
-    pack_format: Literal["dequantized", "compressed-tensors", "gptq"] = "dequantized"
+    # what --out receives: compressed-tensors pack-quantized by default (what vLLM, SGLang and
+    # transformers with compressed-tensors load; ~4x smaller than float), the GPTQ checkpoint
+    # format, or the dequantized float model (any transformers loads it, no extra package)
+    pack_format: Literal["dequantized", "compressed-tensors", "gptq"] = "compressed-tensors"
     # where artifacts and results go (not part of the run's identity)
     store: str = ".layerquant/store"
     out: str | None = None

@@ -85,3 +85,15 @@ def test_quantize_a_hub_model_offline(capsys, tmp_path, hub_cache):
     report = json.loads((out / "report.json").read_text())
     assert Path(report["model"]) == hub_cache / "snapshots" / MAIN
     assert report["ppl_quant"] < 1.2 * report["ppl_fp"]
+    # the default output is the compressed-tensors checkpoint, and `layerquant eval` reads it back
+    # with the perplexity the run reported
+    assert json.loads((out / "config.json").read_text())["quantization_config"]["format"] == "pack-quantized"
+    capsys.readouterr()
+    assert main(["eval", "--model", str(out), "--text", report_text(), "--windows", "4", "--seqlen", "256"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["ppl"] == pytest.approx(report["ppl_quant"], rel=1e-6)
+
+
+def report_text() -> str:
+    from layerquant.config import default_eval
+
+    return default_eval()

@@ -152,6 +152,6 @@ def test_the_lease_of_a_sigkilled_run_expires_and_the_next_run_proceeds(tmp_path
     _, err = rerun.communicate(timeout=600)
     assert rerun.returncode == 0, err
     log = lease_log(LocalStore(store), name)
-    assert [r.holder for r in log][0] == record.holder and not log[0].released
+    assert log[0].holder == record.holder and not log[0].released
     assert log[-1].computed and log[-1].generation == 2 and log[-1].holder.split(":")[1] == str(rerun.pid)
     assert log[-1].acquired >= log[0].expires  # taken over only once the dead holder's lease expired
