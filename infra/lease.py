@@ -3,7 +3,8 @@
 Two runs of the same configuration on one store (or several workers on one run) reach the same
 block at about the same time. The first takes the block's lease, a small JSON record in the
 store, and computes; the others see a live lease, wait, and find the finished artifact in the
-store. A holder that dies stops renewing its lease; once it expires the next one takes over.
+store. A holder that dies stops renewing its lease; once it expires the next one takes over (at
+once, when the holder ran on the same machine and its process is gone).
 
 Layout: leases/{name}/{generation:08d}.json, one record per holding, never rewritten by anyone
 but its holder:
@@ -49,6 +50,23 @@ def lease_ttl() -> float:
 
 def new_holder_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+def holder_is_gone(holder: str) -> bool:
+    """Whether `holder` ran on this machine in a process that no longer exists: its lease can be
+    taken over at once instead of after its TTL (a re-run right after a SIGKILL, the usual case).
+    Holders elsewhere are judged by their heartbeat alone."""
+    host, _, rest = holder.partition(":")
+    pid = rest.partition(":")[0]
+    if host != socket.gethostname() or not pid.isdigit() or int(pid) == os.getpid():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, someone else's
+        return False
+    return False
 
 
 @dataclass
@@ -157,7 +175,7 @@ def try_acquire(store: ArtifactStore, name: str, holder: str, ttl_s: float) -> L
     latest = _latest_generation(store, name)
     if latest:
         current = _read(store, lease_path(name, latest))
-        if current is not None and current.live(now):
+        if current is not None and current.live(now) and not holder_is_gone(current.holder):
             if current.holder == holder:  # our own create whose answer was lost, retried
                 return Lease(store, name, current, ttl_s)
             return current

@@ -7,6 +7,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -81,6 +82,18 @@ def test_a_live_lease_is_waited_for_and_an_expired_one_taken_over(store):
     assert [(r.holder, r.released, r.computed) for r in log] == [("alice", False, None), ("bob", True, True)]
 
 
+def test_a_holder_whose_process_is_gone_is_not_waited_for(store):
+    here = socket.gethostname()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True).stdout.strip()
+    assert isinstance(try_acquire(store, "block/d", f"{here}:{dead}:0", ttl_s=3600), Lease)
+    taken = try_acquire(store, "block/d", "bob", ttl_s=3600)  # at once, an hour before the lease expires
+    assert isinstance(taken, Lease) and taken.record.generation == 2
+    # a live process on this machine, and a holder elsewhere (bob), are judged by their heartbeat
+    assert isinstance(try_acquire(store, "block/e", f"{here}:{os.getppid()}:0", ttl_s=3600), Lease)
+    assert isinstance(try_acquire(store, "block/e", "carol", ttl_s=3600), LeaseRecord)
+    assert isinstance(try_acquire(store, "block/d", "carol", ttl_s=3600), LeaseRecord)
+
+
 def test_a_heartbeat_keeps_a_long_holding_alive_and_the_waiter_gets_the_result(store):
     holder = acquire_unless_done(store, "block/h", "alice", done=lambda: False, ttl_s=1.0)
     finished = threading.Event()
@@ -134,9 +147,10 @@ def test_two_concurrent_identical_runs_compute_each_block_once(tmp_path):
 
 
 @pytest.mark.slow
-def test_the_lease_of_a_sigkilled_run_expires_and_the_next_run_proceeds(tmp_path):
+def test_the_lease_of_a_sigkilled_run_is_taken_over_by_the_next_run(tmp_path):
     store = tmp_path / "store"
-    killed = start_cli(store, tmp_path / "out-killed", env={"LAYERQUANT_LEASE_TTL_S": "3"})
+    # a TTL longer than the test: only the holder's process being gone lets the next run in
+    killed = start_cli(store, tmp_path / "out-killed", env={"LAYERQUANT_LEASE_TTL_S": "3600"})
     deadline = time.monotonic() + 300
     held = None
     while held is None:
@@ -154,4 +168,4 @@ def test_the_lease_of_a_sigkilled_run_expires_and_the_next_run_proceeds(tmp_path
     log = lease_log(LocalStore(store), name)
     assert log[0].holder == record.holder and not log[0].released
     assert log[-1].computed and log[-1].generation == 2 and log[-1].holder.split(":")[1] == str(rerun.pid)
-    assert log[-1].acquired >= log[0].expires  # taken over only once the dead holder's lease expired
+    assert log[-1].acquired < log[0].expires  # taken over at once: its holder's process is gone
