@@ -40,7 +40,8 @@ def text_source_file(source: str | os.PathLike[str]) -> str | None:
 
 def read_text(source: str | os.PathLike[str], encoding: str = "utf-8", text_column: str = "text", tokenizer=None) -> str:
     """The text of a source (see the module doc). A .txt file is decoded strictly: a byte that
-    is not `encoding` is an error naming its offset, not a silent replacement character."""
+    is not `encoding` is an error naming its offset, not a silent replacement character.
+    `tokenizer` (or a function that loads it) renders chat messages."""
     spec = str(source)
     path = Path(spec)
     builder, _, rest = spec.partition(":")
@@ -154,6 +155,8 @@ def dataset_text(dataset, where: str, text_column: str, tokenizer) -> str:
 
 
 def render_chat(tokenizer, messages: list[dict], where: str) -> str:
+    if tokenizer is not None and not hasattr(tokenizer, "apply_chat_template"):
+        tokenizer = tokenizer()  # a loader: the tokenizer is only needed here
     if tokenizer is None or not getattr(tokenizer, "chat_template", None):
         raise CalibrationError(f"dataset {where} holds chat messages but the model's tokenizer has no chat template",
                                "pass --text-column a plain text column, or use a model whose tokenizer_config.json "

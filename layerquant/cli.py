@@ -152,21 +152,19 @@ def check_output(config, out: str | None, args: argparse.Namespace) -> None:
 
 
 def preflight(config) -> None:
-    """Cheap checks before Prefect starts, so bad input fails in a second with one clear line."""
+    """Cheap checks before Prefect starts, so bad input fails in a second with one clear line.
+    The texts' token windows land in the store: the run's tasks read them back instead of
+    tokenizing again."""
     from layerquant.infra.checkpoint import CheckpointReader
-    from layerquant.infra.texts import load_tokenizer, read_text, tokenize
-    from layerquant.solvers.windows import make_windows
+    from layerquant.infra.store import open_store
     from layerquant.tasks.planning import check_budget, check_overrides
+    from layerquant.tasks.token_windows import all_token_windows
 
     reader = CheckpointReader(config.model)
     check_overrides(config, reader)
     if config.budget is not None:
         check_budget(config, reader)
-    tokenizer = load_tokenizer(config.model)
-    calib = tokenize(tokenizer, read_text(config.calib, config.text_encoding, config.text_column, tokenizer))
-    make_windows(calib, config.nsamples, config.seqlen, tokenizer.bos_token_id, purpose="calibration")
-    evaluation = tokenize(tokenizer, read_text(config.eval, config.text_encoding, config.text_column, tokenizer))
-    make_windows(evaluation, config.eval_windows, config.eval_seqlen, tokenizer.bos_token_id, purpose="evaluation")
+    all_token_windows(open_store(config.store), config, ["calibration", "evaluation"] if config.needs_calibration() else ["evaluation"])
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:

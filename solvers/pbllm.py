@@ -354,9 +354,9 @@ def binarize_partial(
             codes[:, i1 + i] = sal_q
             signs[:, i1 + i] = sign
             e = (col - col_hat) / hinv1[i, i]
-            w1[:, i:] -= e[:, None] * hinv1[i, i:][None, :]
+            w1[:, i:].addr_(e, hinv1[i, i:], alpha=-1)  # fused rank-1 update, as in GPTQ
             err1[:, i] = e
-        w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+        w[:, i2:].addmm_(err1, hinv[i1:i2, i2:], alpha=-1)
 
     mask = mask[:, inv_perm]
     signs = signs[:, inv_perm] & ~mask

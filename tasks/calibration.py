@@ -6,10 +6,9 @@ from prefect.cache_policies import NO_CACHE
 
 from layerquant.config import CODE_VERSION
 from layerquant.infra.store import artifact_key, sha256_bytes
-from layerquant.infra.texts import load_tokenizer, read_text, tokenize
 from layerquant.solvers.architectures import embed_tokens
-from layerquant.solvers.windows import make_windows
 from layerquant.tasks.context import RunContext, cached, retry_transient
+from layerquant.tasks.token_windows import token_windows
 
 STAGE = "calib"
 
@@ -21,9 +20,7 @@ def capture_calibration(config: dict) -> dict:
     logger = get_run_logger()
     ctx = RunContext.open(config)
     cfg, reader = ctx.config, ctx.reader
-    tokenizer = load_tokenizer(cfg.model)
-    tokens = tokenize(tokenizer, read_text(cfg.calib, cfg.text_encoding, cfg.text_column, tokenizer))
-    windows = make_windows(tokens, cfg.nsamples, cfg.seqlen, tokenizer.bos_token_id, cfg.calib_selection, cfg.seed)
+    windows = token_windows(ctx.store, cfg, "calibration", logger)
     embed_fp = reader.fingerprint([reader.arch.embed_name])
     key = artifact_key(STAGE, CODE_VERSION, [sha256_bytes(windows.numpy().tobytes()), embed_fp, reader.config_fingerprint()], {})
     hit = cached(ctx.store, STAGE, key, logger)

@@ -10,21 +10,17 @@ from layerquant.block_artifact import BlockArtifact
 from layerquant.config import CODE_VERSION
 from layerquant.infra.store import artifact_key, sha256_bytes
 from layerquant.cancellation import raise_if_cancelled
-from layerquant.infra.texts import load_tokenizer, read_text, tokenize
 from layerquant.solvers import architectures as arch_ops
 from layerquant.solvers.evaluation import stream_perplexity
 from layerquant.solvers.reconstruct import apply_block_artifact
-from layerquant.solvers.windows import make_windows
 from layerquant.tasks.context import RunContext, cached, ref_of, retry_transient
+from layerquant.tasks.token_windows import token_windows
 
 STAGE = "eval"
 
 
 def eval_windows(ctx: RunContext):
-    cfg = ctx.config
-    tokenizer = load_tokenizer(cfg.model)
-    tokens = tokenize(tokenizer, read_text(cfg.eval, cfg.text_encoding, cfg.text_column, tokenizer))
-    return make_windows(tokens, cfg.eval_windows, cfg.eval_seqlen, tokenizer.bos_token_id, "first", purpose="evaluation")
+    return token_windows(ctx.store, ctx.config, "evaluation")
 
 
 def model_perplexity(ctx: RunContext, windows, block_refs: list[dict] | None, batch_size: int = 8) -> dict:
