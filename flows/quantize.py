@@ -10,6 +10,7 @@ import time
 from typing import Any
 
 from prefect import flow, get_run_logger
+from prefect.exceptions import TerminationSignal
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from layerquant.cancellation import raise_if_cancelled
@@ -59,9 +60,11 @@ def quantize_flow(config: dict[str, Any], force_blocks: list[int] | None = None)
     try:
         with open_cluster(run_config) as cluster:
             report = _run_stages(config, run_config, reader, run_id, progress, force_blocks, started, state, cluster)
-    except Exception as exc:
-        # the manifest says what failed; finished blocks (and scores) stay in the store for the retry
-        status = "cancelled" if isinstance(exc, Cancelled) else "failed"
+    except (Exception, TerminationSignal) as exc:
+        # the manifest says what failed; finished blocks (and scores) stay in the store for the retry.
+        # A deployment run cancelled from the UI or API gets SIGTERM from its worker, which Prefect
+        # raises as TerminationSignal wherever the flow is (a BaseException: caught here by name)
+        status = "cancelled" if isinstance(exc, (Cancelled, TerminationSignal)) else "failed"
         failure = run_manifest(config, n_blocks, state.get("blocks"), state.get("scored"), error=f"{type(exc).__name__}: {exc}")
         if getattr(exc, "report", None) is not None:
             failure["report"] = exc.report

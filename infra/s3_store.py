@@ -139,6 +139,28 @@ class S3Store(ArtifactStore):
         else:
             self._retrying(f"put of {path}", lambda: self.client.put_object(Bucket=self.bucket, Key=key, Body=data))
 
+    def create_exclusive(self, path: str, data: bytes) -> bool:
+        """A conditional PUT (If-None-Match: *, AWS S3 since 2024-08, MinIO, moto): the endpoint
+        refuses it with 412 when the key exists. An endpoint that ignores the header would let a
+        second writer replace the object; reading it back catches most of those races, and a
+        lease lost that way costs a duplicate computation of a deterministic artifact, never a
+        wrong one."""
+        key = self._key(path)
+
+        def put() -> bool:
+            try:
+                self.client.put_object(Bucket=self.bucket, Key=key, Body=data, IfNoneMatch="*")
+            except ClientError as exc:
+                # 412: it exists; 409: a concurrent conditional write to the same key won
+                if exc.response.get("Error", {}).get("Code", "") in {"PreconditionFailed", "412", "ConditionalRequestConflict", "409"}:
+                    return False
+                raise
+            return True
+
+        if not self._retrying(f"conditional put of {path}", put):
+            return False
+        return self.read_bytes(path) == data
+
     def read_bytes(self, path: str) -> bytes | None:
         def get() -> bytes | None:
             try:

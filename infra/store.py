@@ -54,6 +54,11 @@ class ArtifactStore(ABC):
         """Atomically create or replace `path` with `data`."""
 
     @abstractmethod
+    def create_exclusive(self, path: str, data: bytes) -> bool:
+        """Create `path` with `data` only if nothing is there: True if this call created it, False
+        if it existed. Atomic against every other writer of the store (leases rest on it)."""
+
+    @abstractmethod
     def read_bytes(self, path: str) -> bytes | None:
         """The bytes at `path`, or None if absent."""
 
@@ -173,6 +178,25 @@ class LocalStore(ArtifactStore):
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
+
+    def create_exclusive(self, path: str, data: bytes) -> bool:
+        full = self._full(path)
+        full.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=full.parent, prefix=f".{full.name}.", suffix=".tmp")
+        try:
+            os.fchmod(fd, self._mode)
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(data)
+                handle.flush()
+                os.fsync(handle.fileno())
+            # a hard link appears complete or not at all, and fails if the name is taken, on
+            # local disks and NFS alike (unlike rename, which replaces)
+            os.link(tmp, full)
+            return True
+        except FileExistsError:
+            return False
+        finally:
+            Path(tmp).unlink(missing_ok=True)
 
     def read_bytes(self, path: str) -> bytes | None:
         try:

@@ -18,8 +18,8 @@ def prefect_environment() -> None:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     # the ephemeral API server needs 13-20 s to start on 2 cores, past Prefect's 20 s default
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    # HF_HUB_OFFLINE / HF_DATASETS_OFFLINE are left to the user: local folders never touch the
+    # network, and a hub model (--model org/name) is taken from the cache before any download
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
@@ -36,12 +36,17 @@ def on_off(value: bool) -> str:
 
 
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", help="Hugging Face model folder (default: the bundled stories260K)")
+    parser.add_argument("--model", help="model folder, or a Hugging Face Hub id org/name (its cache first, downloaded if online; "
+                                        "default: the bundled stories260K)")
+    parser.add_argument("--revision", help="with --model org/name: a branch, tag or commit (default main)")
     parser.add_argument("--recipe", help="YAML recipe; flags override it")
-    parser.add_argument("--calib", help="calibration text (.txt or datasets folder)")
+    parser.add_argument("--calib", help="calibration text: a .txt file, a datasets folder, json:FILE, text:FILE, "
+                                        "or a hub dataset org/name[:config[:split]] (cached, or downloaded when online)")
     parser.add_argument("--eval", dest="eval_text", action="append",
-                        help="evaluation text (.txt or datasets folder); repeat for several, each reported under its name "
+                        help="evaluation text (same forms as --calib); repeat for several, each reported under its name "
                              "(the first is the headline, used by quality gates and the bit plan's fit)")
+    parser.add_argument("--text-column", help="the dataset column read as text (default text; a chat `messages` column is "
+                                              "rendered with the tokenizer's chat template)")
     parser.add_argument("--text-encoding", help="encoding of the .txt texts (default utf-8; e.g. latin-1)")
     parser.add_argument("--bits", type=int)
     parser.add_argument("--group-size", type=group_size_arg,
@@ -69,7 +74,8 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
                         help="redo a block with a more generous spec when its relative output error exceeds this")
     parser.add_argument("--max-ppl-increase", type=float, help="fail the run if perplexity rises by more than this fraction (0.05 = +5%%)")
     parser.add_argument("--pack-format", choices=["dequantized", "compressed-tensors", "gptq"],
-                        help=f"what --out receives (default {run_default('pack_format')}; dequantized weights load in any transformers)")
+                        help=f"what --out receives (default {run_default('pack_format')}, what vLLM and transformers + compressed-tensors "
+                             "load; dequantized: float weights any transformers loads)")
     parser.add_argument("--store", help=f"artifact store: a folder or s3://bucket/prefix (default {run_default('store')})")
     parser.add_argument("--act-bits", type=int, choices=[3, 4, 8, 16],
                         help="per-token dynamic symmetric activations at every quantized linear's input (default 16 = float)")
@@ -109,13 +115,15 @@ def absolute_location(location: str | None) -> str | None:
 
 def config_from_args(args: argparse.Namespace):
     from layerquant.config import RunConfig
+    from layerquant.infra.hub import resolve_model
 
-    return RunConfig.from_sources(
+    config = RunConfig.from_sources(
         args.recipe,
         model=args.model,
         calib=args.calib,
         eval=args.eval_text if args.eval_text is None or len(args.eval_text) > 1 else args.eval_text[0],
         text_encoding=args.text_encoding,
+        text_column=args.text_column,
         device=getattr(args, "device", None),
         bits=args.bits,
         group_size=None if args.group_size == "auto" else args.group_size,
@@ -152,12 +160,16 @@ def config_from_args(args: argparse.Namespace):
         dask_address=getattr(args, "dask_address", None),
         shards=getattr(args, "shards", None),
     )
+    # a hub id (flag or recipe) becomes its snapshot folder in the hub cache, fetched if need be
+    return config.model_copy(update={"model": resolve_model(config.model, args.revision)})
 
 
 def protected_paths(config) -> list[tuple[str, str]]:
     """What an output folder must stay clear of (infra.paths.check_output_folder)."""
-    return [("artifact store", config.store), ("model folder", config.model), ("calibration text", config.calib),
-            *(("evaluation text", text) for text in config.eval_texts())]
+    from layerquant.infra.texts import text_source_file
+
+    return [("artifact store", config.store), ("model folder", config.model), ("calibration text", text_source_file(config.calib)),
+            *(("evaluation text", text_source_file(text)) for text in config.eval_texts())]
 
 
 def check_output(config, out: str | None, args: argparse.Namespace) -> None:
@@ -218,14 +230,19 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from layerquant.tasks.validation import compare_models, eval_windows, model_perplexity
 
     check_store_location(args.store)
-    config = RunConfig.from_sources(None, model=args.baseline or args.model, eval=args.text, eval_windows=args.windows,
-                                    eval_seqlen=args.seqlen, store=args.store, text_encoding=args.text_encoding)
+    from layerquant.infra.hub import resolve_model
+
+    model = resolve_model(args.model, args.revision)
+    baseline = None if args.baseline is None else resolve_model(args.baseline, None)
+    config = RunConfig.from_sources(None, model=baseline or model, eval=args.text, eval_windows=args.windows,
+                                    eval_seqlen=args.seqlen, store=args.store, text_encoding=args.text_encoding,
+                                    text_column=args.text_column)
     ctx = RunContext.open(config.model_dump())
     windows = eval_windows(ctx)
     if args.baseline is None:
         result = model_perplexity(ctx, windows, None)
     else:
-        result = compare_models(RunContext.open(config.model_copy(update={"model": args.model}).model_dump()).reader, ctx.reader, windows)
+        result = compare_models(RunContext.open(config.model_copy(update={"model": model}).model_dump()).reader, ctx.reader, windows)
     print(json.dumps({"model": args.model, "baseline": args.baseline, "text": args.text, **result,
                       "windows": int(windows.shape[0]), "seqlen": int(windows.shape[1])}))
     return 0
@@ -362,7 +379,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.set_defaults(func=cmd_serve)
 
     evaluate = sub.add_parser("eval", help="perplexity of a model folder on a text, as JSON")
-    evaluate.add_argument("--model", required=True)
+    evaluate.add_argument("--model", required=True, help="model folder (any transformers loads) or a hub id org/name")
+    evaluate.add_argument("--revision", help="with --model org/name: a branch, tag or commit")
     evaluate.add_argument("--text", required=True)
     evaluate.add_argument("--baseline", help="reference model folder (e.g. the float model): adds its perplexity, the KL divergence "
                                              "from it, top-1 agreement and the paired 95%% interval of the perplexity ratio")
@@ -370,6 +388,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--seqlen", type=int, default=run_default("eval_seqlen"))
     evaluate.add_argument("--store", default=run_default("store"))
     evaluate.add_argument("--text-encoding", help="encoding of a .txt text (default utf-8; e.g. latin-1)")
+    evaluate.add_argument("--text-column", help="the dataset column read as text (default text)")
     evaluate.set_defaults(func=cmd_eval)
     return parser
 

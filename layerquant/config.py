@@ -56,6 +56,9 @@ class RunConfig(BaseModel):
     eval: str | list[str] = Field(default_factory=default_eval)
     # how .txt texts are decoded; invalid bytes are an error (naming the offset), never replaced
     text_encoding: str = "utf-8"
+    # the column a dataset's text is read from (a chat `messages` column is rendered with the
+    # tokenizer's chat template); see infra/texts.py for the sources a text can come from
+    text_column: str = Field("text", min_length=1)
     # where blocks are reconstructed (weights, stage activations, Hessians, GPTQ solves); the
     # store, checkpoint reading, scoring and evaluation stay on the host. "auto": CUDA if present
     device: Literal["cpu", "cuda", "auto"] = "cpu"
@@ -105,8 +108,10 @@ class RunConfig(BaseModel):
     ip_solver: Literal["cbc", "highs"] = "cbc"
     # per-layer overrides: full layer name (e.g. "model.layers.0.mlp.down_proj") -> spec fields
     overrides: dict[str, dict[str, Any]] = Field(default_factory=dict)
-    # what --out receives: the dequantized model (any transformers loads it) or a packed one
-    pack_format: Literal["dequantized", "compressed-tensors", "gptq"] = "dequantized"
+    # what --out receives: compressed-tensors pack-quantized by default (what vLLM, SGLang and
+    # transformers with compressed-tensors load; ~4x smaller than float), the GPTQ checkpoint
+    # format, or the dequantized float model (any transformers loads it, no extra package)
+    pack_format: Literal["dequantized", "compressed-tensors", "gptq"] = "compressed-tensors"
     # what the model quantizes while it runs (issue 16; layerquant/runtime_quant.py): per-token
     # activations at every quantized linear's input, the KV cache per head and token (its first
     # prompt_kv_tokens positions kept float), and QuaRot's Hadamard rotations. 16 = float
@@ -260,6 +265,8 @@ class RunConfig(BaseModel):
             del identity["tuning_space"]
         if identity["text_encoding"] == "utf-8":  # the default keeps the ids runs had before the setting
             del identity["text_encoding"]
+        if identity["text_column"] == "text":  # likewise
+            del identity["text_column"]
         if identity["device"] == "cpu":  # a GPU's float arithmetic differs in the last bits: part of the result
             del identity["device"]
         # run-time quantization: in the identity only as far as it is on, so weight-only runs keep their ids
@@ -289,6 +296,10 @@ class RunConfig(BaseModel):
                 raise InvalidSpec(f"recipe {recipe} must be a mapping of settings", "see recipes/ for examples")
             data.update(loaded)
         data.update({k: v for k, v in overrides.items() if v is not None})
+        if data.get("rotate") and "pack_format" not in data:
+            # a rotated model's codes live in the rotated basis, which no packed format can say yet:
+            # its default output is the dequantized model with the rotations undone
+            data["pack_format"] = "dequantized"
         try:
             config = cls(**data)
         except ValidationError as exc:

@@ -23,7 +23,7 @@ def machine_description() -> str:
 
 # the time split of a run, in the order a person reads it; "orchestration" is the rest of the
 # wall time: Prefect (task runs, artifacts, manifests) plus small untimed work (tokenizing)
-TIMING_PHASES = ("read_weights", "forward", "hessian", "solve", "tuning", "scoring", "evaluation", "store_io")
+TIMING_PHASES = ("read_weights", "forward", "hessian", "solve", "tuning", "scoring", "evaluation", "store_io", "lease_wait")
 
 
 def timing_summary(task_timings: list[dict[str, float]], wall_s: float) -> dict[str, Any]:

@@ -10,6 +10,7 @@ from layerquant.block_artifact import BlockArtifact, LayerRecord
 from layerquant.cancellation import raise_if_cancelled
 from layerquant.config import CODE_VERSION
 from layerquant.infra.checkpoint import tensors_fingerprint
+from layerquant.infra.lease import acquire_unless_done, new_holder_id
 from layerquant.infra.store import artifact_key
 from layerquant.solvers.architectures import family_norm
 from layerquant.solvers.reconstruct import BlockReconstruction, quantize_block_data_free, reconstruct_block, resolve_device
@@ -64,15 +65,46 @@ def quantize_block(config: dict, index: int, inputs: dict | None, specs: dict[st
     inputs_ref = None if inputs is None else ref_of(inputs)
     key = block_key(DATA_FREE if inputs_ref is None else inputs_ref.sha256, weights_fp, specs, ctx.config.damp_percent, tuning_identity,
                     runtime.identity())
-    with phase(timing, "store_io"):
-        block_hit = None if force else cached(ctx.store, BLOCK_STAGE, key, logger)
-        outputs_hit = None if force or inputs_ref is None else cached(ctx.store, HIDDEN_STAGE, key, logger)
-    if block_hit is not None and (outputs_hit is not None or inputs_ref is None):
+    hit = None if force else cached_block(ctx, key, inputs_ref is None, timing, logger)
+    lease = None
+    if hit is None and not force:
+        # another run (or worker) may be computing this very block: wait for it rather than
+        # compute it twice (infra/lease.py); a forced block is recomputed whatever the store has
+        def done() -> bool:
+            return ctx.store.lookup(BLOCK_STAGE, key) is not None and (inputs_ref is None or ctx.store.lookup(HIDDEN_STAGE, key) is not None)
+
+        with phase(timing, "lease_wait"):
+            lease = acquire_unless_done(ctx.store, f"{BLOCK_STAGE}/{key}", new_holder_id(), done,
+                                        on_wait=lambda held: logger.info("block %02d: waiting for %s, which is computing it", index, held.holder))
+        if lease is None:
+            hit = cached_block(ctx, key, inputs_ref is None, timing, logger)
+    if hit is not None:
         del weights
         logger.info("block %02d: cached %s", index, key[:12])
-        return {"block": block_hit.to_dict(), "outputs": None if outputs_hit is None else outputs_hit.to_dict(), "cached": True,
-                "timing": timing}
+        return hit | {"timing": timing}
+    computed = False
+    try:
+        result = compute_block(ctx, index, key, weights, weights_fp, inputs_ref, specs, tuning, next_norm_weight, model, timing, logger)
+        computed = True
+        return result
+    finally:
+        if lease is not None:
+            lease.release(computed)
 
+
+def cached_block(ctx: RunContext, key: str, data_free: bool, timing: dict[str, float], logger) -> dict | None:
+    """The block's artifacts (and its outputs, unless data-free) if the store has them all."""
+    with phase(timing, "store_io"):
+        block_hit = cached(ctx.store, BLOCK_STAGE, key, logger)
+        outputs_hit = None if data_free or block_hit is None else cached(ctx.store, HIDDEN_STAGE, key, logger)
+    if block_hit is None or (outputs_hit is None and not data_free):
+        return None
+    return {"block": block_hit.to_dict(), "outputs": None if outputs_hit is None else outputs_hit.to_dict(), "cached": True}
+
+
+def compute_block(ctx: RunContext, index: int, key: str, weights: dict, weights_fp: str, inputs_ref, specs: dict[str, dict],
+                  tuning, next_norm_weight, model: RuntimeModel, timing: dict[str, float], logger) -> dict:
+    reader = ctx.reader
     layer_specs = {name: QuantSpec.from_dict(spec) for name, spec in specs.items()}
     float_weights = model.block_weights({name: t.float() for name, t in weights.items()})
     if inputs_ref is None:

@@ -15,6 +15,7 @@ from layerquant.cancellation import raise_if_cancelled
 from layerquant.config import CODE_VERSION, RunConfig
 from layerquant.errors import InfeasibleBudget, InvalidSpec
 from layerquant.infra.checkpoint import CheckpointReader, tensors_fingerprint
+from layerquant.infra.lease import acquire_unless_done, new_holder_id
 from layerquant.infra.store import ArtifactStore, artifact_key, open_store
 from layerquant.solvers.allocation import (Allocation, LayerOptions, allocate_bits, cheapest_finer_specs, finer_options,
                                            fit_loss_coefficient, gate_restriction, plan_size_range, predicted_perplexity)
@@ -43,12 +44,43 @@ def score_block(config: dict, index: int, inputs: dict) -> dict:
     candidates = ctx.config.candidate_specs()
     scores_key = artifact_key(SCORES_STAGE, CODE_VERSION, [hessian_key], {"scorer": "block-residual-relative", "candidates": [c.to_dict() for c in candidates],
                                                                             "damp": ctx.config.damp_percent})
+    keys = ((HESSIAN_STAGE, hessian_key), (FLOAT_HIDDEN_STAGE, hessian_key), (SCORES_STAGE, scores_key))
+    found = stored_scores(ctx, keys, logger)
+    lease = None
+    if found is None:
+        # another run scoring the same block: wait for its result rather than score it twice (infra/lease.py)
+        lease = acquire_unless_done(ctx.store, f"{SCORES_STAGE}/{scores_key}", new_holder_id(),
+                                    lambda: all(ctx.store.lookup(stage, key) is not None for stage, key in keys),
+                                    on_wait=lambda held: logger.info("block %02d: waiting for %s, which is scoring it", index, held.holder))
+        if lease is None:
+            found = stored_scores(ctx, keys, logger)
+    if found is not None:
+        logger.info("block %02d: scores cached", index)
+        return found
+    computed = False
+    try:
+        result = compute_scores(ctx, index, inputs, weights, hessian_key, scores_key, candidates, logger)
+        computed = True
+        return result
+    finally:
+        if lease is not None:
+            lease.release(computed)
+
+
+def stored_scores(ctx: RunContext, keys, logger) -> dict | None:
+    """{"hessian", "outputs", "scores"} refs if the store has all three, else None."""
+    refs = [cached(ctx.store, stage, key, logger) for stage, key in keys]
+    if not all(refs):
+        return None
+    hessian_ref, outputs_ref, scores_ref = refs
+    return {"scores": scores_ref.to_dict(), "outputs": outputs_ref.to_dict(), "hessian": hessian_ref.to_dict()}
+
+
+def compute_scores(ctx: RunContext, index: int, inputs: dict, weights: dict, hessian_key: str, scores_key: str, candidates,
+                   logger) -> dict:
+    reader = ctx.reader
     hessian_ref = cached(ctx.store, HESSIAN_STAGE, hessian_key, logger)
     outputs_ref = cached(ctx.store, FLOAT_HIDDEN_STAGE, hessian_key, logger)
-    scores_ref = cached(ctx.store, SCORES_STAGE, scores_key, logger)
-    if hessian_ref and outputs_ref and scores_ref:
-        logger.info("block %02d: scores cached", index)
-        return {"scores": scores_ref.to_dict(), "outputs": outputs_ref.to_dict(), "hessian": hessian_ref.to_dict()}
     started = time.perf_counter()
     float_weights = {name: t.float() for name, t in weights.items()}
     hidden = ctx.store.get_tensors(ref_of(inputs))[0]["hidden"]  # scoring needs it on every path from here

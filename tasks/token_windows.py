@@ -55,18 +55,24 @@ def all_token_windows(store: ArtifactStore, config: RunConfig, requests: list[tu
                       logger=None) -> dict[tuple[str, int], torch.Tensor]:
     """token_windows for several (purpose, text index) requests, loading the tokenizer at most once."""
     tokenizer = None
+
+    def the_tokenizer():
+        nonlocal tokenizer
+        tokenizer = tokenizer or load_tokenizer(config.model)
+        return tokenizer
+
     windows = {}
     for purpose, text_index in requests:
         settings = window_settings(config, purpose, text_index)
-        text = read_text(settings["text"], config.text_encoding)
+        # the tokenizer is loaded for a chat dataset only (its template renders the messages)
+        text = read_text(settings["text"], config.text_encoding, config.text_column, the_tokenizer)
         params = {k: v for k, v in settings.items() if k != "text"} | {"purpose": purpose}
         key = artifact_key(STAGE, CODE_VERSION, [sha256_bytes(text.encode()), tokenizer_fingerprint(config.model)], params)
         hit = cached(store, STAGE, key, logger)
         if hit is not None:
             windows[purpose, text_index] = store.get_tensors(hit)[0]["tokens"]
             continue
-        tokenizer = tokenizer or load_tokenizer(config.model)
-        tokens = tokenize(tokenizer, text)
+        tokens = tokenize(the_tokenizer(), text)
         if "prompt_tokens" in settings:
             windows[purpose, text_index] = prompt_windows(tokens, settings["n"], settings["seqlen"], settings["prompt_tokens"],
                                                           tokenizer.bos_token_id, purpose=purpose)

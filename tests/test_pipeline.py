@@ -1,13 +1,15 @@
 """The core pipeline end to end, on the real stories260K model and real TinyStories text."""
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from layerquant.config import RunConfig
 from layerquant.flows.quantize import quantize_flow
 from layerquant.infra.store import LocalStore
+from support.checkpoints import folder_tensors
 from support.perplexity import transformers_perplexity
 
 # whole quantization runs on stories260K: minutes each, so not in the fast tier
@@ -57,8 +59,8 @@ def test_same_inputs_give_bit_identical_weights(tmp_path):
     assert a == b and a  # same content addresses
     for path in (p for p in a if p.endswith(".safetensors")):  # records also hold timings
         assert (tmp_path / "a" / path).read_bytes() == (tmp_path / "b" / path).read_bytes()
-    weights_a = load_file(tmp_path / "out_a" / "model.safetensors")
-    weights_b = load_file(tmp_path / "out_b" / "model.safetensors")
+    weights_a = folder_tensors(tmp_path / "out_a")
+    weights_b = folder_tensors(tmp_path / "out_b")
     assert weights_a.keys() == weights_b.keys()
     for name in weights_a:
         assert torch.equal(weights_a[name], weights_b[name]), name
@@ -67,9 +69,13 @@ def test_same_inputs_give_bit_identical_weights(tmp_path):
     assert quantize_flow(third.model_dump())["ppl_quant"] != report_a["ppl_quant"]
 
 
-def test_output_folder_loads_in_transformers_with_the_reported_perplexity(tmp_path, eval_text):
+@pytest.mark.parametrize("pack_format", [None, "dequantized"])  # None: the default, compressed-tensors
+def test_output_folder_loads_in_transformers_with_the_reported_perplexity(tmp_path, eval_text, pack_format):
     out = tmp_path / "out"
-    report = run(tmp_path, "export", bits=4, method="gptq", nsamples=32, eval_windows=20, out=str(out))
+    extra = {} if pack_format is None else {"pack_format": pack_format}
+    report = run(tmp_path, "export", bits=4, method="gptq", nsamples=32, eval_windows=20, out=str(out), **extra)
+    quantized = "quantization_config" in json.loads((out / "config.json").read_text())
+    assert quantized == (pack_format is None)  # what inference engines load, unless float weights were asked for
     saved = (out / "report.json").read_text()
     assert '"ppl_quant"' in saved and '"layers"' in saved
     for layer in report["layers"]:

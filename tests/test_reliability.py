@@ -353,8 +353,9 @@ def test_eval_reads_compressed_tensors_and_gptq_outputs(capsys, tmp_path, eval_t
     # stories260K's 172-wide MLP does not fill GPTQ's int32 words: the tiny llama takes that format
     for model, fmt in ((stories_model, "compressed-tensors"), (str(tiny_model_dir("llama")), "gptq")):
         out = tmp_path / fmt
-        config = RunConfig(model=model, store=str(tmp_path / "store"), out=str(out), pack_format=fmt, nsamples=16, eval_windows=4,
-                           group_size=32)
+        # compressed-tensors is the default: the output a plain `layerquant quantize --out DIR` writes
+        config = RunConfig(model=model, store=str(tmp_path / "store"), out=str(out), nsamples=16, eval_windows=4, group_size=32,
+                           **({} if fmt == "compressed-tensors" else {"pack_format": fmt}))
         report = quantize_flow(config.model_dump())
         capsys.readouterr()
         assert main(["eval", "--model", str(out), "--text", eval_text, "--windows", "4", "--seqlen", "256",

@@ -11,12 +11,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from layerquant.config import RunConfig
 from layerquant.flows.quantize import quantize_flow
 from layerquant.flows.retry import retry_flow
 from layerquant.infra.store import LocalStore
+from support.checkpoints import folder_tensors
 
 # whole quantization runs on stories260K: minutes each, so not in the fast tier
 pytestmark = [pytest.mark.usefixtures("prefect_server"), pytest.mark.slow]
@@ -29,7 +29,7 @@ def committed_blocks(store: Path) -> int:
 
 
 def assert_same_model(a: Path, b: Path) -> None:
-    weights_a, weights_b = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
+    weights_a, weights_b = folder_tensors(a), folder_tensors(b)
     assert weights_a.keys() == weights_b.keys()
     for name in weights_a:
         assert torch.equal(weights_a[name], weights_b[name]), name

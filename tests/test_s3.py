@@ -75,7 +75,10 @@ def test_s3_run_stores_everything_there_and_matches_the_local_run(s3_env, tmp_pa
     local = quantize_flow(RunConfig(store=str(tmp_path / "local"), out=str(tmp_path / "out_local"), **SETTINGS).model_dump())
     remote = quantize_flow(RunConfig(store=f"s3://{s3_env}/runs", out=str(tmp_path / "out_s3"), **SETTINGS).model_dump())
     assert remote["ppl_quant"] == local["ppl_quant"]
-    assert (tmp_path / "out_s3" / "model.safetensors").read_bytes() == (tmp_path / "out_local" / "model.safetensors").read_bytes()
+    shards = sorted(p.name for p in (tmp_path / "out_local").glob("*.safetensors"))
+    assert shards and shards == sorted(p.name for p in (tmp_path / "out_s3").glob("*.safetensors"))
+    for shard in shards:
+        assert (tmp_path / "out_s3" / shard).read_bytes() == (tmp_path / "out_local" / shard).read_bytes()
     paths = S3Store.from_uri(f"s3://{s3_env}/runs").list_paths("")
     assert sum(p.startswith("cas/block/") and p.endswith(".safetensors") for p in paths) == 5
     assert sum(p.startswith("cas/hidden/") for p in paths) == 10 and any(p.startswith("cas/calib/") for p in paths)
