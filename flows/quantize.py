@@ -131,8 +131,8 @@ def _run_stages(config, run_config, reader, run_id, progress, force_blocks, star
         raise_if_cancelled()
         float_result = evaluate(config, "float", blocks, text_index)
         raise_if_cancelled()
-        # scored next to the float model's stored last hidden states: KL, top-1, paired ratio
-        evaluations[text_name] = (float_result, evaluate(config, "quant", blocks, text_index, {"hidden": float_result["hidden"]}))
+        # scored next to the float model's stored last hidden states (when it keeps them): KL, top-1
+        evaluations[text_name] = (float_result, evaluate(config, "quant", blocks, text_index, float_result))
     raise_if_cancelled()
     ppl_fp, ppl_quant = next(iter(evaluations.values()))  # the first text is the headline
     if plan is not None:

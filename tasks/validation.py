@@ -149,7 +149,7 @@ def evaluate(config: dict, variant: str, blocks: list[dict], text_index: int = 0
         settings["runtime_quant"] = runtime
     if ctx.config.prompt_kv_tokens:
         settings["score_from"] = ctx.config.prompt_kv_tokens
-    if reference is not None and "hidden" in reference:
+    if reference is not None and "hidden" in reference:  # a float result of a run-time model keeps none
         upstream += [reference["hidden"]["sha256"]]
     # "scores": the per-window, hidden-state-keeping evaluation (results before it had neither)
     key = artifact_key(STAGE, CODE_VERSION, upstream, settings)
