@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from layerquant.errors import InvalidSpec
 from layerquant.runtime_quant import FLOAT_BITS, RuntimeQuant
@@ -189,6 +189,16 @@ class RunConfig(BaseModel):
                 return value[0]
         return value
 
+    @model_validator(mode="before")
+    @classmethod
+    def _rotated_output(cls, data: Any) -> Any:
+        """A rotated model's codes live in the rotated basis, which no packed format can say yet:
+        unless a format is asked for (and refused by from_sources), it is written dequantized with
+        the rotations undone."""
+        if isinstance(data, dict) and data.get("rotate") and data.get("pack_format") is None:
+            return {**data, "pack_format": "dequantized"}
+        return data
+
     @field_validator("text_encoding")
     @classmethod
     def _encoding(cls, value: str) -> str:
@@ -296,10 +306,6 @@ class RunConfig(BaseModel):
                 raise InvalidSpec(f"recipe {recipe} must be a mapping of settings", "see recipes/ for examples")
             data.update(loaded)
         data.update({k: v for k, v in overrides.items() if v is not None})
-        if data.get("rotate") and "pack_format" not in data:
-            # a rotated model's codes live in the rotated basis, which no packed format can say yet:
-            # its default output is the dequantized model with the rotations undone
-            data["pack_format"] = "dequantized"
         try:
             config = cls(**data)
         except ValidationError as exc:
