@@ -267,7 +267,7 @@ def divergence_fields(result: dict) -> dict:
 
 def report_divergence_fields(report: dict) -> dict:
     """The same fields from a quantize run's report.json (its first evaluation text)."""
-    first = next(iter(report.get("evaluations") or {"": {}}.values()))
+    first = next(iter((report.get("evaluations") or {"": {}}).values()))
     return {"kl_mean": report.get("kl_mean"), "kl_p99": report.get("kl_p99"), "top1_agreement": report.get("top1_agreement"),
             "ppl_ratio_ci95": report.get("ppl_ratio_ci95"), "window_nll": first.get("window_nll_quant"),
             "window_tokens": first.get("window_tokens")}
