@@ -108,8 +108,11 @@ def test_transient_s3_outage_is_retried_and_the_run_completes(s3_env, moto, tmp_
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline:
             if any(p.endswith(".sha256.json") for p in store.list_paths("cas/block")):
-                # more refusals than botocore's 3 attempts: a task fails and Prefect retries it
-                proxy.refuse_next(5)
+                # more refusals than botocore's 3 attempts per operation, twice over: the first
+                # operation may be the finished block's lease release, which is best-effort
+                # (a failure is logged and the lease expires), so the next one must fail too
+                # for a task to fail and Prefect to retry it
+                proxy.refuse_next(9)
                 return
             time.sleep(0.05)
 
