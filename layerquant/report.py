@@ -64,6 +64,10 @@ def divergence_fields(quant: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+# what an evaluation entry has that the report's top level states under other names or not at all
+PER_TEXT_ONLY = ("windows", "seqlen", "window_tokens", "window_nll_fp", "window_nll_quant")
+
+
 def evaluation_entry(ppl_fp: dict[str, Any], ppl_quant: dict[str, Any]) -> dict[str, Any]:
     """One evaluation text's results in the report, per-window NLL sums included (for paired
     comparisons with other runs on the same windows)."""
@@ -110,12 +114,9 @@ def build_report(
     total_weights = sum(l["n_weights"] for meta in block_metas for l in meta["layers"])
     return {
         **run,
-        "ppl_fp": ppl_fp["ppl"],
-        "ppl_quant": ppl_quant["ppl"],
-        "ppl_increase_pct": 100.0 * (ppl_quant["ppl"] / ppl_fp["ppl"] - 1.0),
-        # standard error of the quantized model's mean token NLL over the windows (noise level)
-        "nll_std_err": ppl_quant.get("nll_std_err"),
-        **divergence_fields(ppl_quant),
+        # the headline text's perplexities, their noise level (standard error of the quantized
+        # model's mean token NLL over the windows) and its divergence from the float model
+        **{key: value for key, value in evaluation_entry(ppl_fp, ppl_quant).items() if key not in PER_TEXT_ONLY},
         "eval_windows": ppl_fp["windows"],
         "eval_seqlen": ppl_fp["seqlen"],
         "evaluations": {name: evaluation_entry(fp, quant) for name, (fp, quant) in (evaluations or {}).items()},
