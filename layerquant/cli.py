@@ -223,7 +223,9 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     """Perplexity of a model folder; with --baseline, also of the baseline on the same windows
     (its tokenizer cuts them) and the model's divergence from it: KL(baseline || model) mean and
-    99th percentile, top-1 agreement, and the perplexity ratio with its paired 95% interval."""
+    99th percentile, top-1 agreement, and the perplexity ratio with its paired 95% interval. The
+    baseline's streamed pass is stored in --store and reused by every later comparison with it
+    (and taken from a quantize run of it on the same windows): "baseline_pass" says which."""
     from layerquant.config import RunConfig
     from layerquant.infra.paths import check_store_location
     from layerquant.tasks.context import RunContext
@@ -242,7 +244,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.baseline is None:
         result = model_perplexity(ctx, windows, None)
     else:
-        result = compare_models(RunContext.open(config.model_copy(update={"model": model}).model_dump()).reader, ctx.reader, windows)
+        # the baseline's pass comes from the store when any run measured it there on these windows
+        result = compare_models(RunContext.open(config.model_copy(update={"model": model}).model_dump()).reader, ctx.reader, windows,
+                                ctx.store, log)
     print(json.dumps({"model": args.model, "baseline": args.baseline, "text": args.text, **result,
                       "windows": int(windows.shape[0]), "seqlen": int(windows.shape[1])}))
     return 0
