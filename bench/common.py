@@ -88,6 +88,18 @@ def machine() -> str:
     return machine_description()
 
 
+def settle(max_load: float | None, max_wait_s: float = 240.0) -> float:
+    """Wait until the 1-minute load average is below `max_load` (at most `max_wait_s`), so a
+    timed case does not start in the tail of the previous one's load; returns the seconds
+    waited (0 without a threshold). The row still records the load it started at."""
+    if max_load is None:
+        return 0.0
+    started = time.monotonic()
+    while os.getloadavg()[0] >= max_load and time.monotonic() - started < max_wait_s:
+        time.sleep(5)
+    return round(time.monotonic() - started, 1)
+
+
 def conditions() -> dict:
     """What a row's timing depends on besides the code: the 1-minute load average when the case
     starts (other work on the cores) and the kernel's transparent-huge-pages mode (the same

@@ -81,7 +81,7 @@ def shield_ephemeral_server() -> None:
     shim = types.SimpleNamespace(**vars(subprocess))
 
     def popen(*args, **kwargs):
-        if threading.current_thread() is threading.main_thread():
+        if threading.current_thread() is threading.main_thread() or threading.current_thread().name == SERVER_KEEPER_THREAD:
             # the death signal follows the thread that forked: only the main thread lives as long as we do
             kwargs.setdefault("preexec_fn", _parent_death_signal)
         else:
@@ -90,6 +90,49 @@ def shield_ephemeral_server() -> None:
 
     shim.Popen = popen
     server.subprocess = shim
+
+
+# the thread that starts the temporary server early; it lives as long as the process, so the
+# server's parent-death signal (which follows the forking thread) fires only when the CLI dies
+SERVER_KEEPER_THREAD = "layerquant-prefect-server"
+
+
+def start_ephemeral_server_early() -> None:
+    """Prefect starts its temporary API server when the flow starts, and the CLI then waits
+    for it (about 6 s on 2 cores) with nothing else to do. Started here, it boots while the CLI
+    imports, reads the model's headers and tokenizes the texts; Prefect's own `start()` (called
+    by the flow, and by its log and event clients) then waits until the server is healthy.
+    Nothing to do when the run talks to a server of its own (PREFECT_API_URL)."""
+    from prefect.settings import PREFECT_API_URL
+
+    if PREFECT_API_URL.value():
+        return
+    from prefect.server.api.server import SubprocessASGIServer
+
+    server = SubprocessASGIServer()  # Prefect's instance for the run: one per process
+    if server.running or "start" in vars(server):
+        return
+    ready = threading.Event()
+    failures: list[BaseException] = []
+    prefect_start = server.start
+
+    def keep() -> None:
+        try:
+            prefect_start()
+        except BaseException as exc:  # handed to whoever needs the server next
+            failures.append(exc)
+        finally:
+            ready.set()
+        threading.Event().wait()
+
+    def start_when_ready(timeout: int | None = None) -> None:  # noqa: ARG001 - Prefect's signature
+        ready.wait()
+        if failures:
+            del server.start  # Prefect's own start again: the next call tries afresh
+            raise failures[0]
+
+    server.start = start_when_ready
+    threading.Thread(target=keep, name=SERVER_KEEPER_THREAD, daemon=True).start()
 
 
 _prefect_capture_sigterm: list = []

@@ -397,33 +397,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def return_freed_memory_to_the_os() -> None:
-    """glibc raises its mmap threshold after large frees, after which freed block-sized buffers
-    stay in the heap and the process's RSS ratchets up block after block. A fixed threshold
-    keeps large tensors in their own mappings, returned to the OS when freed."""
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6")
-        m_mmap_threshold = -3
-        libc.mallopt(m_mmap_threshold, 1 << 20)
-    except (OSError, AttributeError):  # not glibc: nothing to tune
-        pass
-
-
-def huge_pages_for_large_tensors() -> None:
-    """With large tensors in their own mappings (above), each new activation or Hessian buffer
-    is faulted in 4 KiB page by page: on Gemma 3 270M the kernel's page zeroing was a quarter
-    of the run's CPU time. PyTorch's allocator asks for transparent huge pages for buffers of
-    2 MiB and more when THP_MEM_ALLOC_ENABLE is set (512x fewer faults; Gemma's blocks took
-    17 s instead of 20 s on average, system CPU time halved). Torch reads it once, at its first allocation: set before torch loads."""
-    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
-
-
 def main(argv: list[str] | None = None) -> int:
     prefect_environment()
-    return_freed_memory_to_the_os()
-    huge_pages_for_large_tensors()
+    from layerquant.infra.memory import tune_allocator
+
+    tune_allocator()
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     # one line per HTTP call to the local Prefect API drowns the figures a person wants to see
@@ -434,6 +412,7 @@ def main(argv: list[str] | None = None) -> int:
 
         previous_handlers = interrupts.install_handlers()
         interrupts.shield_ephemeral_server()
+        interrupts.start_ephemeral_server_early()
         interrupts.keep_sigterm_for_cancellation()
     try:
         return run_command(args)

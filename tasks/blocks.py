@@ -11,6 +11,7 @@ from layerquant.cancellation import raise_if_cancelled
 from layerquant.config import CODE_VERSION
 from layerquant.infra.checkpoint import tensors_fingerprint
 from layerquant.infra.lease import acquire_unless_done, new_holder_id
+from layerquant.infra.memory import release_free_memory
 from layerquant.infra.store import artifact_key
 from layerquant.solvers.architectures import family_norm
 from layerquant.solvers.reconstruct import BlockReconstruction, quantize_block_data_free, reconstruct_block, resolve_device
@@ -90,6 +91,7 @@ def quantize_block(config: dict, index: int, inputs: dict | None, specs: dict[st
     finally:
         if lease is not None:
             lease.release(computed)
+        release_free_memory()  # the next block starts from one block's working set
 
 
 def cached_block(ctx: RunContext, key: str, data_free: bool, timing: dict[str, float], logger) -> dict | None:

@@ -9,6 +9,7 @@ from typing import Any
 from layerquant.config import RunConfig
 from layerquant.errors import ArtifactCorrupt, ArtifactMissing, LayerquantError
 from layerquant.infra.checkpoint import CheckpointReader
+from layerquant.infra.memory import tune_allocator
 from layerquant.infra.store import ArtifactStore, open_store
 from layerquant.kernels.formats import dequantize_packed
 from layerquant.specs import ArtifactRef
@@ -22,6 +23,8 @@ class RunContext:
 
     @classmethod
     def open(cls, config: dict[str, Any]) -> "RunContext":
+        # deployment and Dask worker processes never run the CLI, which sets this too
+        tune_allocator()
         run_config = RunConfig(**config)
         return cls(run_config, open_store(run_config.store), CheckpointReader(run_config.model, unpack_layers=dequantize_packed))
 

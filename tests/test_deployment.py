@@ -66,8 +66,8 @@ def test_scheduled_deployment_runs_on_a_process_worker(prefect_api, tmp_path):
     cli("deploy", "--all")
     deployment = httpx.get(f"{api}/deployments/name/layerquant-recipe/nightly-stories-w3g32").json()
     assert deployment["schedules"][0]["schedule"]["cron"] == "0 3 * * *"
-    # the flow run gets the env the CLI would set (huge pages for large tensors)
-    assert deployment["job_variables"]["env"]["THP_MEM_ALLOC_ENABLE"] == "1"
+    # the flow run gets the env the CLI would set
+    assert deployment["job_variables"]["env"]["TOKENIZERS_PARALLELISM"] == "false"
 
     processes.append(subprocess.Popen([str(BIN / "prefect"), "worker", "start", "--pool", "layerquant-pool"], env=env, cwd=REPO,
                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True))

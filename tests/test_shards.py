@@ -10,13 +10,22 @@ import torch
 
 from layerquant.config import RunConfig
 from layerquant.solvers import architectures as arch_ops
-from layerquant.solvers.hessian import PairwiseSum, merge_partials, shard_batches
+from layerquant.solvers.hessian import PairwiseSum, merge_partials, shard_batches, symmetric_gram
 from layerquant.solvers.reconstruct import quantize_block_sequential, solve_units
 from layerquant.solvers.sharded import set_weights, shard_sample_ranges, solve_from_partials, start_shard
 from layerquant.specs import QuantSpec
 from support.stories_block import BLOCK, one_thread, real_block  # noqa: F401 (fixtures)
 
 SPEC = QuantSpec(bits=3, group_size=32, method="gptq", act_order=True)
+
+
+@pytest.mark.parametrize("width", [64, 640, 1000, 2048])
+def test_the_panelled_gram_is_x_transpose_x_to_the_bit_and_symmetric(width):
+    torch.manual_seed(width)
+    x = torch.randn(1024, width) * torch.rand(width) * 5  # columns of different scales
+    gram = symmetric_gram(x)
+    assert torch.equal(gram, x.T @ x)
+    assert torch.equal(gram, gram.T)
 
 
 def test_pairwise_sum_is_the_same_tree_for_every_aligned_split():

@@ -67,7 +67,7 @@ BENCH = HERE.parent
 ROOT = BENCH.parent
 sys.path.insert(0, str(BENCH))
 sys.path.insert(0, str(HERE))
-from common import RESULTS, conditions, load_rows, machine, run_measured  # noqa: E402
+from common import RESULTS, conditions, load_rows, machine, run_measured, settle  # noqa: E402
 from measure import layerquant_phases  # noqa: E402
 
 CACHE = Path.home() / ".cache" / "layerquant"
@@ -549,6 +549,8 @@ def main() -> int:
     parser.add_argument("--eval-windows", type=int,
                         help="evaluation windows for every chosen model (default: the model's own, e.g. 6 x 2048 on Gemma); "
                              "rows are compared pairwise only with rows measured on as many windows")
+    parser.add_argument("--settle-load", type=float, help="before each case, wait (up to 4 min) until the 1-minute load "
+                                                          "average is below this (e.g. 1.0), so timings start on a quiet machine")
     parser.add_argument("--render", action="store_true", help="only regenerate peers.md, peers.png and the README table from peers.json")
     args = parser.parse_args()
     if args.render:
@@ -604,7 +606,8 @@ def main() -> int:
                                      "machine": machine(), "date": datetime.now(timezone.utc).isoformat(timespec="seconds")})
                     log(f"{name}: float {ppl_fp:.4f} ({eval_s:.0f} s)")
             log(f"{name} {case['tool']} {case['method']}")
-            at_start = conditions()
+            settled_s = settle(args.settle_load)
+            at_start = conditions() | ({"settle_wait_s": settled_s} if args.settle_load is not None else {})
             case_started = time.perf_counter()
             try:
                 if case["tool"] == "layerquant":
