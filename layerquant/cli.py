@@ -216,6 +216,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     if report["vllm_unservable"]:
         log.warning("%d layers cannot be served by vLLM (2/3-bit or PB-LLM), e.g. %s", len(report["vllm_unservable"]),
                     report["vllm_unservable"][0])
+    for statement in report.get("runtime_unservable", []):
+        log.warning("run-time quantization: %s", statement)
     print(json.dumps({**summary, "out": str(out)}, indent=2))
     return 0
 

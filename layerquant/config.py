@@ -318,6 +318,9 @@ class RunConfig(BaseModel):
             raise InvalidSpec(f"a rotated run cannot be packed as {config.pack_format} yet: its codes live in the rotated basis and "
                               "the online Hadamards (down_proj, cached keys) have no place in that format",
                               "use --pack-format dequantized (the rotations undone in the written weights), or drop --rotate")
+        if config.pack_format == "gptq" and (runtime.quantizes_activations or runtime.quantizes_cache):
+            raise InvalidSpec("the GPTQ format cannot say that activations or the KV cache are quantized",
+                              "use --pack-format compressed-tensors (input_activations / kv_cache_scheme), or dequantized")
         if runtime.rotate and config.budget is not None:
             raise InvalidSpec("rotate with a mixed-precision budget is not built yet: layers are scored on unrotated weights",
                               "drop --budget or --rotate")

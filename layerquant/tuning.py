@@ -53,3 +53,18 @@ class BlockTuning:
             if self.space != "residual":  # absent when residual: runs from before spaces existed keep their keys
                 out["space"] = self.space
         return out
+
+
+# a layer's low-rank correction, stored next to its codes as two float16 factors
+# (correction = lowrank_a @ lowrank_b, [out, r] @ [r, in]); see solvers/refine.py
+LOWRANK_PARTS = ("lowrank_a", "lowrank_b")
+LOWRANK_BITS = 16  # float16 factors
+
+
+def has_lowrank_correction(tensors) -> bool:
+    return any(part in tensors for part in LOWRANK_PARTS)
+
+
+def lowrank_storage_bits(tensors) -> int:
+    """Bits the layer's low-rank correction adds to its storage (0 without one)."""
+    return sum(LOWRANK_BITS * tensors[part].numel() for part in LOWRANK_PARTS if part in tensors)
