@@ -66,6 +66,9 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--budget", type=float, help="mixed precision: average bits per weight, overhead counted")
     parser.add_argument("--salient-fraction", type=float, help=f"PB-LLM: share of weights kept in salient_bits (default {run_default('salient_fraction')})")
     parser.add_argument("--refine-steps", type=int, help=f"AdaQuant scale refinement steps per block (default {run_default('refine_steps')}; 0 = off)")
+    parser.add_argument("--lowrank-rank", type=int,
+                        help="with --refine-steps: a rank-R correction per quantized linear trained with the scales (float16 "
+                             "factors, counted in avg_bits; written folded into a dequantized model, no packed format). Default 0 = off")
     parser.add_argument("--norm-tweak-steps", type=int, help=f"norm tweaking steps per block (default {run_default('norm_tweak_steps')}; 0 = off)")
     parser.add_argument("--tuning-space", choices=["residual", "next_norm"],
                         help="where tuning compares block outputs: as they are (residual), or after the next block's input norm "
@@ -142,6 +145,7 @@ def config_from_args(args: argparse.Namespace):
         budget=args.budget,
         salient_fraction=args.salient_fraction,
         refine_steps=args.refine_steps,
+        lowrank_rank=getattr(args, "lowrank_rank", None),
         norm_tweak_steps=args.norm_tweak_steps,
         tuning_space=args.tuning_space,
         gate_output_error=args.gate_output_error,

@@ -36,6 +36,11 @@ class BlockTuning:
     # below its median channel, so a residual loss spends the tuning on a channel hardly read:
     # 2-bit refinement there went 289 -> 438 in the residual space, 289 -> 215 in this one
     space: str = "next_norm"
+    # BiSup's parameter-efficient fine-tuning: a rank-r correction per quantized linear (float16
+    # factors, counted in the layer's bits), trained with the scales in the refinement step;
+    # 0 = none. Its lr is a relative step, as refine_lr is (solvers/refine.py)
+    lowrank_rank: int = 0
+    lowrank_lr: float = 1e-2  # W3A3 rotated, rank 2, 50 steps: 17.83 at 1e-3, 16.74 at 1e-2, 16.25 at 3e-2 (rank 1: 17.52, 17.74)
 
     @property
     def enabled(self) -> bool:
@@ -48,6 +53,8 @@ class BlockTuning:
             out["refine"] = {"steps": self.refine_steps, "lr": self.refine_lr}
         if self.norm_tweak_steps:
             out["norm_tweak"] = {"steps": self.norm_tweak_steps, "lr": self.norm_tweak_lr, "loss": self.norm_tweak_loss}
+        if self.refine_steps and self.lowrank_rank:  # absent when off: runs from before keep their keys
+            out["lowrank"] = {"rank": self.lowrank_rank, "lr": self.lowrank_lr}
         if out:
             out |= {"batch_size": self.batch_size, "seed": self.seed, "holdout": self.holdout}
             if self.space != "residual":  # absent when residual: runs from before spaces existed keep their keys

@@ -14,7 +14,7 @@ from layerquant.cancellation import raise_if_cancelled
 from layerquant.errors import InvalidSpec
 from layerquant.quantized import QuantizedWeight
 from layerquant.specs import QuantSpec
-from layerquant.tuning import BlockTuning  # re-exported: callers built it from here
+from layerquant.tuning import LOWRANK_PARTS, BlockTuning, has_lowrank_correction  # BlockTuning re-exported: callers built it from here
 from layerquant.solvers.gptq import quantize_weight, relative_weighted_error
 from layerquant.solvers.hessian import PairwiseSum, batch_gram, hessian_from_sum
 from layerquant.solvers.staged import staged_quantize
@@ -421,14 +421,21 @@ def tune_block(
     if tuning.refine_steps and refinable:
         layers = {name: QuantizedWeight.from_tensors(o.tensors, o.spec) for name, o in refinable.items()}
         weight_forward = _projected(functional_block_forward(block, [f"{name}.weight" for name in layers], **block_kwargs), project)
-        refined, stats = refine_scales(weight_forward, layers, inputs, float_outputs, steps=tuning.refine_steps, lr=tuning.refine_lr, **common)
+        refined, stats = refine_scales(weight_forward, layers, inputs, float_outputs, steps=tuning.refine_steps, lr=tuning.refine_lr,
+                                       lowrank_rank=tuning.lowrank_rank, lowrank_lr=tuning.lowrank_lr, **common)
         with torch.no_grad():
             for name, quantized in refined.items():
-                refinable[name].tensors = quantized.to_tensors()
+                tensors = quantized.to_tensors()
+                correction = stats.corrections.get(name)
+                if correction is not None:  # stored even when the unrefined (zero) one won: the layer's size is the recipe's
+                    tensors |= dict(zip(LOWRANK_PARTS, correction))
+                refinable[name].tensors = tensors
                 linear = block.get_submodule(name)
-                linear.weight.copy_(quantized.dequantize().to(linear.weight.dtype))
+                linear.weight.copy_(stored_weight(tensors, quantized.spec).to(linear.weight.dtype))
         report["refine"] = {"loss_before": stats.initial_loss, "loss_after": stats.best_loss, "best_step": stats.best_step,
                             "seconds": round(stats.seconds, 3)}
+        if tuning.lowrank_rank:
+            report["refine"]["lowrank_rank"] = tuning.lowrank_rank
     if tuning.norm_tweak_steps:
         start = norm_weights_of(block, norm_names)
         norm_forward = _projected(functional_block_forward(block, norm_names, **block_kwargs), project)
@@ -451,14 +458,19 @@ def _projected(forward, project: nn.Module | None):
 
 
 def stored_weight(tensors: dict[str, torch.Tensor], spec: QuantSpec) -> torch.Tensor:
-    """The dequantized float32 weight of one layer from its stored tensors."""
+    """The dequantized float32 weight of one layer from its stored tensors, its low-rank
+    correction (if it has one) added."""
     if spec.method == "pbllm":
         from layerquant.solvers.pbllm import PBLLMResult
 
         return PBLLMResult.from_tensors(tensors, spec).dequantize()
     from layerquant.solvers.grid import dequantize_grouped
 
-    return dequantize_grouped(tensors["codes"], tensors["scales"], tensors["zeros"], spec.group_size)
+    weight = dequantize_grouped(tensors["codes"], tensors["scales"], tensors["zeros"], spec.group_size)
+    if has_lowrank_correction(tensors):
+        lowrank_a, lowrank_b = (tensors[part] for part in LOWRANK_PARTS)
+        weight = weight + lowrank_a.float() @ lowrank_b.float()
+    return weight
 
 
 def apply_block_artifact(float_weights: dict[str, torch.Tensor], artifact: BlockArtifact) -> dict[str, torch.Tensor]:
