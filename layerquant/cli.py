@@ -69,6 +69,8 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lowrank-rank", type=int,
                         help="with --refine-steps: a rank-R correction per quantized linear trained with the scales (float16 "
                              "factors, counted in avg_bits; written folded into a dequantized model, no packed format). Default 0 = off")
+    parser.add_argument("--act-clip", action=argparse.BooleanOptionalAction, default=None,
+                        help="with --act-bits and --refine-steps: train one activation clipping ratio per quantized input with the scales")
     parser.add_argument("--norm-tweak-steps", type=int, help=f"norm tweaking steps per block (default {run_default('norm_tweak_steps')}; 0 = off)")
     parser.add_argument("--tuning-space", choices=["residual", "next_norm"],
                         help="where tuning compares block outputs: as they are (residual), or after the next block's input norm "
@@ -146,6 +148,7 @@ def config_from_args(args: argparse.Namespace):
         salient_fraction=args.salient_fraction,
         refine_steps=args.refine_steps,
         lowrank_rank=getattr(args, "lowrank_rank", None),
+        act_clip=getattr(args, "act_clip", None),
         norm_tweak_steps=args.norm_tweak_steps,
         tuning_space=args.tuning_space,
         gate_output_error=args.gate_output_error,

@@ -89,6 +89,10 @@ class RunConfig(BaseModel):
     # parameter-efficient fine-tuning; its float16 factors count in avg_bits); 0 = none
     lowrank_rank: int = Field(BlockTuning.lowrank_rank, ge=0, le=4096)
     lowrank_lr: float = Field(BlockTuning.lowrank_lr, gt=0, le=1)
+    # with act_bits < 16: a clipping ratio per quantized activation input trained with the scales
+    # during refinement (the run-time quantizers use it; no packed format carries it)
+    act_clip: bool = BlockTuning.act_clip
+    act_clip_lr: float = Field(BlockTuning.act_clip_lr, gt=0, le=1)
     norm_tweak_steps: int = Field(BlockTuning.norm_tweak_steps, ge=0, le=100_000)
     norm_tweak_lr: float = Field(BlockTuning.norm_tweak_lr, gt=0, le=1)
     norm_tweak_loss: Literal["mse", "dist"] = BlockTuning.norm_tweak_loss
@@ -243,7 +247,7 @@ class RunConfig(BaseModel):
         return BlockTuning(refine_steps=self.refine_steps, refine_lr=self.refine_lr, norm_tweak_steps=self.norm_tweak_steps,
                            norm_tweak_lr=self.norm_tweak_lr, norm_tweak_loss=self.norm_tweak_loss, seed=self.seed,
                            holdout=self.tuning_holdout, space=self.tuning_space, lowrank_rank=self.lowrank_rank,
-                           lowrank_lr=self.lowrank_lr)
+                           lowrank_lr=self.lowrank_lr, act_clip=self.act_clip, act_clip_lr=self.act_clip_lr)
 
     def runtime_quant(self) -> RuntimeQuant:
         return RuntimeQuant(act_bits=self.act_bits, act_group_size=self.act_group_size, kv_bits=self.kv_bits,
@@ -286,6 +290,8 @@ class RunConfig(BaseModel):
             del identity["device"]
         if not identity["lowrank_rank"]:  # likewise: runs without a correction keep their ids
             del identity["lowrank_rank"], identity["lowrank_lr"]
+        if not identity["act_clip"]:  # likewise
+            del identity["act_clip"], identity["act_clip_lr"]
         # run-time quantization: in the identity only as far as it is on, so weight-only runs keep their ids
         runtime_fields = ("act_bits", "act_group_size", "kv_bits", "kv_group_size", "prompt_kv_tokens", "rotate", "smooth")
         for name in runtime_fields:
@@ -325,6 +331,10 @@ class RunConfig(BaseModel):
             raise InvalidSpec(f"a rotated run cannot be packed as {config.pack_format} yet: its codes live in the rotated basis and "
                               "the online Hadamards (down_proj, cached keys) have no place in that format",
                               "use --pack-format dequantized (the rotations undone in the written weights), or drop --rotate")
+        if config.act_clip and (not config.refine_steps or not runtime.quantizes_activations):
+            raise InvalidSpec("act_clip trains activation clipping ratios during scale refinement, so it needs both act_bits below "
+                              f"16 and refine_steps (got act_bits={config.act_bits}, refine_steps={config.refine_steps})",
+                              "add --act-bits 4 (or 3, 8) and --refine-steps N, or drop --act-clip")
         if config.lowrank_rank and not config.refine_steps:
             raise InvalidSpec("lowrank_rank trains its corrections during scale refinement, and refine_steps is 0",
                               "add --refine-steps N (e.g. 50), or drop --lowrank-rank")

@@ -140,7 +140,7 @@ def build_report(
             (run.get("config") or {}).get("runtime_quant") or {},
             {prefix + layer["name"]: QuantSpec.from_dict(layer["spec"])
              for meta, prefix in zip(block_metas, block_prefixes) for layer in meta["layers"]},
-            (run.get("config") or {}).get("lowrank_rank", 0)),
+            (run.get("config") or {}).get("lowrank_rank", 0), bool((run.get("config") or {}).get("act_clip"))),
         "machine": machine_description(),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }

@@ -25,7 +25,7 @@ def vllm_serves_with_int8_activations(spec: QuantSpec) -> bool:
     return (spec.bits == 8 and spec.group_size == 0) or (spec.bits == 4 and spec.group_size in VLLM_GROUP_SIZES)
 
 
-def runtime_unservable(runtime: dict, layers: dict[str, QuantSpec], lowrank_rank: int = 0) -> list[str]:
+def runtime_unservable(runtime: dict, layers: dict[str, QuantSpec], lowrank_rank: int = 0, act_clip: bool = False) -> list[str]:
     """What a run quantizes or transforms at run time that vLLM cannot run, or that no packed
     format can say, one sentence each (the report's `runtime_unservable`; the weight grids
     themselves are judged by `vllm_servable`). `runtime`: RuntimeQuant.identity() of the run;
@@ -45,6 +45,9 @@ def runtime_unservable(runtime: dict, layers: dict[str, QuantSpec], lowrank_rank
             if others:
                 out.append(f"activations: 8-bit per token with {len(others)} layers whose weights vLLM's W8A8 / W4A8 int schemes "
                            f"do not take (they need symmetric 8-bit per-channel or 4-bit weights), e.g. {others[0]}")
+        if act_clip:
+            out.append("activation clipping ratios (trained, one per quantized input): input_activations have no place for "
+                       "them; a client quantizes each token over its full range")
     kv = runtime.get("kv")
     if kv:
         out.append(f"KV cache: {kv['bits']}-bit int, asymmetric, dynamic per head and token: written as kv_cache_scheme, but "

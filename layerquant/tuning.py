@@ -40,6 +40,10 @@ class BlockTuning:
     # factors, counted in the layer's bits), trained with the scales in the refinement step;
     # 0 = none. Its lr is a relative step, as refine_lr is (solvers/refine.py)
     lowrank_rank: int = 0
+    # with activation quantization: one clipping ratio per quantized input (shared by the
+    # linears reading it), trained with the scales in the refinement step (LSQ-style gradient)
+    act_clip: bool = False
+    act_clip_lr: float = 1e-2
     lowrank_lr: float = 1e-2  # W3A3 rotated, rank 2, 50 steps: 17.83 at 1e-3, 16.74 at 1e-2, 16.25 at 3e-2 (rank 1: 17.52, 17.74)
 
     @property
@@ -55,6 +59,8 @@ class BlockTuning:
             out["norm_tweak"] = {"steps": self.norm_tweak_steps, "lr": self.norm_tweak_lr, "loss": self.norm_tweak_loss}
         if self.refine_steps and self.lowrank_rank:  # absent when off: runs from before keep their keys
             out["lowrank"] = {"rank": self.lowrank_rank, "lr": self.lowrank_lr}
+        if self.refine_steps and self.act_clip:
+            out["act_clip"] = {"lr": self.act_clip_lr}
         if out:
             out |= {"batch_size": self.batch_size, "seed": self.seed, "holdout": self.holdout}
             if self.space != "residual":  # absent when residual: runs from before spaces existed keep their keys

@@ -52,6 +52,7 @@ class RefineStats:
     # layer -> its low-rank correction's float16 factors (A, B), chosen with the returned scales;
     # empty without lowrank_rank. All zero A when the unrefined candidate was the best
     corrections: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    live: dict[str, torch.Tensor] = field(default_factory=dict)  # the chosen values of `live_params`
 
 
 def _ste_round(x: torch.Tensor) -> torch.Tensor:
@@ -132,6 +133,8 @@ def refine_scales(
     validation: tuple[torch.Tensor, torch.Tensor] | None = None,
     lowrank_rank: int = 0,
     lowrank_lr: float = BlockTuning.lowrank_lr,
+    live_params: Mapping[str, torch.Tensor] | None = None,
+    live_lr: float = BlockTuning.act_clip_lr,
 ) -> tuple[dict[str, QuantizedWeight], RefineStats]:
     """Tune the scales of `layers` (block-relative name -> QuantizedWeight) on block output MSE.
 
@@ -148,6 +151,10 @@ def refine_scales(
         of the training inputs.
     lowrank_rank, lowrank_lr: train a rank-r correction per layer with the scales (module doc);
         the chosen factors are in `stats.corrections`.
+    live_params, live_lr: further tensors trained with the scales that `block_forward` reads by
+        reference rather than as arguments (the activation clipping ratios its run-time hooks
+        hold); each candidate is evaluated with its values put in place, and the best ones are
+        left in place at the end (also in `stats.live`).
 
     Returns (layers with refined fp16-exact scales, identical codes; stats). Layers are new
     `QuantizedWeight`s; the inputs are not modified.
@@ -167,14 +174,29 @@ def refine_scales(
 
     select_inputs, select_outputs = validation if validation is not None else (inputs, float_outputs)
 
-    def dataset_loss(candidate: Mapping[str, tuple[QuantizedWeight, tuple | None]]) -> float:
-        weights = {f"{name}.weight": corrected_weight(qw, correction) for name, (qw, correction) in candidate.items()}
-        return dataset_relative_mse(block_forward, weights, select_inputs, select_outputs, batch_size)
+    live = dict(live_params or {})
+
+    def put_live(values: Mapping[str, torch.Tensor]) -> None:
+        with torch.no_grad():
+            for key, value in values.items():
+                live[key].copy_(value)
+
+    def dataset_loss(candidate) -> float:
+        layer_candidates, live_values = candidate
+        weights = {f"{name}.weight": corrected_weight(qw, correction) for name, (qw, correction) in layer_candidates.items()}
+        current = {key: value.detach().clone() for key, value in live.items()}
+        put_live(live_values)
+        try:
+            return dataset_relative_mse(block_forward, weights, select_inputs, select_outputs, batch_size)
+        finally:
+            put_live(current)
 
     groups = [{"params": [layer.delta for layer in state.values()], "lr": lr}]
     factors = [t for layer in state.values() if layer.lowrank_a is not None for t in (layer.lowrank_a, layer.lowrank_b)]
     if factors:
         groups.append({"params": factors, "lr": lowrank_lr})
+    if live:
+        groups.append({"params": list(live.values()), "lr": live_lr})
     zeros = [layer.zero for layer in state.values() if layer.zero is not None]
     if zeros:
         groups.append({"params": zeros, "lr": zero_lr})
@@ -187,16 +209,19 @@ def refine_scales(
     fit = fit_best_iterate(
         torch.optim.Adam(groups),
         batch_objective,
-        snapshot=lambda: {name: (layer.stored(), layer.stored_correction()) for name, layer in state.items()},
+        snapshot=lambda: ({name: (layer.stored(), layer.stored_correction()) for name, layer in state.items()},
+                          {key: value.detach().clone() for key, value in live.items()}),
         evaluate=dataset_loss,
         batches=sample_batches(n, batch_size, steps, seed),
         eval_every=eval_every,
     )
+    best_layers, best_live = fit.best
+    put_live(best_live)
     stats = RefineStats(fit.initial_loss, fit.best_loss, fit.best_step, steps, fit.history, time.perf_counter() - start_time,
-                        {name: correction for name, (_, correction) in fit.best.items() if correction is not None})
+                        {name: correction for name, (_, correction) in best_layers.items() if correction is not None}, best_live)
     log.info("scale refinement: output MSE %.4e -> %.4e (best at step %d of %d, %.1fs)",
              fit.initial_loss, fit.best_loss, fit.best_step, steps, stats.seconds)
-    return {name: qw for name, (qw, _) in fit.best.items()}, stats
+    return {name: qw for name, (qw, _) in best_layers.items()}, stats
 
 
 def corrected_weight(qw: QuantizedWeight, correction: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
