@@ -66,6 +66,11 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--budget", type=float, help="mixed precision: average bits per weight, overhead counted")
     parser.add_argument("--salient-fraction", type=float, help=f"PB-LLM: share of weights kept in salient_bits (default {run_default('salient_fraction')})")
     parser.add_argument("--refine-steps", type=int, help=f"AdaQuant scale refinement steps per block (default {run_default('refine_steps')}; 0 = off)")
+    parser.add_argument("--lowrank-rank", type=int,
+                        help="with --refine-steps: a rank-R correction per quantized linear trained with the scales (float16 "
+                             "factors, counted in avg_bits; written folded into a dequantized model, no packed format). Default 0 = off")
+    parser.add_argument("--act-clip", action=argparse.BooleanOptionalAction, default=None,
+                        help="with --act-bits and --refine-steps: train one activation clipping ratio per quantized input with the scales")
     parser.add_argument("--norm-tweak-steps", type=int, help=f"norm tweaking steps per block (default {run_default('norm_tweak_steps')}; 0 = off)")
     parser.add_argument("--tuning-space", choices=["residual", "next_norm"],
                         help="where tuning compares block outputs: as they are (residual), or after the next block's input norm "
@@ -142,6 +147,8 @@ def config_from_args(args: argparse.Namespace):
         budget=args.budget,
         salient_fraction=args.salient_fraction,
         refine_steps=args.refine_steps,
+        lowrank_rank=getattr(args, "lowrank_rank", None),
+        act_clip=getattr(args, "act_clip", None),
         norm_tweak_steps=args.norm_tweak_steps,
         tuning_space=args.tuning_space,
         gate_output_error=args.gate_output_error,
@@ -216,6 +223,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     if report["vllm_unservable"]:
         log.warning("%d layers cannot be served by vLLM (2/3-bit or PB-LLM), e.g. %s", len(report["vllm_unservable"]),
                     report["vllm_unservable"][0])
+    for statement in report.get("runtime_unservable", []):
+        log.warning("run-time quantization: %s", statement)
     print(json.dumps({**summary, "out": str(out)}, indent=2))
     return 0
 
