@@ -97,42 +97,76 @@ def shield_ephemeral_server() -> None:
 SERVER_KEEPER_THREAD = "layerquant-prefect-server"
 
 
-def start_ephemeral_server_early() -> None:
+class EarlyServer:
     """Prefect starts its temporary API server when the flow starts, and the CLI then waits
     for it (about 6 s on 2 cores) with nothing else to do. Started here, it boots while the CLI
     imports, reads the model's headers and tokenizes the texts; Prefect's own `start()` (called
     by the flow, and by its log and event clients) then waits until the server is healthy.
-    Nothing to do when the run talks to a server of its own (PREFECT_API_URL)."""
+
+    Until a flow asks for it, Prefect's start and stop lines stay off the console, and `close()`
+    stops a server nobody used: input that fails its checks still ends with one line."""
+
+    def __init__(self) -> None:
+        from prefect.server.api.server import SubprocessASGIServer
+
+        self.server = SubprocessASGIServer()  # Prefect's instance for the run: one per process
+        self.used = False
+        self._ready = threading.Event()
+        self._failures: list[BaseException] = []
+        # Prefect logs the server's start and stop on its root logger (whose level its logging
+        # setup may reset later: a filter stays)
+        self._prefect_logger = logging.getLogger("prefect")
+        self._prefect_logger.addFilter(_not_about_the_server)
+        prefect_start = self.server.start
+
+        def keep() -> None:
+            try:
+                prefect_start()
+            except BaseException as exc:  # handed to whoever needs the server next
+                self._failures.append(exc)
+            finally:
+                self._ready.set()
+            threading.Event().wait()
+
+        self.server.start = self._start_when_ready
+        threading.Thread(target=keep, name=SERVER_KEEPER_THREAD, daemon=True).start()
+
+    def _start_when_ready(self, timeout: int | None = None) -> None:  # noqa: ARG001 - Prefect's signature
+        self._ready.wait()
+        if not self.used:
+            self.used = True
+            self._prefect_logger.removeFilter(_not_about_the_server)
+        if self._failures:
+            del self.server.start  # Prefect's own start again: the next call tries afresh
+            raise self._failures[0]
+
+    def close(self) -> None:
+        """After the command: a server no flow asked for is stopped now, without a word (not
+        waiting for it to finish booting: a process it spawns later still gets the parent-death
+        signal when this process ends)."""
+        if not self.used:
+            vars(self.server).pop("start", None)
+            self.server.stop()
+        self._prefect_logger.removeFilter(_not_about_the_server)
+
+
+def _not_about_the_server(record: logging.LogRecord) -> bool:
+    return "temporary server" not in record.getMessage()
+
+
+def start_ephemeral_server_early() -> EarlyServer | None:
+    """The temporary server, started now (see EarlyServer); None when the run talks to a server
+    of its own (PREFECT_API_URL) or this process already has one."""
     from prefect.settings import PREFECT_API_URL
 
     if PREFECT_API_URL.value():
-        return
+        return None
     from prefect.server.api.server import SubprocessASGIServer
 
-    server = SubprocessASGIServer()  # Prefect's instance for the run: one per process
+    server = SubprocessASGIServer()
     if server.running or "start" in vars(server):
-        return
-    ready = threading.Event()
-    failures: list[BaseException] = []
-    prefect_start = server.start
-
-    def keep() -> None:
-        try:
-            prefect_start()
-        except BaseException as exc:  # handed to whoever needs the server next
-            failures.append(exc)
-        finally:
-            ready.set()
-        threading.Event().wait()
-
-    def start_when_ready(timeout: int | None = None) -> None:  # noqa: ARG001 - Prefect's signature
-        ready.wait()
-        if failures:
-            del server.start  # Prefect's own start again: the next call tries afresh
-            raise failures[0]
-
-    server.start = start_when_ready
-    threading.Thread(target=keep, name=SERVER_KEEPER_THREAD, daemon=True).start()
+        return None
+    return EarlyServer()
 
 
 _prefect_capture_sigterm: list = []

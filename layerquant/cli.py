@@ -415,17 +415,19 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     # one line per HTTP call to the local Prefect API drowns the figures a person wants to see
     logging.getLogger("httpx").setLevel(logging.WARNING)
-    previous_handlers = {}
+    previous_handlers, early_server = {}, None
     if args.command in ("quantize", "retry", "pack"):
         from layerquant.flows import interrupts
 
         previous_handlers = interrupts.install_handlers()
         interrupts.shield_ephemeral_server()
-        interrupts.start_ephemeral_server_early()
+        early_server = interrupts.start_ephemeral_server_early()
         interrupts.keep_sigterm_for_cancellation()
     try:
         return run_command(args)
     finally:
+        if early_server is not None:
+            early_server.close()
         if args.command in ("quantize", "retry", "pack"):
             interrupts.restore_handlers(previous_handlers)
             interrupts.give_sigterm_back_to_prefect()
