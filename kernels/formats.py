@@ -26,6 +26,25 @@ PackedQuantizationCompressor and the dequantize it runs; transformers loads it t
   (0.20.0 has both). vLLM's pack-quantized kernels take 4/8 bits; vLLM fuses q/k/v and gate/up
   shards and wants them in one config group.
 
+Run-time quantization (issue 16) in compressed-tensors: what the run fake-quantized while it
+ran is written where the schema has a place for it (checked against compressed-tensors 0.20.0's
+QuantizationArgs and its dynamic quantization, compute_dynamic_scales_and_zp):
+  activations  each config group's `input_activations`: symmetric int, `dynamic: true`,
+               strategy "token" (one scale per token over the last dim) or "group" with
+               act_group_size when that divides the layer's input width (solvers/activations.py
+               falls back to one scale per token otherwise, and so does the config);
+  KV cache     `kv_cache_scheme`: asymmetric int, `dynamic: true`, strategy "group" with
+               group_size = kv_group_size, or head_dim for one scale per head and token. Not
+               "token": compressed-tensors applies it to [batch, heads, seq, head_dim] and its
+               token strategy reduces over everything past dim 1 (one scale per head and
+               sequence), while a group reduces the last dim only (per head, token and group).
+  Not expressible: the float prompt cache (prompt_kv_tokens; clients quantize the whole cache),
+  rotations (refused at config time), low-rank corrections (refused: pack dequantized).
+  The grids differ in one detail: compressed-tensors' symmetric scale is amax / ((2^b - 1) / 2)
+  (amax / 127.5 at 8 bits) where ours is amax / (2^(b-1) - 1), and its asymmetric range always
+  contains 0; what a client computes therefore differs slightly from the run's evaluation
+  (measured in tests/test_runtime_pack.py).
+
 GPTQ (AutoGPTQ / GPTQModel, "gptq" = v1, "gptq_v2"):
     {layer}.qweight  int32 [in*bits/32, out]     codes packed along `in` (packing.py, axis=0)
     {layer}.qzeros   int32 [n_groups, out*bits/32] zeros packed along `out`; v1 stores zero-1
@@ -49,7 +68,9 @@ from layerquant.block_artifact import BlockArtifact
 from layerquant.errors import InvalidSpec
 from layerquant.kernels.packing import pack_codes
 from layerquant.quantized import QuantizedWeight
+from layerquant.runtime_quant import RuntimeQuant
 from layerquant.specs import QuantSpec
+from layerquant.tuning import has_lowrank_correction
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +125,41 @@ def ct_weight_args(bits: int, group_size: int, sym: bool, in_features: int) -> d
     }
 
 
+def ct_input_activation_args(settings: RuntimeQuant | None, in_features: int) -> dict[str, Any] | None:
+    """A layer's `input_activations` QuantizationArgs: the per-token (or per-group) dynamic
+    symmetric int quantization the run applied at its input; None when activations stay float.
+    A group size that does not divide the input width falls back to one scale per token, as
+    solvers/activations.fake_quant_symmetric does."""
+    if settings is None or not settings.quantizes_activations:
+        return None
+    group = settings.act_group_size if settings.act_group_size and in_features % settings.act_group_size == 0 else 0
+    return {
+        "num_bits": settings.act_bits,
+        "type": "int",
+        "symmetric": True,
+        "strategy": "group" if group else "token",
+        "group_size": group or None,
+        "dynamic": True,
+    }
+
+
+def ct_kv_cache_scheme(settings: RuntimeQuant | None, head_dim: int) -> dict[str, Any] | None:
+    """config.json's `kv_cache_scheme`: keys and values quantized dynamically per head and token
+    (or group of head channels), asymmetric, as FakeQuantKVCache does; None with a float cache.
+    Written as the group strategy (see the module doc for why not "token")."""
+    if settings is None or not settings.quantizes_cache:
+        return None
+    group = settings.kv_group_size if settings.kv_group_size and head_dim % settings.kv_group_size == 0 else head_dim
+    return {
+        "num_bits": settings.kv_bits,
+        "type": "int",
+        "symmetric": False,
+        "strategy": "group",
+        "group_size": group,
+        "dynamic": True,
+    }
+
+
 def ct_layer_tensors(name: str, qw: QuantizedWeight,
                      scale_dtype: torch.dtype = torch.float16) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """One linear layer in `pack-quantized` form.
@@ -142,30 +198,39 @@ def ct_layer_tensors(name: str, qw: QuantizedWeight,
 
 
 def ct_quantization_config(layer_args: Mapping[str, Mapping[str, Any]], ignore: Sequence[str] = (),
-                           version: str | None = None) -> dict[str, Any]:
-    """config.json's `quantization_config`: one config group per distinct weight args, each
-    targeting its layers by exact-name regex (`re:^name$`); `ignore` lists float linear layers
-    (e.g. lm_head) so that class-based matching in clients never quantizes them."""
+                           version: str | None = None, input_args: Mapping[str, Mapping[str, Any] | None] | None = None,
+                           kv_cache_scheme: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """config.json's `quantization_config`: one config group per distinct (weight args, input
+    activation args), each targeting its layers by exact-name regex (`re:^name$`); `ignore`
+    lists float linear layers (e.g. lm_head) so that class-based matching in clients never
+    quantizes them. `input_args`: layer -> its `input_activations` (ct_input_activation_args;
+    absent or None: float inputs); `kv_cache_scheme`: ct_kv_cache_scheme's."""
     if not layer_args:
         raise InvalidSpec("no quantized layers to describe", "pass the weight args returned by ct_layer_tensors")
+    input_args = input_args or {}
+
+    def frozen(args: Mapping[str, Any] | None) -> tuple | None:
+        return None if args is None else tuple(sorted(args.items(), key=lambda kv: kv[0]))
+
     by_args: dict[tuple, list[str]] = {}
     for name, args in layer_args.items():
-        key = tuple(sorted(args.items(), key=lambda kv: kv[0]))
+        key = (frozen(args), frozen(input_args.get(name)))
         by_args.setdefault(key, []).append(name)
     overlap = set(ignore) & set(layer_args)
     if overlap:
         raise InvalidSpec(f"layers both quantized and ignored: {sorted(overlap)}", "list each layer in one place only")
 
     def order(key: tuple) -> tuple:
-        a = dict(key)
-        return (a["num_bits"], a["strategy"], a["group_size"] or 0, not a["symmetric"])
+        a, inputs = dict(key[0]), dict(key[1] or {})
+        return (a["num_bits"], a["strategy"], a["group_size"] or 0, not a["symmetric"], inputs.get("num_bits", 0),
+                inputs.get("strategy", ""), inputs.get("group_size") or 0)
 
     groups = {}
     for i, key in enumerate(sorted(by_args, key=order)):
         groups[f"group_{i}"] = {
             "targets": [f"re:^{re.escape(n)}$" for n in sorted(by_args[key])],
-            "weights": dict(key),
-            "input_activations": None,
+            "weights": dict(key[0]),
+            "input_activations": None if key[1] is None else dict(key[1]),
             "output_activations": None,
             "format": CT_FORMAT,
         }
@@ -175,7 +240,7 @@ def ct_quantization_config(layer_args: Mapping[str, Mapping[str, Any]], ignore: 
         "quantization_status": "compressed",
         "config_groups": groups,
         "ignore": sorted(ignore),
-        "kv_cache_scheme": None,
+        "kv_cache_scheme": None if kv_cache_scheme is None else dict(kv_cache_scheme),
         "global_compression_ratio": None,
         "sparsity_config": {},
     }
@@ -345,19 +410,30 @@ class PackedBlock:
     layer_args: dict[str, dict[str, Any]] = field(default_factory=dict)  # compressed-tensors: full layer -> weight args
     specs: list[QuantSpec] = field(default_factory=list)  # GPTQ: the spec of every packed layer
     float_layers: list[str] = field(default_factory=list)  # full names of layers shipped dequantized
+    input_args: dict[str, dict[str, Any] | None] = field(default_factory=dict)  # compressed-tensors: full layer -> input activation args
+
+
+def check_runtime_packable(fmt: str, runtime: RuntimeQuant | None) -> None:
+    """GPTQ's quantize_config has no field for activation or KV quantization: a packed folder
+    would silently drop what the run measured with. compressed-tensors has (see the module doc)."""
+    if fmt == "gptq" and runtime is not None and (runtime.quantizes_activations or runtime.quantizes_cache):
+        raise InvalidSpec("the GPTQ format cannot say that activations or the KV cache are quantized",
+                          "pack as compressed-tensors (input_activations / kv_cache_scheme), or as dequantized")
 
 
 def pack_block(fmt: str, prefix: str, artifact: BlockArtifact, float_weights: Mapping[str, torch.Tensor],
-               dequantized: Mapping[str, torch.Tensor], scale_dtype: torch.dtype) -> PackedBlock:
+               dequantized: Mapping[str, torch.Tensor], scale_dtype: torch.dtype, runtime: RuntimeQuant | None = None) -> PackedBlock:
     """One decoder block as shard tensors in `fmt`.
 
     `float_weights`: the block's original tensors (block-relative names, checkpoint dtypes);
     `dequantized`: layer -> its float weight, for every layer `ships_dequantized` (computed by
     the caller, which may run the solvers that decode it); `scale_dtype`: the model's dtype.
     Quantized layers are written in the format, the rest of the block as stored, with the
-    artifact's overrides (e.g. tweaked norms) in place of the originals.
+    artifact's overrides (e.g. tweaked norms) in place of the originals. `runtime`: the run's
+    activation / KV settings (compressed-tensors writes each layer's input activation args).
     """
     check_pack_format(fmt)
+    check_runtime_packable(fmt, runtime)
     packed = PackedBlock({})
     replaced = set()
     for record in artifact.layers:
@@ -369,9 +445,13 @@ def pack_block(fmt: str, prefix: str, artifact: BlockArtifact, float_weights: Ma
             packed.tensors[f"{name}.weight"] = dequantized[record.name].to(float_weights[weight_name].dtype)
             packed.float_layers.append(name)
         else:
+            if has_lowrank_correction(artifact.layer_tensors(record.name)):
+                raise InvalidSpec(f"{name} carries a low-rank correction, which the {fmt} format cannot express",
+                                  "pack the run with --pack-format dequantized (the correction folded into the weight)")
             qw = QuantizedWeight.from_tensors(artifact.layer_tensors(record.name), record.spec)
             if fmt == "compressed-tensors":
                 tensors, packed.layer_args[name] = ct_layer_tensors(name, qw, scale_dtype=scale_dtype)
+                packed.input_args[name] = ct_input_activation_args(runtime, record.shape[1])
             else:
                 tensors = gptq_layer_tensors(name, qw)
                 packed.specs.append(record.spec)
@@ -384,16 +464,22 @@ def pack_block(fmt: str, prefix: str, artifact: BlockArtifact, float_weights: Ma
 
 
 def checkpoint_config_files(fmt: str, model_config: Mapping[str, Any], blocks: Sequence[PackedBlock],
-                            damp_percent: float) -> dict[str, dict[str, Any]]:
+                            damp_percent: float, runtime: RuntimeQuant | None = None) -> dict[str, dict[str, Any]]:
     """File name -> JSON content: config.json (the model's config with its `quantization_config`)
     and, for GPTQ, quantize_config.json (which GPTQ loaders read). `blocks` may have their
-    tensors dropped already; only the layer summaries are read."""
+    tensors dropped already; only the layer summaries are read. `runtime`: the run's activation
+    / KV settings (compressed-tensors: `kv_cache_scheme`)."""
     check_pack_format(fmt)
+    check_runtime_packable(fmt, runtime)
     config = dict(model_config)
     if fmt == "compressed-tensors":
         layer_args = {name: args for block in blocks for name, args in block.layer_args.items()}
+        input_args = {name: args for block in blocks for name, args in block.input_args.items()}
         ignore = [*CT_ALWAYS_IGNORED, *(name for block in blocks for name in block.float_layers)]
-        config["quantization_config"] = ct_quantization_config(layer_args, ignore=ignore)
+        text = model_config.get("text_config", model_config)  # multimodal configs nest the decoder's
+        head_dim = text.get("head_dim") or text["hidden_size"] // text["num_attention_heads"]
+        config["quantization_config"] = ct_quantization_config(layer_args, ignore=ignore, input_args=input_args,
+                                                               kv_cache_scheme=ct_kv_cache_scheme(runtime, head_dim))
         return {"config.json": config}
     quantize_config = gptq_quantization_config([spec for block in blocks for spec in block.specs], damp_percent=damp_percent)
     config["quantization_config"] = quantize_config

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from layerquant.errors import ArtifactMalformed
 from layerquant.specs import QuantSpec
+from layerquant.tuning import lowrank_storage_bits
 
 if TYPE_CHECKING:  # tensors pass through untouched: the codec itself needs no torch
     import torch
@@ -39,13 +40,15 @@ class LayerRecord:
 
     @classmethod
     def measured(cls, name: str, spec: QuantSpec, shape: tuple[int, int], error: float, damp: float,
-                 seconds: float) -> "LayerRecord":
+                 seconds: float, tensors: dict[str, "torch.Tensor"] | None = None) -> "LayerRecord":
         """A record with the fields reports read: the error, the damping used, the time taken,
-        and the weight count and storage bits that average bits per weight are summed from."""
+        and the weight count and storage bits that average bits per weight are summed from.
+        `tensors` (the layer's stored parts): a low-rank correction among them adds its float16
+        factors to the storage bits."""
         out_features, in_features = shape
         return cls(name, spec, (out_features, in_features), {
             "error": error, "damp": damp, "seconds": round(seconds, 3), "n_weights": out_features * in_features,
-            "storage_bits": spec.storage_bits(out_features, in_features),
+            "storage_bits": spec.storage_bits(out_features, in_features) + lowrank_storage_bits(tensors or {}),
         })
 
     def to_meta(self) -> dict[str, Any]:

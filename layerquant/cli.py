@@ -66,6 +66,11 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--budget", type=float, help="mixed precision: average bits per weight, overhead counted")
     parser.add_argument("--salient-fraction", type=float, help=f"PB-LLM: share of weights kept in salient_bits (default {run_default('salient_fraction')})")
     parser.add_argument("--refine-steps", type=int, help=f"AdaQuant scale refinement steps per block (default {run_default('refine_steps')}; 0 = off)")
+    parser.add_argument("--lowrank-rank", type=int,
+                        help="with --refine-steps: a rank-R correction per quantized linear trained with the scales (float16 "
+                             "factors, counted in avg_bits; written folded into a dequantized model, no packed format). Default 0 = off")
+    parser.add_argument("--act-clip", action=argparse.BooleanOptionalAction, default=None,
+                        help="with --act-bits and --refine-steps: train one activation clipping ratio per quantized input with the scales")
     parser.add_argument("--norm-tweak-steps", type=int, help=f"norm tweaking steps per block (default {run_default('norm_tweak_steps')}; 0 = off)")
     parser.add_argument("--tuning-space", choices=["residual", "next_norm"],
                         help="where tuning compares block outputs: as they are (residual), or after the next block's input norm "
@@ -142,6 +147,8 @@ def config_from_args(args: argparse.Namespace):
         budget=args.budget,
         salient_fraction=args.salient_fraction,
         refine_steps=args.refine_steps,
+        lowrank_rank=getattr(args, "lowrank_rank", None),
+        act_clip=getattr(args, "act_clip", None),
         norm_tweak_steps=args.norm_tweak_steps,
         tuning_space=args.tuning_space,
         gate_output_error=args.gate_output_error,
@@ -216,6 +223,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     if report["vllm_unservable"]:
         log.warning("%d layers cannot be served by vLLM (2/3-bit or PB-LLM), e.g. %s", len(report["vllm_unservable"]),
                     report["vllm_unservable"][0])
+    for statement in report.get("runtime_unservable", []):
+        log.warning("run-time quantization: %s", statement)
     print(json.dumps({**summary, "out": str(out)}, indent=2))
     return 0
 
@@ -223,7 +232,9 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     """Perplexity of a model folder; with --baseline, also of the baseline on the same windows
     (its tokenizer cuts them) and the model's divergence from it: KL(baseline || model) mean and
-    99th percentile, top-1 agreement, and the perplexity ratio with its paired 95% interval."""
+    99th percentile, top-1 agreement, and the perplexity ratio with its paired 95% interval. The
+    baseline's streamed pass is stored in --store and reused by every later comparison with it
+    (and taken from a quantize run of it on the same windows): "baseline_pass" says which."""
     from layerquant.config import RunConfig
     from layerquant.infra.paths import check_store_location
     from layerquant.tasks.context import RunContext
@@ -242,7 +253,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.baseline is None:
         result = model_perplexity(ctx, windows, None)
     else:
-        result = compare_models(RunContext.open(config.model_copy(update={"model": model}).model_dump()).reader, ctx.reader, windows)
+        # the baseline's pass comes from the store when any run measured it there on these windows
+        result = compare_models(RunContext.open(config.model_copy(update={"model": model}).model_dump()).reader, ctx.reader, windows,
+                                ctx.store, log)
     print(json.dumps({"model": args.model, "baseline": args.baseline, "text": args.text, **result,
                       "windows": int(windows.shape[0]), "seqlen": int(windows.shape[1])}))
     return 0

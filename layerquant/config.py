@@ -85,6 +85,14 @@ class RunConfig(BaseModel):
     # Defaults are BlockTuning's (see there why)
     refine_steps: int = Field(BlockTuning.refine_steps, ge=0, le=100_000)
     refine_lr: float = Field(BlockTuning.refine_lr, gt=0, le=1)
+    # a rank-r correction per quantized linear trained with the scales during refinement (BiSup's
+    # parameter-efficient fine-tuning; its float16 factors count in avg_bits); 0 = none
+    lowrank_rank: int = Field(BlockTuning.lowrank_rank, ge=0, le=4096)
+    lowrank_lr: float = Field(BlockTuning.lowrank_lr, gt=0, le=1)
+    # with act_bits < 16: a clipping ratio per quantized activation input trained with the scales
+    # during refinement (the run-time quantizers use it; no packed format carries it)
+    act_clip: bool = BlockTuning.act_clip
+    act_clip_lr: float = Field(BlockTuning.act_clip_lr, gt=0, le=1)
     norm_tweak_steps: int = Field(BlockTuning.norm_tweak_steps, ge=0, le=100_000)
     norm_tweak_lr: float = Field(BlockTuning.norm_tweak_lr, gt=0, le=1)
     norm_tweak_loss: Literal["mse", "dist"] = BlockTuning.norm_tweak_loss
@@ -192,10 +200,10 @@ class RunConfig(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _rotated_output(cls, data: Any) -> Any:
-        """A rotated model's codes live in the rotated basis, which no packed format can say yet:
-        unless a format is asked for (and refused by from_sources), it is written dequantized with
-        the rotations undone."""
-        if isinstance(data, dict) and data.get("rotate") and data.get("pack_format") is None:
+        """A rotated model's codes live in the rotated basis, and low-rank corrections are no part
+        of any packed format: unless a format is asked for (and refused by from_sources), such a
+        run is written dequantized (rotations undone, corrections folded into the weights)."""
+        if isinstance(data, dict) and (data.get("rotate") or data.get("lowrank_rank")) and data.get("pack_format") is None:
             return {**data, "pack_format": "dequantized"}
         return data
 
@@ -238,7 +246,8 @@ class RunConfig(BaseModel):
     def block_tuning(self) -> BlockTuning:
         return BlockTuning(refine_steps=self.refine_steps, refine_lr=self.refine_lr, norm_tweak_steps=self.norm_tweak_steps,
                            norm_tweak_lr=self.norm_tweak_lr, norm_tweak_loss=self.norm_tweak_loss, seed=self.seed,
-                           holdout=self.tuning_holdout, space=self.tuning_space)
+                           holdout=self.tuning_holdout, space=self.tuning_space, lowrank_rank=self.lowrank_rank,
+                           lowrank_lr=self.lowrank_lr, act_clip=self.act_clip, act_clip_lr=self.act_clip_lr)
 
     def runtime_quant(self) -> RuntimeQuant:
         return RuntimeQuant(act_bits=self.act_bits, act_group_size=self.act_group_size, kv_bits=self.kv_bits,
@@ -279,6 +288,10 @@ class RunConfig(BaseModel):
             del identity["text_column"]
         if identity["device"] == "cpu":  # a GPU's float arithmetic differs in the last bits: part of the result
             del identity["device"]
+        if not identity["lowrank_rank"]:  # likewise: runs without a correction keep their ids
+            del identity["lowrank_rank"], identity["lowrank_lr"]
+        if not identity["act_clip"]:  # likewise
+            del identity["act_clip"], identity["act_clip_lr"]
         # run-time quantization: in the identity only as far as it is on, so weight-only runs keep their ids
         runtime_fields = ("act_bits", "act_group_size", "kv_bits", "kv_group_size", "prompt_kv_tokens", "rotate", "smooth")
         for name in runtime_fields:
@@ -318,6 +331,20 @@ class RunConfig(BaseModel):
             raise InvalidSpec(f"a rotated run cannot be packed as {config.pack_format} yet: its codes live in the rotated basis and "
                               "the online Hadamards (down_proj, cached keys) have no place in that format",
                               "use --pack-format dequantized (the rotations undone in the written weights), or drop --rotate")
+        if config.act_clip and (not config.refine_steps or not runtime.quantizes_activations):
+            raise InvalidSpec("act_clip trains activation clipping ratios during scale refinement, so it needs both act_bits below "
+                              f"16 and refine_steps (got act_bits={config.act_bits}, refine_steps={config.refine_steps})",
+                              "add --act-bits 4 (or 3, 8) and --refine-steps N, or drop --act-clip")
+        if config.lowrank_rank and not config.refine_steps:
+            raise InvalidSpec("lowrank_rank trains its corrections during scale refinement, and refine_steps is 0",
+                              "add --refine-steps N (e.g. 50), or drop --lowrank-rank")
+        if config.lowrank_rank and config.pack_format != "dequantized":
+            raise InvalidSpec(f"a run with low-rank corrections cannot be packed as {config.pack_format}: the format has no place "
+                              "for a float correction next to the integer codes",
+                              "use --pack-format dequantized (each correction folded into its weight), or drop --lowrank-rank")
+        if config.pack_format == "gptq" and (runtime.quantizes_activations or runtime.quantizes_cache):
+            raise InvalidSpec("the GPTQ format cannot say that activations or the KV cache are quantized",
+                              "use --pack-format compressed-tensors (input_activations / kv_cache_scheme), or dequantized")
         if runtime.rotate and config.budget is not None:
             raise InvalidSpec("rotate with a mixed-precision budget is not built yet: layers are scored on unrotated weights",
                               "drop --budget or --rotate")

@@ -6,7 +6,7 @@ import os
 from datetime import datetime, timezone
 from typing import Any
 
-from layerquant.serving import vllm_servable
+from layerquant.serving import runtime_unservable, vllm_servable
 from layerquant.specs import QuantSpec
 
 
@@ -134,6 +134,13 @@ def build_report(
             for layer in meta["layers"]
             if not vllm_servable(QuantSpec.from_dict(layer["spec"]))
         ],
+        # what the run computes at run time (activations, KV cache, rotations, corrections) that
+        # vLLM cannot run or no packed format can say: one sentence each
+        "runtime_unservable": runtime_unservable(
+            (run.get("config") or {}).get("runtime_quant") or {},
+            {prefix + layer["name"]: QuantSpec.from_dict(layer["spec"])
+             for meta, prefix in zip(block_metas, block_prefixes) for layer in meta["layers"]},
+            (run.get("config") or {}).get("lowrank_rank", 0), bool((run.get("config") or {}).get("act_clip"))),
         "machine": machine_description(),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }

@@ -14,6 +14,16 @@ from layerquant.errors import InvalidSpec
 FLOAT_BITS = 16  # "not quantized": activations and cache stay in the model's float type
 ACT_BITS = (3, 4, 8, FLOAT_BITS)
 SMOOTH_ALPHA = 0.5  # SmoothQuant's migration strength (its paper's default)
+# a trained activation clipping ratio travels with its block's weights (and in the block
+# artifact, as an override) under "{first linear of its input group}.act_clip": one scalar per
+# quantized input, shared by the linears that read it (q/k/v, gate/up), as a fused kernel
+# quantizes their common input once
+ACT_CLIP_SUFFIX = ".act_clip"
+ACT_CLIP_MIN = 0.2  # a ratio is used clamped to [ACT_CLIP_MIN, 1]: at most 80% of a token's range cut off
+
+
+def act_clip_key(linear: str) -> str:
+    return linear + ACT_CLIP_SUFFIX
 
 
 @dataclass(frozen=True)

@@ -14,17 +14,28 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch import nn
 
-from layerquant.runtime_quant import FLOAT_BITS, RuntimeQuant
+from layerquant.runtime_quant import ACT_CLIP_MIN, ACT_CLIP_SUFFIX, FLOAT_BITS, RuntimeQuant
 
 
-def fake_quant_symmetric(x: torch.Tensor, bits: int, group_size: int = 0) -> torch.Tensor:
+def fake_quant_symmetric(x: torch.Tensor, bits: int, group_size: int = 0, clip: torch.Tensor | None = None) -> torch.Tensor:
     """Round x to a symmetric signed `bits` grid, one scale per row of the last dimension (or per
-    `group_size` channels of it): what a per-token dynamic int activation kernel computes."""
+    `group_size` channels of it): what a per-token dynamic int activation kernel computes.
+
+    `clip` (a scalar tensor, used clamped to [ACT_CLIP_MIN, 1]) shrinks every scale to clip x
+    the row's absolute maximum: values beyond are clipped, the rest rounded more finely. When
+    it requires grad (block tuning trains it), its gradient is LSQ's (the rounding passed
+    straight through, the clipped values pulling the other way) and x's is the identity."""
     shape = x.shape
     groups = x.reshape(*shape[:-1], -1, group_size) if group_size and shape[-1] % group_size == 0 else x.unsqueeze(-2)
     top = 2 ** (bits - 1) - 1
-    scale = groups.abs().amax(dim=-1, keepdim=True).clamp(min=1e-8) / top
-    return _straight_through(x, (torch.clamp(torch.round(groups / scale), -top - 1, top) * scale).reshape(shape))
+    amax = groups.abs().amax(dim=-1, keepdim=True).clamp(min=1e-8)
+    if clip is None or not (clip.requires_grad and torch.is_grad_enabled()):
+        scale = amax / top if clip is None else amax * clip.detach().clamp(ACT_CLIP_MIN, 1.0) / top
+        return _straight_through(x, (torch.clamp(torch.round(groups / scale), -top - 1, top) * scale).reshape(shape))
+    scale = amax.detach() * clip.clamp(ACT_CLIP_MIN, 1.0) / top
+    scaled = groups.detach() / scale
+    codes = torch.clamp(scaled + (torch.round(scaled) - scaled).detach(), -top - 1, top)
+    return (codes * scale).reshape(shape) + (x - x.detach())
 
 
 def fake_quant_asymmetric(x: torch.Tensor, bits: int, group_size: int = 0) -> torch.Tensor:
@@ -93,6 +104,9 @@ class BlockRuntime:
     online: Mapping[str, torch.Tensor] = field(default_factory=dict)
     key_rotation: torch.Tensor | None = None  # R3: keys quantized in a rotated basis
     online_outputs: Mapping[str, torch.Tensor] = field(default_factory=dict)  # module name -> matrix its output is multiplied by
+    # linear name -> its input's activation clipping ratio (a scalar tensor, read when the hook
+    # runs: tuning trains it in place); absent: the full range
+    act_clip: Mapping[str, torch.Tensor] = field(default_factory=dict)
 
     def kv_cache(self) -> FakeQuantKVCache | None:
         if not self.settings.quantizes_cache:
@@ -115,13 +129,14 @@ class BlockRuntime:
             bits = self.settings.act_bits if name in self.quantized and self.settings.quantizes_activations else None
             if matrix is None and bits is None:
                 continue
-            handles.append(block.get_submodule(name).register_forward_pre_hook(_input_hook(matrix, bits, self.settings.act_group_size)))
+            handles.append(block.get_submodule(name).register_forward_pre_hook(
+                _input_hook(matrix, bits, self.settings.act_group_size, self.act_clip.get(name))))
         for name, matrix in sorted(self.online_outputs.items()):
             handles.append(block.get_submodule(name).register_forward_hook(_output_hook(matrix)))
         return handles
 
 
-def _input_hook(matrix: torch.Tensor | None, bits: int | None, group_size: int):
+def _input_hook(matrix: torch.Tensor | None, bits: int | None, group_size: int, clip: torch.Tensor | None = None):
     cache: dict = {}
 
     def transform(_module, args):
@@ -132,7 +147,7 @@ def _input_hook(matrix: torch.Tensor | None, bits: int | None, group_size: int):
                 cache[key] = matrix.to(dtype=x.dtype, device=x.device)
             x = x @ cache[key]
         if bits is not None:
-            x = fake_quant_symmetric(x, bits, group_size)
+            x = fake_quant_symmetric(x, bits, group_size, clip)
         return (x, *args[1:])
 
     return transform
@@ -148,6 +163,23 @@ def _output_hook(matrix: torch.Tensor):
         return output @ cache[key]
 
     return transform
+
+
+def with_act_clips(runtime: BlockRuntime, groups, weights: Mapping[str, torch.Tensor]) -> tuple[BlockRuntime, dict[str, torch.Tensor]]:
+    """A block's weights as a run hands them over may carry trained activation clipping ratios
+    ("{first linear of a group}.act_clip", see runtime_quant.py): (the runtime with them, shared
+    by every linear of the group, the weights without them, which build_block takes)."""
+    from layerquant.runtime_quant import act_clip_key
+
+    clips = {}
+    for group in groups:
+        key = act_clip_key(group[0])
+        if key in weights:
+            clips.update({name: weights[key] for name in group})
+    if not clips:
+        return runtime, dict(weights)
+    rest = {name: value for name, value in weights.items() if not name.endswith(ACT_CLIP_SUFFIX)}
+    return replace(runtime, act_clip=clips), rest
 
 
 def remove_hooks(handles: Iterable) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
@@ -13,8 +13,9 @@ from layerquant.block_artifact import BlockArtifact
 from layerquant.cancellation import raise_if_cancelled
 from layerquant.errors import InvalidSpec
 from layerquant.quantized import QuantizedWeight
+from layerquant.runtime_quant import ACT_CLIP_MIN, act_clip_key
 from layerquant.specs import QuantSpec
-from layerquant.tuning import BlockTuning  # re-exported: callers built it from here
+from layerquant.tuning import LOWRANK_PARTS, BlockTuning, has_lowrank_correction  # BlockTuning re-exported: callers built it from here
 from layerquant.solvers.gptq import quantize_weight, relative_weighted_error
 from layerquant.solvers.hessian import PairwiseSum, batch_gram, hessian_from_sum
 from layerquant.solvers.staged import staged_quantize
@@ -340,6 +341,13 @@ def _reconstruct_block(arch, config, index, weights, inputs, specs, damp_percent
     for handle in float_hooks:
         handle.remove()
     float_seconds = time.perf_counter() - reference_start
+    act_clips: dict[str, torch.Tensor] = {}
+    if runtime is not None and tuned and tuning.act_clip and tuning.refine_steps and runtime.settings.quantizes_activations:
+        # trainable clipping ratios, one per quantized input, starting at the full range (GPTQ
+        # below sees exactly what it saw without them); tuning trains them in place
+        groups = [group for group in arch.linear_groups if group[0] in runtime.quantized]
+        act_clips = {group[0]: torch.ones((), requires_grad=True) for group in groups}
+        runtime = replace(runtime, act_clip={name: act_clips[group[0]] for group in groups for name in group})
     if runtime is not None:
         # from here on the block runs as the quantized model runs; installed before
         # staged_quantize's Hessian hooks, so those see the transformed inputs
@@ -360,7 +368,8 @@ def _reconstruct_block(arch, config, index, weights, inputs, specs, damp_percent
                               "pass next_norm (the final norm for the last block), or use space 'residual'")
         project = next_norm if tuning.space == "next_norm" else None
         tuning_start = time.perf_counter()
-        overrides, report = tune_block(block, context.block_kwargs(index), arch.norms, outcomes, inputs, targets, tuning, project)
+        overrides, report = tune_block(block, context.block_kwargs(index), arch.norms, outcomes, inputs, targets, tuning, project,
+                                       act_clips)
         timing["tuning"] = time.perf_counter() - tuning_start
         # tuning moved weights and norms: the next block reads the tuned block's outputs
         rerun_start = time.perf_counter()
@@ -397,16 +406,21 @@ def tune_block(
     float_outputs: torch.Tensor,
     tuning: BlockTuning,
     project: nn.Module | None = None,
+    act_clips: dict[str, torch.Tensor] | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict]:
     """Refine the scales of `outcomes` (updated in place, with the block's weights) and tweak
-    the block's norms; returns (tuned norm weights by parameter name, what each step achieved).
-    `project` (a frozen module), when given, maps outputs and targets alike before every loss."""
+    the block's norms; returns (tuned norm weights by parameter name, and the trained clipping
+    ratios as "{linear}.act_clip"; what each step achieved). `project` (a frozen module), when
+    given, maps outputs and targets alike before every loss. `act_clips`: the activation
+    clipping ratios the block's run-time hooks read (first linear of a group -> scalar),
+    trained with the scales."""
     from layerquant.solvers.grid import QuantizedWeight
     from layerquant.solvers.norm_tweak import functional_block_forward, norm_weights_of, tweak_norms
     from layerquant.solvers.refine import refine_scales
 
     report: dict = {}
     overrides: dict[str, torch.Tensor] = {}
+    clip_overrides: dict[str, torch.Tensor] = {}
     common = {"batch_size": tuning.batch_size, "seed": tuning.seed}
     if project is not None:
         project = project.requires_grad_(False)
@@ -421,14 +435,28 @@ def tune_block(
     if tuning.refine_steps and refinable:
         layers = {name: QuantizedWeight.from_tensors(o.tensors, o.spec) for name, o in refinable.items()}
         weight_forward = _projected(functional_block_forward(block, [f"{name}.weight" for name in layers], **block_kwargs), project)
-        refined, stats = refine_scales(weight_forward, layers, inputs, float_outputs, steps=tuning.refine_steps, lr=tuning.refine_lr, **common)
+        refined, stats = refine_scales(weight_forward, layers, inputs, float_outputs, steps=tuning.refine_steps, lr=tuning.refine_lr,
+                                       lowrank_rank=tuning.lowrank_rank, lowrank_lr=tuning.lowrank_lr, live_params=act_clips,
+                                       live_lr=tuning.act_clip_lr, **common)
         with torch.no_grad():
             for name, quantized in refined.items():
-                refinable[name].tensors = quantized.to_tensors()
+                tensors = quantized.to_tensors()
+                correction = stats.corrections.get(name)
+                if correction is not None:  # stored even when the unrefined (zero) one won: the layer's size is the recipe's
+                    tensors |= dict(zip(LOWRANK_PARTS, correction))
+                refinable[name].tensors = tensors
                 linear = block.get_submodule(name)
-                linear.weight.copy_(quantized.dequantize().to(linear.weight.dtype))
+                linear.weight.copy_(stored_weight(tensors, quantized.spec).to(linear.weight.dtype))
         report["refine"] = {"loss_before": stats.initial_loss, "loss_after": stats.best_loss, "best_step": stats.best_step,
                             "seconds": round(stats.seconds, 3)}
+        if tuning.lowrank_rank:
+            report["refine"]["lowrank_rank"] = tuning.lowrank_rank
+        if act_clips:
+            clip_values = {name: value.detach().clamp(ACT_CLIP_MIN, 1.0).clone() for name, value in stats.live.items()}
+            for name, value in act_clips.items():  # the hooks (norm tweaking, the rerun) use the chosen ratios, requiring no grad
+                value.requires_grad_(False).copy_(clip_values[name])
+            clip_overrides = {act_clip_key(name): value for name, value in clip_values.items()}
+            report["refine"]["act_clip"] = {name: round(float(value), 4) for name, value in clip_values.items()}
     if tuning.norm_tweak_steps:
         start = norm_weights_of(block, norm_names)
         norm_forward = _projected(functional_block_forward(block, norm_names, **block_kwargs), project)
@@ -441,7 +469,7 @@ def tune_block(
         overrides = {key: value.detach().clone() for key, value in tweaked.items() if stats.best_step > 0}
         report["norm_tweak"] = {"loss": tuning.norm_tweak_loss, "loss_before": stats.initial_loss, "loss_after": stats.best_loss,
                                 "best_step": stats.best_step, "seconds": round(stats.seconds, 3)}
-    return overrides, report
+    return overrides | clip_overrides, report
 
 
 def _projected(forward, project: nn.Module | None):
@@ -451,14 +479,19 @@ def _projected(forward, project: nn.Module | None):
 
 
 def stored_weight(tensors: dict[str, torch.Tensor], spec: QuantSpec) -> torch.Tensor:
-    """The dequantized float32 weight of one layer from its stored tensors."""
+    """The dequantized float32 weight of one layer from its stored tensors, its low-rank
+    correction (if it has one) added."""
     if spec.method == "pbllm":
         from layerquant.solvers.pbllm import PBLLMResult
 
         return PBLLMResult.from_tensors(tensors, spec).dequantize()
     from layerquant.solvers.grid import dequantize_grouped
 
-    return dequantize_grouped(tensors["codes"], tensors["scales"], tensors["zeros"], spec.group_size)
+    weight = dequantize_grouped(tensors["codes"], tensors["scales"], tensors["zeros"], spec.group_size)
+    if has_lowrank_correction(tensors):
+        lowrank_a, lowrank_b = (tensors[part] for part in LOWRANK_PARTS)
+        weight = weight + lowrank_a.float() @ lowrank_b.float()
+    return weight
 
 
 def apply_block_artifact(float_weights: dict[str, torch.Tensor], artifact: BlockArtifact) -> dict[str, torch.Tensor]:

@@ -11,6 +11,13 @@ numbers through a straight-through rounding, so the forward pass always sees int
 Every candidate is evaluated exactly as it will be stored (scales rounded to fp16, zeros to
 integers on the grid), and the best candidate on the whole calibration set is returned,
 starting with the unrefined one: refinement can never make the calibration MSE worse.
+
+With `lowrank_rank` r > 0 (BiSup's parameter-efficient fine-tuning adds a small trainable set to
+the quantized model), each layer also trains a rank-r correction added to its dequantized
+weight, W = scale * (codes - zero) + A B, A [out, r], B [r, in], stored as float16 factors
+(16 r (out + in) bits, counted in the layer's storage). A starts at zero (the first candidate
+is the unrefined layer) and B at random rows of norm ~1; the product is scaled by the layer's
+weight RMS so that `lowrank_lr` is a relative step, as the scales' lr is.
 """
 from __future__ import annotations
 
@@ -42,6 +49,10 @@ class RefineStats:
     steps: int
     history: list[tuple[int, float]] = field(default_factory=list)  # (step, dataset loss) per evaluation
     seconds: float = 0.0
+    # layer -> its low-rank correction's float16 factors (A, B), chosen with the returned scales;
+    # empty without lowrank_rank. All zero A when the unrefined candidate was the best
+    corrections: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    live: dict[str, torch.Tensor] = field(default_factory=dict)  # the chosen values of `live_params`
 
 
 def _ste_round(x: torch.Tensor) -> torch.Tensor:
@@ -49,9 +60,9 @@ def _ste_round(x: torch.Tensor) -> torch.Tensor:
 
 
 class _Layer:
-    """Differentiable dequantization of one layer with fixed codes."""
+    """Differentiable dequantization of one layer with fixed codes (and its low-rank correction)."""
 
-    def __init__(self, qw: QuantizedWeight, optimize_zeros: bool):
+    def __init__(self, qw: QuantizedWeight, optimize_zeros: bool, lowrank_rank: int = 0, generator: torch.Generator | None = None):
         self.qw = qw
         self.cols = qw.codes.shape[1]
         self.group_size = qw.spec.group_size
@@ -62,7 +73,17 @@ class _Layer:
         self.delta = torch.zeros_like(self.scale0, requires_grad=True)
         # symmetric grids have an implied zero that is not stored: it must not move
         self.zero = self.zero0.clone().requires_grad_(True) if optimize_zeros and not qw.spec.sym else None
-
+        self.lowrank_a = self.lowrank_b = None
+        if lowrank_rank:
+            out_features = self.codes.shape[0]
+            rank = min(lowrank_rank, out_features, self.cols)
+            with torch.no_grad():
+                self.rms = float(qw.dequantize().float().pow(2).mean().sqrt().clamp(min=1e-8))
+            device = self.codes.device
+            self.lowrank_a = torch.zeros(out_features, rank, device=device, requires_grad=True)
+            # drawn on the host: the same factors wherever the block is computed
+            start = torch.randn(rank, self.cols, generator=generator, device="cpu") / math.sqrt(rank)
+            self.lowrank_b = start.to(device).requires_grad_(True)
 
     def _scale(self) -> torch.Tensor:
         # a scale may shrink by 99% at most: codes must keep their sign and order
@@ -76,7 +97,17 @@ class _Layer:
     def weight(self) -> torch.Tensor:
         scale = expand_groups(self._scale(), self.cols, self.group_size)
         zero = expand_groups(self._zero(), self.cols, self.group_size)
-        return scale * (self.codes - zero)
+        weight = scale * (self.codes - zero)
+        if self.lowrank_a is not None:
+            weight = weight + (self.rms * self.lowrank_a) @ self.lowrank_b
+        return weight
+
+    def stored_correction(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The correction's factors as stored: float16, the RMS scale folded into A."""
+        if self.lowrank_a is None:
+            return None
+        with torch.no_grad():
+            return (self.rms * self.lowrank_a).to(torch.float16), self.lowrank_b.detach().to(torch.float16)
 
     def stored(self) -> QuantizedWeight:
         """The current candidate at storage precision: fp16 scales, integer zeros."""
@@ -100,6 +131,10 @@ def refine_scales(
     optimize_zeros: bool = False,
     zero_lr: float = 0.02,
     validation: tuple[torch.Tensor, torch.Tensor] | None = None,
+    lowrank_rank: int = 0,
+    lowrank_lr: float = BlockTuning.lowrank_lr,
+    live_params: Mapping[str, torch.Tensor] | None = None,
+    live_lr: float = BlockTuning.act_clip_lr,
 ) -> tuple[dict[str, QuantizedWeight], RefineStats]:
     """Tune the scales of `layers` (block-relative name -> QuantizedWeight) on block output MSE.
 
@@ -114,6 +149,12 @@ def refine_scales(
         `zero_lr` code units (a zero moves only once it crosses a rounding boundary).
     validation: (inputs, float outputs) of held-out samples that choose the best step instead
         of the training inputs.
+    lowrank_rank, lowrank_lr: train a rank-r correction per layer with the scales (module doc);
+        the chosen factors are in `stats.corrections`.
+    live_params, live_lr: further tensors trained with the scales that `block_forward` reads by
+        reference rather than as arguments (the activation clipping ratios its run-time hooks
+        hold); each candidate is evaluated with its values put in place, and the best ones are
+        left in place at the end (also in `stats.live`).
 
     Returns (layers with refined fp16-exact scales, identical codes; stats). Layers are new
     `QuantizedWeight`s; the inputs are not modified.
@@ -123,7 +164,8 @@ def refine_scales(
         if qw.spec.method == "pbllm":
             raise InvalidSpec(f"{name} is PB-LLM: it has no integer grid to refine", "refine only rtn/gptq layers")
     start_time = time.perf_counter()
-    state = {name: _Layer(qw, optimize_zeros) for name, qw in layers.items()}
+    generator = torch.Generator().manual_seed(seed)
+    state = {name: _Layer(qw, optimize_zeros, lowrank_rank, generator) for name, qw in layers.items()}
     n = inputs.shape[0]
     eval_every = eval_every or math.ceil(n / batch_size)
     # mean squared float output per token, in chunks: no float64 copy of all outputs
@@ -132,11 +174,29 @@ def refine_scales(
 
     select_inputs, select_outputs = validation if validation is not None else (inputs, float_outputs)
 
-    def dataset_loss(candidate: Mapping[str, QuantizedWeight]) -> float:
-        weights = {f"{name}.weight": qw.dequantize() for name, qw in candidate.items()}
-        return dataset_relative_mse(block_forward, weights, select_inputs, select_outputs, batch_size)
+    live = dict(live_params or {})
+
+    def put_live(values: Mapping[str, torch.Tensor]) -> None:
+        with torch.no_grad():
+            for key, value in values.items():
+                live[key].copy_(value)
+
+    def dataset_loss(candidate) -> float:
+        layer_candidates, live_values = candidate
+        weights = {f"{name}.weight": corrected_weight(qw, correction) for name, (qw, correction) in layer_candidates.items()}
+        current = {key: value.detach().clone() for key, value in live.items()}
+        put_live(live_values)
+        try:
+            return dataset_relative_mse(block_forward, weights, select_inputs, select_outputs, batch_size)
+        finally:
+            put_live(current)
 
     groups = [{"params": [layer.delta for layer in state.values()], "lr": lr}]
+    factors = [t for layer in state.values() if layer.lowrank_a is not None for t in (layer.lowrank_a, layer.lowrank_b)]
+    if factors:
+        groups.append({"params": factors, "lr": lowrank_lr})
+    if live:
+        groups.append({"params": list(live.values()), "lr": live_lr})
     zeros = [layer.zero for layer in state.values() if layer.zero is not None]
     if zeros:
         groups.append({"params": zeros, "lr": zero_lr})
@@ -149,12 +209,25 @@ def refine_scales(
     fit = fit_best_iterate(
         torch.optim.Adam(groups),
         batch_objective,
-        snapshot=lambda: {name: layer.stored() for name, layer in state.items()},
+        snapshot=lambda: ({name: (layer.stored(), layer.stored_correction()) for name, layer in state.items()},
+                          {key: value.detach().clone() for key, value in live.items()}),
         evaluate=dataset_loss,
         batches=sample_batches(n, batch_size, steps, seed),
         eval_every=eval_every,
     )
-    stats = RefineStats(fit.initial_loss, fit.best_loss, fit.best_step, steps, fit.history, time.perf_counter() - start_time)
+    best_layers, best_live = fit.best
+    put_live(best_live)
+    stats = RefineStats(fit.initial_loss, fit.best_loss, fit.best_step, steps, fit.history, time.perf_counter() - start_time,
+                        {name: correction for name, (_, correction) in best_layers.items() if correction is not None}, best_live)
     log.info("scale refinement: output MSE %.4e -> %.4e (best at step %d of %d, %.1fs)",
              fit.initial_loss, fit.best_loss, fit.best_step, steps, stats.seconds)
-    return fit.best, stats
+    return {name: qw for name, (qw, _) in best_layers.items()}, stats
+
+
+def corrected_weight(qw: QuantizedWeight, correction: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+    """A layer's dequantized weight plus its stored low-rank correction (float16 factors)."""
+    weight = qw.dequantize()
+    if correction is None:
+        return weight
+    lowrank_a, lowrank_b = correction
+    return weight + lowrank_a.float() @ lowrank_b.float()

@@ -9,9 +9,9 @@ from dataclasses import dataclass
 
 import torch
 
-from layerquant.runtime_quant import RuntimeQuant
+from layerquant.runtime_quant import ACT_CLIP_SUFFIX, RuntimeQuant
 from layerquant.solvers import architectures as arch_ops
-from layerquant.solvers.activations import BlockRuntime
+from layerquant.solvers.activations import BlockRuntime, with_act_clips
 from layerquant.solvers.evaluation import stream_perplexity
 from layerquant.solvers.rotated import (
     Rotation,
@@ -48,7 +48,8 @@ class RuntimeModel:
         """A block's run weights (as `block_weights` gave them, quantized layers dequantized) in
         the original basis, for a plain model folder: the rotations undone, the norms left
         folded; with the original embeddings, final norm and head the folder computes what the
-        rotated run computes without activation quantization."""
+        rotated run computes without activation quantization (so without its clipping ratios)."""
+        weights = {name: value for name, value in weights.items() if not name.endswith(ACT_CLIP_SUFFIX)}
         return weights if self.rotation is None else unrotate_block_weights(self.arch, self.config, weights, self.rotation)
 
     def norm_weight(self, weight: torch.Tensor) -> torch.Tensor:
@@ -101,9 +102,13 @@ class RuntimeModel:
             for index in range(n_blocks):
                 if between_blocks is not None:
                     between_blocks()
-                block = arch_ops.build_block(self.arch, self.config, index, block_weights(index))
-                if runtime is not None:
-                    runtime.install(block)
+                weights = block_weights(index)
+                block_runtime = runtime
+                if runtime is not None:  # trained activation clipping ratios come with the block's weights
+                    block_runtime, weights = with_act_clips(runtime, self.arch.linear_groups, weights)
+                block = arch_ops.build_block(self.arch, self.config, index, weights)
+                if block_runtime is not None:
+                    block_runtime.install(block)
                 yield lambda hidden, block=block, index=index: arch_ops.run_block(block, context, index, hidden, batch_size)
 
         norm_weight, head = self.head(final_norm_weight, lm_head_weight)

@@ -128,7 +128,7 @@ def compute_block(ctx: RunContext, index: int, key: str, weights: dict, weights_
         del hidden
         timing = merge_timings(timing, result.timing)
     artifact = BlockArtifact(
-        [LayerRecord.measured(o.name, o.spec, o.shape, o.error, o.damp_used, o.seconds) for o in result.outcomes],
+        [LayerRecord.measured(o.name, o.spec, o.shape, o.error, o.damp_used, o.seconds, o.tensors) for o in result.outcomes],
         {o.name: o.tensors for o in result.outcomes},
         result.overrides,
     )

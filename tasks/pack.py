@@ -23,6 +23,7 @@ def pack_model(config: dict, blocks: list[dict], report: dict, fmt: str, out: st
     formats.check_pack_format(fmt)
     logger = get_run_logger()
     ctx = RunContext.open(config)
+    runtime = ctx.config.runtime_quant()
     reader = ctx.reader
     scale_dtype = reader.dtype_of(reader.arch.embed_name)
     summaries: list[formats.PackedBlock] = []
@@ -38,15 +39,17 @@ def pack_model(config: dict, blocks: list[dict], report: dict, fmt: str, out: st
             # decoding a layer no engine reads takes the solvers, which the format code may not import
             dequantized = {record.name: stored_weight(artifact.layer_tensors(record.name), record.spec)
                            for record in artifact.layers if formats.ships_dequantized(record.spec)}
-            packed = formats.pack_block(fmt, prefix, artifact, weights, dequantized, scale_dtype)
+            packed = formats.pack_block(fmt, prefix, artifact, weights, dequantized, scale_dtype, runtime)
             writer.write_shard(packed.tensors)
             summaries.append(replace(packed, tensors={}))  # one block's tensors in memory at a time
         writer.write_shard({name: reader.tensor(name) for name in reader.weight_map if name not in block_names})
         packed_report = {**report, "pack_format": fmt}
-        config_files = formats.checkpoint_config_files(fmt, reader.config_dict, summaries, ctx.config.damp_percent)
+        config_files = formats.checkpoint_config_files(fmt, reader.config_dict, summaries, ctx.config.damp_percent, runtime)
         writer.finish({**config_files, "report.json": packed_report}, reader.model_dir)
     if packed_report["vllm_unservable"]:
         logger.warning("%d layers cannot be served by vLLM (2/3-bit or PB-LLM): %s", len(packed_report["vllm_unservable"]),
                        ", ".join(packed_report["vllm_unservable"][:6]))
+    for statement in packed_report.get("runtime_unservable", []):
+        logger.warning("run-time quantization: %s", statement)
     logger.info("packed %s model written to %s", fmt, out)
     return str(out)

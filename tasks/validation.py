@@ -2,9 +2,16 @@
 the quantized model's divergence from the float one (KL, top-1 agreement, paired perplexity ratio).
 
 The float evaluation stores its last hidden states; the quantized evaluation scores its own next
-to them, window by window, in the same streamed pass that computes its perplexity."""
+to them, window by window, in the same streamed pass that computes its perplexity.
+
+The float evaluation is content-addressed by the float model itself (each block's weight
+fingerprint, the embedding / final norm / LM head fingerprint, config.json), the windows and the
+scoring settings, so a `quantize` run and a later `layerquant eval --baseline` of the same float
+model on the same windows (any model measured against it, any store user) share one stored pass:
+only the first of them streams the float model through its blocks (`float_evaluation`)."""
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Iterator
 
@@ -16,8 +23,8 @@ from layerquant.block_artifact import BlockArtifact
 from layerquant.runtime_quant import RuntimeQuant
 from layerquant.cancellation import raise_if_cancelled
 from layerquant.config import CODE_VERSION
-from layerquant.infra.checkpoint import CheckpointReader
-from layerquant.infra.store import artifact_key, sha256_bytes
+from layerquant.infra.checkpoint import CheckpointReader, tensors_fingerprint
+from layerquant.infra.store import ArtifactStore, artifact_key, sha256_bytes
 from layerquant.solvers import architectures as arch_ops
 from layerquant.solvers.evaluation import stream_perplexity
 from layerquant.solvers.reconstruct import apply_block_artifact
@@ -27,6 +34,9 @@ from layerquant.tasks.token_windows import token_windows
 
 STAGE = "eval"
 HIDDEN_STAGE = "eval-hidden"
+# the scoring an evaluation artifact holds: per-window NLL sums, and last hidden states kept for
+# KL / top-1 against them (results before it had neither)
+SCORES = "per-window+kl"
 
 WeightsTransform = Callable[[int, dict[str, torch.Tensor]], dict[str, torch.Tensor]]
 
@@ -37,12 +47,15 @@ def eval_windows(ctx: RunContext, text_index: int = 0):
 
 
 def model_blocks(reader: CheckpointReader, seqlen: int, transform: WeightsTransform | None = None,
-                 batch_size: int = 8) -> Iterator[Callable[[torch.Tensor], torch.Tensor]]:
+                 batch_size: int = 8, on_block: Callable[[int], None] | None = None) -> Iterator[Callable[[torch.Tensor], torch.Tensor]]:
     """One callable per decoder block, each built when reached (one block's weights in memory);
-    `transform(index, weights)` replaces a block's float weights (e.g. by their quantized values)."""
+    `transform(index, weights)` replaces a block's float weights (e.g. by their quantized values);
+    `on_block(index)` is told of each block as it is built (what a pass really ran)."""
     context = arch_ops.BlockContext(reader.arch, reader.config, seqlen)
     for index in range(reader.n_blocks):
         raise_if_cancelled()
+        if on_block is not None:
+            on_block(index)
         weights = reader.block_weights(index)
         if transform is not None:
             weights = transform(index, weights)
@@ -71,7 +84,8 @@ def model_ends(reader: CheckpointReader) -> tuple[Callable[[torch.Tensor], torch
 
 
 def reader_perplexity(reader: CheckpointReader, windows: torch.Tensor, transform: WeightsTransform | None = None,
-                      reference: tuple[torch.Tensor, CheckpointReader] | None = None) -> tuple[dict, torch.Tensor]:
+                      reference: tuple[torch.Tensor, CheckpointReader] | None = None,
+                      on_block: Callable[[int], None] | None = None) -> tuple[dict, torch.Tensor]:
     """Streamed perplexity of the model `reader` reads (its weights through `transform`), and
     against `reference` = (the reference's last hidden states, its reader) the divergence from it.
     Returns the summary and the last hidden states."""
@@ -80,8 +94,61 @@ def reader_perplexity(reader: CheckpointReader, windows: torch.Tensor, transform
     if reference is not None:
         reference_hidden, reference_reader = reference
         reference_head = head if reference_reader is reader else model_ends(reference_reader)[1]
-    return stream_perplexity(windows, embed, model_blocks(reader, windows.shape[1], transform), head, vocab,
+    return stream_perplexity(windows, embed, model_blocks(reader, windows.shape[1], transform, on_block=on_block), head, vocab,
                              reference_hidden, reference_head)
+
+
+def block_fingerprints(reader: CheckpointReader) -> list[str]:
+    """Each block's weights fingerprint, as the quantize flow's block artifacts record it
+    (`weights_fp`: the block's tensors in their stored dtype, block-relative names), one block
+    read at a time. Reading and hashing the weights costs a fraction of running the blocks."""
+    return [tensors_fingerprint(sorted(reader.block_weights(index, dtype=None).items())) for index in range(reader.n_blocks)]
+
+
+def evaluation_key(reader: CheckpointReader, variant: str, block_ids: list[str], windows: torch.Tensor,
+                   reference_hidden_sha: str | None = None, extra_settings: dict | None = None) -> str:
+    """Content address of an evaluation of the model `reader` reads: its blocks (`block_ids`: the
+    float weights' fingerprints for "float", the quantization artifacts' sha256 for "quant"), its
+    ends (embedding, final norm, LM head) and config.json, the windows (content and shape), the
+    scoring, and for a scoring against a reference, the reference's stored hidden states."""
+    arch = reader.arch
+    ends = [name for name in (arch.embed_name, arch.final_norm_name, arch.lm_head_name) if reader.has(name)]
+    upstream = [*block_ids, reader.fingerprint(ends), reader.config_fingerprint()]
+    if reference_hidden_sha is not None:
+        upstream.append(reference_hidden_sha)
+    settings = {"variant": variant, "windows": sha256_bytes(windows.numpy().tobytes()), "windows_shape": list(windows.shape),
+                "scores": SCORES} | (extra_settings or {})
+    return artifact_key(STAGE, CODE_VERSION, upstream, settings)
+
+
+def float_evaluation(store: ArtifactStore, reader: CheckpointReader, windows: torch.Tensor, logger,
+                     weights_fps: list[str] | None = None, need_hidden: bool = False) -> tuple[dict, torch.Tensor | None, int]:
+    """The float model's streamed evaluation on `windows`, read from the store when it has it,
+    else computed and stored: the summary (perplexity, per-window NLL sums; "hidden": the stored
+    last hidden states' ref) as JSON, the last hidden states [W, L, H] float32 as safetensors.
+
+    `weights_fps`: the blocks' weight fingerprints when the caller has them (the quantize flow's
+    block artifacts record them), else read from the checkpoint. Returns the summary, the last
+    hidden states (read back from the store on a hit only if `need_hidden`) and how many blocks
+    this call ran (0: the store had it all). Memory: the hidden states are W x L x H x 4 bytes
+    (Gemma 3 270M, 6 x 2048 x 640: 31 MB; 40 windows: 210 MB), next to one block's weights."""
+    key = evaluation_key(reader, "float", block_fingerprints(reader) if weights_fps is None else weights_fps, windows)
+    hit = cached(store, STAGE, key, logger)
+    hidden_hit = None if hit is None else cached(store, HIDDEN_STAGE, key, logger)
+    if hit is not None and hidden_hit is not None:
+        result = store.get_json(hit)
+        hidden = store.get_tensors(hidden_hit)[0]["hidden"] if need_hidden else None
+        logger.info("float model %s: evaluation on %d windows read from the store (%s), no block run", reader.model_dir.name,
+                    windows.shape[0], key[:12])
+        return result, hidden, 0
+    ran: list[int] = []
+    result, hidden = reader_perplexity(reader, windows, on_block=ran.append)
+    result.update({"variant": "float", "windows": int(windows.shape[0]), "seqlen": int(windows.shape[1])})
+    result["hidden"] = store.put_tensors(HIDDEN_STAGE, key, {"hidden": hidden.contiguous()}).to_dict()
+    store.put_json(STAGE, key, result)
+    logger.info("float model %s: evaluated on %d windows (%d blocks run), stored as %s", reader.model_dir.name, windows.shape[0],
+                len(ran), key[:12])
+    return result, hidden, len(ran)
 
 
 def model_perplexity(ctx: RunContext, windows, block_refs: list[dict] | None) -> dict:
@@ -92,11 +159,24 @@ def model_perplexity(ctx: RunContext, windows, block_refs: list[dict] | None) ->
     return reader_perplexity(ctx.reader, windows, transform)[0]
 
 
-def compare_models(reader: CheckpointReader, baseline: CheckpointReader, windows: torch.Tensor) -> dict:
-    """The model `reader` reads against `baseline`, on the same windows: the baseline's streamed
-    pass first (its last hidden states kept), then the model's, scored side by side with them."""
-    _, baseline_hidden = reader_perplexity(baseline, windows)
-    return reader_perplexity(reader, windows, reference=(baseline_hidden, baseline))[0]
+def compare_models(reader: CheckpointReader, baseline: CheckpointReader, windows: torch.Tensor,
+                   store: ArtifactStore | None = None, logger=None) -> dict:
+    """The model `reader` reads against `baseline`, on the same windows: the baseline's last
+    hidden states first (with a `store`: its stored float evaluation, shared with quantize runs
+    of that model, computed and stored when absent; without one, a streamed pass), then the
+    model's streamed pass, scored side by side with them. "baseline_pass" says what the
+    baseline's part took: blocks run (0 when the store had it) and seconds."""
+    started = time.perf_counter()
+    if store is None:
+        ran: list[int] = []
+        _, baseline_hidden = reader_perplexity(baseline, windows, on_block=ran.append)
+        blocks_run = len(ran)
+    else:
+        _, baseline_hidden, blocks_run = float_evaluation(store, baseline, windows, logger or logging.getLogger(__name__),
+                                                          need_hidden=True)
+    baseline_pass = {"blocks_run": blocks_run, "from_store": store is not None and blocks_run == 0,
+                     "seconds": round(time.perf_counter() - started, 3)}
+    return reader_perplexity(reader, windows, reference=(baseline_hidden, baseline))[0] | {"baseline_pass": baseline_pass}
 
 
 def runs_as_runtime_model(ctx: RunContext) -> bool:
@@ -137,42 +217,43 @@ def evaluate(config: dict, variant: str, blocks: list[dict], text_index: int = 0
     logger = get_run_logger()
     ctx = RunContext.open(config)
     windows = eval_windows(ctx, text_index)
-    if variant == "float":
-        upstream = [ref_of(b["block"]).meta["weights_fp"] for b in blocks]
+    as_runtime = runs_as_runtime_model(ctx)
+    if variant == "float" and not as_runtime:
+        # the float pass keeps its last hidden states: shared with every later evaluation of the
+        # same float model on these windows (`layerquant eval --baseline` included)
+        started = time.perf_counter()
+        result, _, blocks_run = float_evaluation(ctx.store, ctx.reader, windows, logger, [ref_of(b["block"]).meta["weights_fp"] for b in blocks])
+        logger.info("float perplexity %.4f%s", result["ppl"], " (cached)" if blocks_run == 0 else "")
+        return result | {"timing": {"evaluation": round(time.perf_counter() - started, 3)} if blocks_run else {}}
+    settings = {}
+    if variant == "float":  # run as a RuntimeModel: its own result, never taken for the plain pass's (which has hidden states)
+        block_ids = [ref_of(b["block"]).meta["weights_fp"] for b in blocks]
+        settings["evaluated_as"] = "runtime-model"
     else:
-        upstream = [ref_of(b["block"]).sha256 for b in blocks]
-    head_names = [ctx.reader.arch.embed_name, ctx.reader.arch.final_norm_name]
-    upstream += [ctx.reader.fingerprint(n for n in head_names + [ctx.reader.arch.lm_head_name] if ctx.reader.has(n))]
-    settings = {"variant": variant, "windows": sha256_bytes(windows.numpy().tobytes()), "scores": "per-window+kl"}
+        block_ids = [ref_of(b["block"]).sha256 for b in blocks]
     runtime = ctx.config.runtime_quant().identity()
     if variant == "quant" and runtime:  # absent when off: weight-only runs keep their keys
         settings["runtime_quant"] = runtime
     if ctx.config.prompt_kv_tokens:
         settings["score_from"] = ctx.config.prompt_kv_tokens
-    if reference is not None and "hidden" in reference:  # a float result of a run-time model keeps none
-        upstream += [reference["hidden"]["sha256"]]
-    # "scores": the per-window, hidden-state-keeping evaluation (results before it had neither)
-    key = artifact_key(STAGE, CODE_VERSION, upstream, settings)
-    as_runtime = runs_as_runtime_model(ctx)
+    # a float result of a run-time model keeps no hidden states
+    reference_sha = reference["hidden"]["sha256"] if reference is not None and "hidden" in reference else None
+    key = evaluation_key(ctx.reader, variant, block_ids, windows, reference_sha, settings)
     hit = cached(ctx.store, STAGE, key, logger)
-    keeps_hidden = variant == "float" and not as_runtime
-    if hit is not None and (not keeps_hidden or cached(ctx.store, HIDDEN_STAGE, key, logger) is not None):
+    if hit is not None:
         result = ctx.store.get_json(hit) | {"timing": {}}
         logger.info("%s perplexity %.4f (cached)", variant, result["ppl"])
         return result
     started = time.perf_counter()
     if as_runtime:
-        result, hidden = runtime_perplexity(ctx, windows, [b["block"] for b in blocks] if variant == "quant" else None), None
+        result = runtime_perplexity(ctx, windows, [b["block"] for b in blocks] if variant == "quant" else None)
     else:
-        transform = stored_quantization(ctx, [b["block"] for b in blocks]) if variant == "quant" else None
         reference_pair = None
-        if reference is not None and "hidden" in reference:
+        if reference_sha is not None:
             tensors, _ = ctx.store.get_tensors(ref_of(reference["hidden"]))
             reference_pair = (tensors["hidden"], ctx.reader)
-        result, hidden = reader_perplexity(ctx.reader, windows, transform, reference_pair)
+        result, _ = reader_perplexity(ctx.reader, windows, stored_quantization(ctx, [b["block"] for b in blocks]), reference_pair)
     result.update({"variant": variant, "windows": int(windows.shape[0]), "seqlen": int(windows.shape[1])})
-    if keeps_hidden:
-        result["hidden"] = ctx.store.put_tensors(HIDDEN_STAGE, key, {"hidden": hidden.contiguous()}).to_dict()
     ctx.store.put_json(STAGE, key, result)
     logger.info("%s perplexity %.4f on %d windows x %d tokens", variant, result["ppl"], windows.shape[0], windows.shape[1])
     if "kl_mean" in result:

@@ -49,6 +49,53 @@ def test_a_model_against_itself_has_ratio_exactly_one_no_divergence_and_full_agr
     assert sum(alone["window_nll"]) / sum(alone["window_tokens"]) == pytest.approx(alone["nll"], rel=1e-12)
 
 
+@pytest.fixture(scope="module")
+def bf16_rounded_model(stories_model, tmp_path_factory):
+    """stories260K with every block weight rounded to bfloat16: a real model close to the float
+    one but not equal to it (what a comparison against the float baseline is for)."""
+    import shutil
+    from pathlib import Path
+
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path_factory.mktemp("bf16") / "stories260K-bf16"
+    shutil.copytree(stories_model, folder)
+    tensors = load_file(Path(stories_model) / "model.safetensors")
+    save_file({name: t.bfloat16().float() if name.startswith("model.layers.") else t for name, t in tensors.items()},
+              folder / "model.safetensors")
+    return str(folder)
+
+
+def run_eval(capsys, *argv: str) -> dict:
+    assert main(["eval", *argv]) == 0
+    return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+
+def test_the_baselines_pass_is_stored_and_a_second_comparison_runs_none_of_its_blocks(stories_model, bf16_rounded_model, eval_text,
+                                                                                      tmp_path, capsys):
+    from layerquant.infra.store import open_store
+
+    store = str(tmp_path / "store")
+    common = ["--baseline", stories_model, "--text", eval_text, "--windows", "6", "--store", store]
+    first = run_eval(capsys, "--model", bf16_rounded_model, *common)
+    assert first["baseline_pass"]["blocks_run"] == 5 and not first["baseline_pass"]["from_store"]
+    assert len([p for p in open_store(store).list_paths("cas/eval-hidden") if p.endswith(".safetensors")]) == 1
+    second = run_eval(capsys, "--model", bf16_rounded_model, *common)
+    assert second["baseline_pass"] == second["baseline_pass"] | {"blocks_run": 0, "from_store": True}
+    # everything measured is the same, bit for bit (JSON floats round-trip exactly)
+    strip = lambda result: {k: v for k, v in result.items() if k != "baseline_pass"}  # noqa: E731
+    assert strip(second) == strip(first)
+    assert 0 < first["kl_mean"] and first["top1_agreement"] < 1 and len(first["window_nll"]) == 6
+    # the stored pass belongs to the baseline, not to the model measured against it
+    itself = run_eval(capsys, "--model", stories_model, *common)
+    assert itself["baseline_pass"]["blocks_run"] == 0
+    assert itself["kl_mean"] == 0.0 and itself["top1_agreement"] == 1.0 and itself["ppl"] == first["reference"]["ppl"]
+    # other windows are another pass
+    fewer = run_eval(capsys, "--model", bf16_rounded_model, *common[:-4], "--windows", "4", "--store", store)
+    assert fewer["baseline_pass"]["blocks_run"] == 5
+    assert fewer["window_nll"] == first["window_nll"][:4]
+
+
 def test_eval_texts_are_a_list_keyed_by_name_and_one_text_keeps_the_run_id(eval_text, calib_text):
     single = RunConfig(eval=eval_text)
     assert RunConfig(eval=[eval_text]).run_id() == single.run_id() == RunConfig().run_id()
@@ -122,6 +169,18 @@ def test_eval_with_a_baseline_reports_what_the_run_measured(gptq_runs, stories_m
     assert result["kl_mean"] == pytest.approx(report["kl_mean"], rel=1e-3)
     assert result["top1_agreement"] == pytest.approx(report["top1_agreement"], abs=2 / result["tokens"])
     assert result["paired"]["low"] < result["paired"]["ratio"] < result["paired"]["high"]
+
+
+@pytest.mark.slow
+def test_eval_baseline_takes_the_float_pass_a_quantize_run_stored(gptq_runs, stories_model, eval_text, capsys):
+    root, reports = gptq_runs
+    # the runs' own store: their float evaluation of stories260K on these 16 windows is there
+    result = run_eval(capsys, "--model", str(root / "w3"), "--baseline", stories_model, "--text", eval_text, "--windows", "16",
+                      "--store", str(root / "store"))
+    assert result["baseline_pass"]["blocks_run"] == 0 and result["baseline_pass"]["from_store"]
+    first_text = reports[3]["evaluations"]["tinystories_eval_600k"]
+    assert result["reference"]["window_nll"] == first_text["window_nll_fp"]
+    assert result["kl_mean"] == pytest.approx(reports[3]["kl_mean"], rel=1e-6)
 
 
 def test_eval_flag_repeats_and_a_recipe_takes_a_list(tmp_path, eval_text, calib_text):

@@ -24,6 +24,10 @@ How each tool is measured
   checkpoint, which `layerquant eval` then measures on the same windows. wall_s / peak_rss_mb
   are its whole process (load, oneshot, save). Its `float` row only goes through that load/save
   path and must match layerquant's float perplexity.
+- Every peer row is measured by `layerquant eval --baseline FLOAT` in the shared store: the float
+  model's pass (its last hidden states and per-window NLLs) is stored there once, by the first
+  comparison or by one of our quantize runs on the same windows, and every later comparison runs
+  only the peer's model through its blocks (the row's `baseline_pass`: blocks_run 0).
 - GPTQModel 7.6.0, in its own venv (~/.cache/layerquant/venvs/gptqmodel, torch 2.13.0 CPU: 7.6.0 is
   the newest GPTQModel that accepts it; transformers 5.23.0, what it resolved to): GPTQ only (its
   GPTQConfig defaults with the row's bits / group, sym=True; act_group_aware (GAR) is on by default),
@@ -260,9 +264,12 @@ def divergence_fields(result: dict) -> dict:
     agreement, the perplexity ratio's paired 95% interval, and the per-window NLL sums (rows on
     the same windows are compared pairwise from them: see paired_against_best_peer)."""
     paired = result.get("paired")
-    return {"kl_mean": result.get("kl_mean"), "kl_p99": result.get("kl_p99"), "top1_agreement": result.get("top1_agreement"),
-            "ppl_ratio_ci95": [paired["low"], paired["high"]] if paired else None,
-            "window_nll": result.get("window_nll"), "window_tokens": result.get("window_tokens")}
+    fields = {"kl_mean": result.get("kl_mean"), "kl_p99": result.get("kl_p99"), "top1_agreement": result.get("top1_agreement"),
+              "ppl_ratio_ci95": [paired["low"], paired["high"]] if paired else None,
+              "window_nll": result.get("window_nll"), "window_tokens": result.get("window_tokens")}
+    if result.get("baseline_pass"):  # the float model's blocks run for this row (0: its stored pass was reused) and the seconds
+        fields["baseline_pass"] = result["baseline_pass"]
+    return fields
 
 
 def report_divergence_fields(report: dict) -> dict:

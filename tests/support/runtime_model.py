@@ -65,3 +65,51 @@ def run_perplexity(reader: CheckpointReader, model: RuntimeModel, blocks: list[d
 
 def plan(reader: CheckpointReader, settings: RuntimeQuant) -> RuntimeModel:
     return RuntimeModel.plan(reader.arch, reader.config, settings, tied_embeddings=not reader.has(reader.arch.lm_head_name))
+
+
+def quantize_run_artifacts(reader: CheckpointReader, model: RuntimeModel, calib: torch.Tensor, spec: QuantSpec, tuning=None):
+    """As `quantize_run`, but each block as the store keeps it: a BlockArtifact (codes, scales,
+    low-rank factors, overrides and the layer records reports sum their bits from, built as
+    tasks/blocks.py builds them). Returns (artifacts, blocks' weights as the run uses them)."""
+    from layerquant.block_artifact import BlockArtifact, LayerRecord
+    from layerquant.solvers.reconstruct import apply_block_artifact
+
+    hidden = model.embed(reader.embed_weight(), calib)
+    artifacts, weights_out = [], []
+    for index in range(reader.n_blocks):
+        weights = model.block_weights(reader.block_weights(index))
+        specs = {name: spec for name in reader.arch.linear_names}
+        result = reconstruct_block(reader.arch, reader.config, index, weights, hidden, specs, runtime=model.block_runtime(),
+                                   tuning=tuning)
+        artifact = BlockArtifact([LayerRecord.measured(o.name, o.spec, o.shape, o.error, o.damp_used, o.seconds, o.tensors)
+                                  for o in result.outcomes], {o.name: o.tensors for o in result.outcomes}, result.overrides)
+        artifacts.append(artifact)
+        weights_out.append(apply_block_artifact(weights, artifact))
+        hidden = result.outputs
+    return artifacts, weights_out
+
+
+def write_packed(reader: CheckpointReader, artifacts, folder: Path, settings: RuntimeQuant, fmt: str = "compressed-tensors") -> dict:
+    """The packed checkpoint tasks/pack.py writes, from the same format functions, in one
+    safetensors file: returns its config.json."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from layerquant.kernels import formats
+
+    folder.mkdir(parents=True, exist_ok=True)
+    state, summaries, block_names = {}, [], set()
+    for index, artifact in enumerate(artifacts):
+        weights = reader.block_weights(index, dtype=None)
+        prefix = reader.block_prefix(index)
+        block_names.update(prefix + name for name in weights)
+        packed = formats.pack_block(fmt, prefix, artifact, weights, {}, reader.dtype_of(reader.arch.embed_name), settings)
+        state.update(packed.tensors)
+        summaries.append(packed)
+    state.update({name: reader.tensor(name).contiguous() for name in reader.weight_map if name not in block_names})
+    save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    files = formats.checkpoint_config_files(fmt, reader.config_dict, summaries, 0.01, settings)
+    for name, content in files.items():
+        (folder / name).write_text(json.dumps(content, indent=2))
+    return files["config.json"]
