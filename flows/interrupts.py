@@ -104,7 +104,8 @@ class EarlyServer:
     by the flow, and by its log and event clients) then waits until the server is healthy.
 
     Until a flow asks for it, Prefect's start and stop lines stay off the console, and `close()`
-    stops a server nobody used: input that fails its checks still ends with one line."""
+    stops a server nobody used (at once, or as soon as it has booted): input that fails its
+    checks still ends with one line, and a process that runs many commands keeps no stray server."""
 
     def __init__(self) -> None:
         from prefect.server.api.server import SubprocessASGIServer
@@ -112,11 +113,14 @@ class EarlyServer:
         self.server = SubprocessASGIServer()  # Prefect's instance for the run: one per process
         self.used = False
         self._ready = threading.Event()
+        self._closed = False
+        self._lock = threading.Lock()  # closing and booting finish in either order
         self._failures: list[BaseException] = []
         # Prefect logs the server's start and stop on its root logger (whose level its logging
         # setup may reset later: a filter stays)
         self._prefect_logger = logging.getLogger("prefect")
-        self._prefect_logger.addFilter(_not_about_the_server)
+        self._quiet = _ServerLinesFilter()
+        self._prefect_logger.addFilter(self._quiet)
         prefect_start = self.server.start
 
         def keep() -> None:
@@ -126,6 +130,9 @@ class EarlyServer:
                 self._failures.append(exc)
             finally:
                 self._ready.set()
+            with self._lock:
+                if self._closed:  # closed while booting: nobody will use it
+                    self._stop_quietly()
             threading.Event().wait()
 
         self.server.start = self._start_when_ready
@@ -135,23 +142,37 @@ class EarlyServer:
         self._ready.wait()
         if not self.used:
             self.used = True
-            self._prefect_logger.removeFilter(_not_about_the_server)
+            self._prefect_logger.removeFilter(self._quiet)
         if self._failures:
             del self.server.start  # Prefect's own start again: the next call tries afresh
             raise self._failures[0]
 
     def close(self) -> None:
-        """After the command: a server no flow asked for is stopped now, without a word (not
-        waiting for it to finish booting: a process it spawns later still gets the parent-death
-        signal when this process ends)."""
-        if not self.used:
+        """After the command: a server no flow asked for is stopped, without a word."""
+        if self.used:
+            return
+        with self._lock:
+            self._closed = True
             vars(self.server).pop("start", None)
+            if self._ready.is_set():
+                self._stop_quietly()
+            # else the keeper stops it once booted (not waited for here: bad input fails fast)
+
+    def _stop_quietly(self) -> None:
+        quiet = _ServerLinesFilter()
+        self._prefect_logger.addFilter(quiet)
+        try:
             self.server.stop()
-        self._prefect_logger.removeFilter(_not_about_the_server)
+        finally:
+            self._prefect_logger.removeFilter(quiet)
+            self._prefect_logger.removeFilter(self._quiet)
 
 
-def _not_about_the_server(record: logging.LogRecord) -> bool:
-    return "temporary server" not in record.getMessage()
+class _ServerLinesFilter(logging.Filter):
+    """Drops Prefect's "Starting/Stopping temporary server" lines."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "temporary server" not in record.getMessage()
 
 
 def start_ephemeral_server_early() -> EarlyServer | None:
