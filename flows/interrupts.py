@@ -107,10 +107,8 @@ class EarlyServer:
     stops a server nobody used (at once, or as soon as it has booted): input that fails its
     checks still ends with one line, and a process that runs many commands keeps no stray server."""
 
-    def __init__(self) -> None:
-        from prefect.server.api.server import SubprocessASGIServer
-
-        self.server = SubprocessASGIServer()  # Prefect's instance for the run: one per process
+    def __init__(self, server) -> None:
+        self.server = server  # Prefect's SubprocessASGIServer for the run: one per process
         self.used = False
         self._ready = threading.Event()
         self._closed = False
@@ -187,7 +185,7 @@ def start_ephemeral_server_early() -> EarlyServer | None:
     server = SubprocessASGIServer()
     if server.running or "start" in vars(server):
         return None
-    return EarlyServer()
+    return EarlyServer(server)
 
 
 _prefect_capture_sigterm: list = []
