@@ -74,9 +74,13 @@ def run_case(workdir: Path, model: Path, workers: int, args) -> dict:
             seen = per_worker.setdefault(worker, {"peak_rss_mb": 0.0, "idle_rss_mb": memory["idle_rss_mb"]})
             seen["peak_rss_mb"] = max(seen["peak_rss_mb"], memory["peak_rss_mb"])
             seen["idle_rss_mb"] = min(seen["idle_rss_mb"], memory["idle_rss_mb"])
+    measured = {"wall_s": result["wall_s"], "blocks_s": block_seconds(store), "warm_blocks_s": block_seconds(store, skip_first=True),
+                "ppl_quant": report["ppl_quant"], "peak_rss_tree_mb": result["peak_rss_mb"], "worker_memory": per_worker,
+                "shards": report["cluster"]["shards"]}
+    # the full configuration's stores and outputs are several GB each: keep the disk for the next case
     shutil.rmtree(out, ignore_errors=True)
-    return {"wall_s": result["wall_s"], "blocks_s": block_seconds(store), "warm_blocks_s": block_seconds(store, skip_first=True), "ppl_quant": report["ppl_quant"],
-            "peak_rss_tree_mb": result["peak_rss_mb"], "worker_memory": per_worker, "shards": report["cluster"]["shards"]}
+    shutil.rmtree(store, ignore_errors=True)
+    return measured
 
 
 def main() -> int:
