@@ -86,6 +86,21 @@ def import_task_code() -> None:
     importlib.import_module("layerquant.tasks.shards")
 
 
+def flow_api_environment() -> dict[str, str]:
+    """What a local worker process needs to report its task runs to the flow's Prefect API.
+
+    A run from the CLI without a server talks to a temporary server the CLI started; a worker
+    process does not inherit it (it is not in the environment) and would boot a temporary server
+    of its own per worker: seconds of CPU at its first task, a few hundred MB beside it, and its
+    shard and solve task runs recorded where no one sees them. A configured PREFECT_API_URL is
+    inherited anyway; passing the flow client's URL covers both."""
+    from prefect.context import FlowRunContext
+
+    context = FlowRunContext.get()
+    client = None if context is None else context.client
+    return {} if client is None else {"PREFECT_API_URL": str(client.api_url)}
+
+
 def next_power_of_two(n: int) -> int:
     return 1 << max(0, n - 1).bit_length()
 
@@ -108,7 +123,7 @@ def open_cluster(run_config: RunConfig) -> Iterator[Cluster | None]:
             "n_workers": run_config.workers, "threads_per_worker": run_config.threads_per_worker, "processes": True,
             # no dashboard port to collide with another run's; the memory a worker may use is
             # the machine's, not 1/N of it: one block's weights and a shard's activations
-            "dashboard_address": None, "memory_limit": 0})
+            "dashboard_address": None, "memory_limit": 0, "env": flow_api_environment()})
     # Dask's sampling profiler walks every thread's frames and trips over the greenlets a
     # shard's paused forwards live in (KeyError tracebacks in the worker logs); it profiles
     # nothing a run needs. A LocalCluster's workers get this config, a remote cluster's

