@@ -31,6 +31,15 @@ class Cluster:
         workers = self.workers()
         return [workers[shard % len(workers)] for shard in range(self.n_shards)]
 
+    def spread(self, chunks: list[list[int]]) -> list[list[int] | None]:
+        """A unit's row chunks ([start, stop) each, in order) cut into one contiguous row range
+        per worker alive now, at most one per chunk; None: the whole unit in one task."""
+        parts = min(len(self.workers()), len(chunks))
+        if parts <= 1:
+            return [None]
+        cuts = [round(i * len(chunks) / parts) for i in range(parts + 1)]
+        return [[chunks[a][0], chunks[b - 1][1]] for a, b in zip(cuts, cuts[1:])]
+
     def submit(self, task, worker: str | None = None, **parameters: Any):
         """Submit `task` to the cluster; `worker` pins it there, unless that worker is gone
         (then the scheduler picks another, and the task rebuilds what it lost from the store)."""

@@ -200,8 +200,12 @@ def quantize_block_on_cluster(cluster: Cluster, config: dict, index: int, inputs
         partials = cluster.gather([(shard_stage, placement[s], dict(config=config, plan=plan, shard=s, stage=stage, solved=solved))
                                    for s in shards])
         stages.append(partials)
+        # a unit's row chunks in as many tasks as there are workers (a few large units would
+        # otherwise be solved one at a time while the other workers wait)
+        solves = [(unit, rows) for unit, chunks in zip(units, plan["chunks"][stage]) for rows in cluster.spread(chunks)]
         solved.append(cluster.gather([(solve_unit_task, None, dict(config=config, plan=plan, stage=stage, unit=unit, partials=partials,
-                                                                   label="+".join(unit))) for unit in units]))
+                                                                   label="+".join(unit) + (f" rows {rows[0]}-{rows[1]}" if rows else ""),
+                                                                   rows=rows)) for unit, rows in solves]))
     finished = cluster.gather([(shard_finish, placement[s], dict(config=config, plan=plan, shard=s, solved=solved)) for s in shards])
     return assemble_block(config, plan, solved, finished, stages, time.perf_counter() - started)
 

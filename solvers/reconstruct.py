@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
+from itertools import pairwise
 
 import torch
 from torch import nn
@@ -12,11 +13,10 @@ from torch import nn
 from layerquant.block_artifact import BlockArtifact
 from layerquant.cancellation import raise_if_cancelled
 from layerquant.errors import InvalidSpec
-from layerquant.quantized import QuantizedWeight
 from layerquant.runtime_quant import ACT_CLIP_MIN, act_clip_key
 from layerquant.specs import QuantSpec
 from layerquant.tuning import LOWRANK_PARTS, BlockTuning, has_lowrank_correction  # BlockTuning re-exported: callers built it from here
-from layerquant.solvers.gptq import quantize_weight, relative_weighted_error
+from layerquant.solvers.gptq import gptq_row_errors, hessian_weighted_error, prepare_hessian, quantize_weight
 from layerquant.solvers.hessian import PairwiseSum, batch_gram, hessian_from_sum
 from layerquant.solvers.staged import staged_quantize
 
@@ -123,19 +123,108 @@ def quantize_group_in_place(block: nn.Module, names: Sequence[str], hessian: tor
 def solve_unit(run: Sequence[str], weights: Sequence[torch.Tensor], hessian: torch.Tensor, spec: QuantSpec, damp_percent: float,
                layer_prefix: str) -> list[tuple[LayerOutcome, torch.Tensor]]:
     """Quantize one solve unit (`solve_units`: layers sharing a Hessian and a spec, stacked
-    into one matrix when there are several): (outcome, dequantized weight) per layer. The same
-    call serves the in-process pass and a cluster's per-unit solve task, so both give the same
-    codes to the bit."""
-    start = time.perf_counter()
-    if len(run) == 1:
-        parts = [quantize_layer(weights[0], hessian, spec, damp_percent, layer_prefix + run[0])]
-    else:
-        stacked = quantize_weight(torch.cat(list(weights)), hessian, spec, damp_percent=damp_percent, layer=layer_prefix + "+".join(run))
-        rows = [w.shape[0] for w in weights]
-        parts = [(q.to_tensors(), q.dequantize(), stacked.damp_used) for q in _split_rows(stacked.quantized, rows)]
-    seconds = (time.perf_counter() - start) / len(run)  # a shared solve's time, split evenly
-    return [(LayerOutcome(name, spec, tensors, tuple(weight.shape), relative_weighted_error(weight, weight_hat, hessian), damp_used, seconds),
-             weight_hat) for name, weight, (tensors, weight_hat, damp_used) in zip(run, weights, parts)]
+    into one matrix when there are several): (outcome, dequantized weight) per layer. The
+    in-process pass solves all of the unit's row chunks here; a cluster solves them in one or
+    more tasks (`solve_unit_rows`) and assembles the same pieces the same way, so both give
+    the same codes and errors to the bit."""
+    return assemble_unit(run, spec, solve_unit_rows(run, weights, hessian, spec, damp_percent, layer_prefix))
+
+
+# rows of a GPTQ solve unit solved at a time (the last chunk may be short). GPTQ treats every row
+# on its own under the shared Hessian, so a chunk changes nothing but where the vectorized
+# kernels' tails fall; the chunking depends on the unit's row count alone, so the in-process
+# pass and a cluster's tasks (however many, on however many workers) run the same arithmetic per
+# chunk and get the same codes to the bit, while a cluster can solve one unit's chunks on several
+# workers at once (a hidden-2048 down_proj is otherwise one serial solve of a third of a block).
+SOLVE_CHUNK_ROWS = 1024
+
+
+def solve_chunks(total_rows: int, spec: QuantSpec) -> list[tuple[int, int]]:
+    """[start, stop) row ranges of a unit's stacked rows that are solved as one matrix each:
+    chunks of SOLVE_CHUNK_ROWS for GPTQ; the whole unit for round-to-nearest (rows need no shared
+    factor) and PB-LLM (its salient selection looks across the whole matrix)."""
+    if spec.method != "gptq":
+        return [(0, total_rows)]
+    return [(start, min(start + SOLVE_CHUNK_ROWS, total_rows)) for start in range(0, total_rows, SOLVE_CHUNK_ROWS)]
+
+
+@dataclass
+class UnitPiece:
+    """Rows [start, stop) of one layer of a solve unit, as one chunk's solve left them."""
+
+    name: str
+    start: int
+    stop: int
+    tensors: dict[str, torch.Tensor]  # the stored parts of these rows
+    weight_hat: torch.Tensor  # their dequantized weights
+    error_num: float  # tr(E H E^T) over these rows
+    error_den: float  # tr(W H W^T) over these rows
+    damp_used: float
+    seconds: float
+
+
+def solve_unit_rows(run: Sequence[str], weights: Sequence[torch.Tensor], hessian: torch.Tensor, spec: QuantSpec, damp_percent: float,
+                    layer_prefix: str, rows: tuple[int, int] | None = None) -> list[UnitPiece]:
+    """Solve the unit's chunks (`solve_chunks`) that lie within `rows` of its stacked rows (all
+    of them by default), with the Hessian's factor computed once for them; the result cut at the
+    layers' boundaries."""
+    sizes = [w.shape[0] for w in weights]
+    bounds = [(sum(sizes[:i]), sum(sizes[: i + 1])) for i in range(len(sizes))]
+    low, high = rows or (0, bounds[-1][1])
+    chunks = [(a, b) for a, b in solve_chunks(bounds[-1][1], spec) if low <= a and b <= high]
+    stacked = weights[0] if len(weights) == 1 else torch.cat([w for w, (a, b) in zip(weights, bounds) if a < high and b > low])
+    offset = next(a for a, b in bounds if b > low)  # stacked row of `stacked`'s first row
+    label = layer_prefix + "+".join(run)
+    setup = prepare_hessian(hessian, spec.act_order, damp_percent, label) if spec.method == "gptq" else None
+    pieces = []
+    for a, b in chunks:
+        start = time.perf_counter()
+        chunk = stacked[a - offset : b - offset]
+        if setup is not None:
+            result = quantize_weight(chunk, hessian, spec, damp_percent=damp_percent, layer=label, setup=setup)
+            tensors, weight_hat, damp_used = result.quantized.to_tensors(), result.quantized.dequantize(), result.damp_used
+            row_errors = gptq_row_errors(chunk, weight_hat, result, setup)
+        else:
+            tensors, weight_hat, damp_used = quantize_layer(chunk, hessian, spec, damp_percent, label)
+            row_errors = None
+        seconds = time.perf_counter() - start
+        for name, (la, lb) in zip(run, bounds):
+            first, last = max(a, la), min(b, lb)
+            if first >= last:
+                continue
+            # a layer's rows within the chunk; a piece that is the whole chunk keeps its parts as they
+            # are (PB-LLM's are not all row-major)
+            whole = (first, last) == (a, b)
+            original = chunk[first - a : last - a]
+            piece_hat = weight_hat if whole else weight_hat[first - a : last - a]
+            parts = tensors if whole else {part: t[first - a : last - a].contiguous() for part, t in tensors.items()}
+            if row_errors is not None:
+                error_num, error_den = (float(t[first - a : last - a].sum()) for t in row_errors)
+            else:
+                error_num = hessian_weighted_error(original, piece_hat, hessian)
+                error_den = hessian_weighted_error(original, torch.zeros_like(original), hessian)
+            pieces.append(UnitPiece(name, first - la, last - la, parts, piece_hat.contiguous(), error_num, error_den, damp_used,
+                                    seconds * (last - first) / (b - a)))
+    return pieces
+
+
+def assemble_unit(run: Sequence[str], spec: QuantSpec, pieces: Sequence[UnitPiece]) -> list[tuple[LayerOutcome, torch.Tensor]]:
+    """(outcome, dequantized weight) per layer of the unit from its pieces (any order): parts
+    and weights concatenated by rows, the relative error summed over the pieces in row order."""
+    solved = []
+    for name in run:
+        own = sorted((p for p in pieces if p.name == name), key=lambda p: p.start)
+        if not own or own[0].start != 0 or any(x.stop != y.start for x, y in pairwise(own)):
+            raise ValueError(f"the solved pieces of {name} do not cover its rows: {[(p.start, p.stop) for p in own]}")
+        if len(own) == 1:
+            tensors, weight_hat = own[0].tensors, own[0].weight_hat
+        else:
+            tensors = {part: torch.cat([p.tensors[part] for p in own]) for part in own[0].tensors}
+            weight_hat = torch.cat([p.weight_hat for p in own])
+        error = sum(p.error_num for p in own) / max(sum(p.error_den for p in own), 1e-30)
+        outcome = LayerOutcome(name, spec, tensors, tuple(weight_hat.shape), error, own[0].damp_used, sum(p.seconds for p in own))
+        solved.append((outcome, weight_hat))
+    return solved
 
 
 def solve_units(names: Sequence[str], specs: dict[str, QuantSpec]) -> list[list[str]]:
@@ -154,12 +243,6 @@ def _same_spec_runs(names: Sequence[str], specs: dict[str, QuantSpec]) -> list[l
         else:
             runs.append([name])
     return runs
-
-
-def _split_rows(quantized: QuantizedWeight, rows: Sequence[int]) -> list[QuantizedWeight]:
-    """A stacked matrix's codes, scales and zeros cut back into the layers' row ranges."""
-    pieces = zip(*(t.split(list(rows)) for t in (quantized.codes, quantized.scales, quantized.zeros)))
-    return [QuantizedWeight(codes.contiguous(), scales.contiguous(), zeros.contiguous(), quantized.spec) for codes, scales, zeros in pieces]
 
 
 @dataclass

@@ -2,7 +2,7 @@
 runs of batches, solvers/hessian.shard_batches), for a cluster's workers: each shard runs its
 own batches to a group and hands back its exact-order Gram sum; the sums merge to the same
 Hessian to the bit as one process computes; the group's solve units are solved from it
-(`solve_unit`, the in-process path's own call); the quantized weights go back into each
+(in row chunks, `solve_unit_rows`, as the in-process path solves them); the quantized weights go back into each
 shard's block and its batches go on.
 
 Pure: tensors in, tensors out. Where shard state lives and how sums travel is the task layer's
@@ -17,9 +17,8 @@ from torch import nn
 
 from layerquant.solvers.architectures import BlockContext, build_block, run_block
 from layerquant.solvers.hessian import hessian_from_sum, merge_partials, shard_batches
-from layerquant.solvers.reconstruct import LayerOutcome, relative_output_error, solve_unit
+from layerquant.solvers.reconstruct import relative_output_error
 from layerquant.solvers.staged import StagedShard, split_batches
-from layerquant.specs import QuantSpec
 
 
 def shard_sample_ranges(n_samples: int, batch_size: int, n_shards: int) -> list[tuple[int, int]]:
@@ -56,15 +55,13 @@ def start_shard(arch, config, index: int, float_weights: dict[str, torch.Tensor]
     return StagedShard(block, forward, split_batches(inputs, batch_size), groups, first_group)
 
 
-def solve_from_partials(run: Sequence[str], weights: Sequence[torch.Tensor], partials: list[torch.Tensor | None], rows: int,
-                        spec: QuantSpec, damp_percent: float, layer_prefix: str) -> list[tuple[LayerOutcome, torch.Tensor]]:
-    """Merge the shards' Gram sums (in shard order) into the group's Hessian and solve one unit."""
+def merged_hessian(run: Sequence[str], partials: list[torch.Tensor | None], rows: int) -> torch.Tensor:
+    """The group's Hessian from the shards' Gram sums (merged in shard order), handed on in
+    float32 as the in-process pass hands it to the solver."""
     total = merge_partials(partials)
     if total is None:
         raise RuntimeError(f"no shard fed {run[0]}: its group cannot be quantized")
-    # handed on in float32, as in the in-process pass
-    hessian = hessian_from_sum(total, rows).to(torch.float32)
-    return solve_unit(run, weights, hessian, spec, damp_percent, layer_prefix)
+    return hessian_from_sum(total, rows).to(torch.float32)
 
 
 def float_output_error(arch, config, index: int, float_weights: dict[str, torch.Tensor], inputs: torch.Tensor,

@@ -27,8 +27,8 @@ from layerquant.config import CODE_VERSION
 from layerquant.errors import InvalidSpec
 from layerquant.infra.checkpoint import tensors_fingerprint
 from layerquant.infra.store import artifact_key
-from layerquant.solvers.reconstruct import ERROR_SAMPLES, solve_units
-from layerquant.solvers.sharded import float_output_error, set_weights, shard_sample_ranges, solve_from_partials, start_shard
+from layerquant.solvers.reconstruct import ERROR_SAMPLES, UnitPiece, assemble_unit, solve_chunks, solve_unit_rows, solve_units
+from layerquant.solvers.sharded import float_output_error, merged_hessian, set_weights, shard_sample_ranges, start_shard
 from layerquant.specs import QuantSpec
 from layerquant.tasks.blocks import BLOCK_STAGE, block_key
 from layerquant.tasks.context import RunContext, cached, phase, ref_of, retry_transient
@@ -76,6 +76,7 @@ def plan_shards(config: dict, index: int, inputs: dict, specs: dict[str, dict], 
     ctx.config.check_cluster_support()
     weights = ctx.reader.block_weights(index, dtype=None)
     weights_fp = tensors_fingerprint(sorted(weights.items()))
+    rows_of = {name.removesuffix(".weight"): int(t.shape[0]) for name, t in weights.items() if t.dim() == 2}
     del weights
     if "shards" in inputs:
         shards = inputs["shards"]
@@ -91,8 +92,13 @@ def plan_shards(config: dict, index: int, inputs: dict, specs: dict[str, dict], 
     key = block_key(inputs_id, weights_fp, specs, ctx.config.damp_percent, {})
     layer_specs = {name: QuantSpec.from_dict(spec) for name, spec in specs.items()}
     groups = [names for names in ([n for n in group if n in specs] for group in ctx.reader.arch.linear_groups) if names]
+    units = [solve_units(names, layer_specs) for names in groups]
     plan = {"index": index, "key": key, "weights_fp": weights_fp, "n_shards": n_shards, "shards": shards, "groups": groups,
-            "units": [solve_units(names, layer_specs) for names in groups], "specs": specs, "cached": None}
+            "units": units, "specs": specs, "cached": None,
+            # per group and unit: the row chunks its solve is made of (solvers/reconstruct.solve_chunks),
+            # which the flow spreads over the workers
+            "chunks": [[solve_chunks(sum(rows_of[name] for name in unit), layer_specs[unit[0]]) for unit in group_units]
+                       for group_units in units]}
     if force:
         return plan
     block_hit = cached(ctx.store, BLOCK_STAGE, key, logger)
@@ -117,12 +123,26 @@ def _shard_inputs(ctx: RunContext, memory: dict, descriptor: dict) -> torch.Tens
     return hidden["hidden"][descriptor["start"] : descriptor["stop"]].clone()
 
 
+def _unit_pieces(ctx: RunContext, results: list[dict]) -> list[UnitPiece]:
+    """The pieces that solve tasks stored (their results' refs), read back from the store."""
+    pieces = []
+    for result in results:
+        tensors, meta = ctx.store.get_tensors(ref_of(result["ref"]))
+        for piece in meta["pieces"]:
+            stem = f"{piece['name']}@{piece['start']}."
+            parts = {name[len(stem):]: t for name, t in tensors.items() if name.startswith(stem)}
+            weight_hat = parts.pop(WEIGHT_HAT)
+            pieces.append(UnitPiece(piece["name"], piece["start"], piece["stop"], parts, weight_hat, piece["error_num"],
+                                    piece["error_den"], piece["damp_used"], piece["seconds"]))
+    return pieces
+
+
 def _solved_weights(ctx: RunContext, unit_refs: list[dict]) -> dict[str, torch.Tensor]:
-    weights = {}
-    for unit in unit_refs:
-        tensors, _ = ctx.store.get_tensors(ref_of(unit["ref"]))
-        weights |= {name[: -len(WEIGHT_HAT) - 1]: t for name, t in tensors.items() if name.endswith("." + WEIGHT_HAT)}
-    return weights
+    """Layer -> dequantized weight, from the solve tasks' results of one or more groups."""
+    weights: dict[str, list[UnitPiece]] = {}
+    for piece in _unit_pieces(ctx, unit_refs):
+        weights.setdefault(piece.name, []).append(piece)
+    return {name: torch.cat([p.weight_hat for p in sorted(own, key=lambda p: p.start)]) for name, own in weights.items()}
 
 
 def _shard_at(ctx: RunContext, memory: dict, plan: dict, shard: int, stage: int, solved: list[list[dict]]):
@@ -165,32 +185,36 @@ def shard_stage(config: dict, plan: dict, shard: int, stage: int, solved: list[l
 
 
 @task(name="solve-unit", task_run_name="block-{plan[index]:02d} / solve / {label}", **_RETRIES)
-def solve_unit_task(config: dict, plan: dict, stage: int, unit: list[str], partials: list[dict], label: str = "") -> dict:
-    """Merge the shards' Gram sums of group `stage` (in shard order) and quantize the layers of
-    `unit`; stores their parts and dequantized weights (what the shards continue with)."""
+def solve_unit_task(config: dict, plan: dict, stage: int, unit: list[str], partials: list[dict], label: str = "",
+                    rows: list[int] | None = None) -> dict:
+    """Merge the shards' Gram sums of group `stage` (in shard order) and solve the row chunks of
+    `unit` within `rows` of its stacked rows (all of them by default); stores the pieces' parts
+    and dequantized weights (what the shards continue with)."""
     raise_if_cancelled()
     ctx = RunContext.open(config)
     _, worker = _worker()
     timing: dict[str, float] = {}
     with phase(timing, "store_io"):
         sums = [None if p["partial"] is None else ctx.store.get_tensors(ref_of(p["partial"]))[0]["gram_sum"] for p in partials]
-    rows = sum(p["rows"] for p in partials)
+    total_rows = sum(p["rows"] for p in partials)
     prefix = ctx.reader.block_prefix(plan["index"])
     weights = [ctx.reader.tensor(f"{prefix}{name}.weight").float() for name in unit]
     spec = QuantSpec.from_dict(plan["specs"][unit[0]])
     with phase(timing, "solve"):
-        solved = solve_from_partials(unit, weights, sums, rows, spec, ctx.config.damp_percent, prefix)
-    del sums
-    tensors, records = {}, []
-    for outcome, weight_hat in solved:
-        tensors |= {f"{outcome.name}.{part}": t for part, t in outcome.tensors.items()}
-        tensors[f"{outcome.name}.{WEIGHT_HAT}"] = weight_hat
-        records.append(LayerRecord.measured(outcome.name, outcome.spec, outcome.shape, outcome.error, outcome.damp_used,
-                                            outcome.seconds).to_meta())
+        hessian = merged_hessian(unit, sums, total_rows)
+        del sums
+        pieces = solve_unit_rows(unit, weights, hessian, spec, ctx.config.damp_percent, prefix, None if rows is None else tuple(rows))
+    tensors = {}
+    for piece in pieces:
+        stem = f"{piece.name}@{piece.start}."
+        tensors |= {stem + part: t for part, t in piece.tensors.items()}
+        tensors[stem + WEIGHT_HAT] = piece.weight_hat
+    described = [{"name": p.name, "start": p.start, "stop": p.stop, "error_num": p.error_num, "error_den": p.error_den,
+                  "damp_used": p.damp_used, "seconds": round(p.seconds, 3)} for p in pieces]
     with phase(timing, "store_io"):
-        key = artifact_key(UNIT_STAGE, CODE_VERSION, [plan["key"]], {"group": stage, "unit": unit})
-        ref = ctx.store.put_tensors(UNIT_STAGE, key, tensors, {"layers": records, "worker": worker})
-    return {"ref": ref.to_dict(), "worker": worker, "timing": timing}
+        key = artifact_key(UNIT_STAGE, CODE_VERSION, [plan["key"]], {"group": stage, "unit": unit, **({"rows": rows} if rows else {})})
+        ref = ctx.store.put_tensors(UNIT_STAGE, key, tensors, {"pieces": described, "worker": worker})
+    return {"ref": ref.to_dict(), "unit": unit, "worker": worker, "timing": timing}
 
 
 @task(name="shard-finish", task_run_name="block-{plan[index]:02d} / shard-{shard} / outputs", **_RETRIES)
@@ -238,15 +262,15 @@ def assemble_block(config: dict, plan: dict, solved: list[list[dict]], finished:
     timing: dict[str, float] = {}
     records, parts = [], {}
     with phase(timing, "store_io"):
-        for group in solved:
-            for unit in group:
-                ref = ref_of(unit["ref"])
-                tensors, meta = ctx.store.get_tensors(ref)
-                for record in meta["layers"]:
-                    layer = LayerRecord.from_meta(record)
-                    records.append(layer)
-                    parts[layer.name] = {part[len(layer.name) + 1:]: t for part, t in tensors.items()
-                                         if part.startswith(layer.name + ".") and not part.endswith("." + WEIGHT_HAT)}
+        pieces = [_unit_pieces(ctx, group) for group in solved]
+    # layers in the single-process path's order: group by group, unit by unit
+    for group_units, group_pieces in zip(plan["units"], pieces):
+        for unit in group_units:
+            spec = QuantSpec.from_dict(plan["specs"][unit[0]])
+            for outcome, _ in assemble_unit(unit, spec, [p for p in group_pieces if p.name in unit]):
+                records.append(LayerRecord.measured(outcome.name, outcome.spec, outcome.shape, outcome.error, outcome.damp_used,
+                                                    outcome.seconds, outcome.tensors))
+                parts[outcome.name] = outcome.tensors
     tensors, layers = BlockArtifact(records, parts, {}).encode()
     for task_result in [r for stage in stages for r in stage] + [u for group in solved for u in group] + finished:
         for name, value in task_result.get("timing", {}).items():

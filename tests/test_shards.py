@@ -11,8 +11,8 @@ import torch
 from layerquant.config import RunConfig
 from layerquant.solvers import architectures as arch_ops
 from layerquant.solvers.hessian import PairwiseSum, merge_partials, shard_batches, symmetric_gram
-from layerquant.solvers.reconstruct import quantize_block_sequential, solve_units
-from layerquant.solvers.sharded import set_weights, shard_sample_ranges, solve_from_partials, start_shard
+from layerquant.solvers.reconstruct import quantize_block_sequential, solve_unit, solve_units
+from layerquant.solvers.sharded import merged_hessian, set_weights, shard_sample_ranges, start_shard
 from layerquant.specs import QuantSpec
 from support.stories_block import BLOCK, one_thread, real_block  # noqa: F401 (fixtures)
 
@@ -64,7 +64,8 @@ def run_sharded(arch, context, weights, inputs, n_shards):
         solved = {}
         for run in solve_units(names, specs):
             float_w = [weights[f"{name}.weight"].float() for name in run]
-            for outcome, weight_hat in solve_from_partials(run, float_w, [p for p, _ in parts], rows, SPEC, 0.01, ""):
+            hessian = merged_hessian(run, [p for p, _ in parts], rows)
+            for outcome, weight_hat in solve_unit(run, float_w, hessian, SPEC, 0.01, ""):
                 codes[outcome.name] = outcome.tensors
                 solved[outcome.name] = weight_hat
         for shard in shards:
@@ -92,6 +93,55 @@ def test_one_two_and_four_shards_give_the_same_hessians_codes_and_outputs(real_b
             for part, tensor in tensors.items():
                 assert torch.equal(codes[name][part], tensor), (n_shards, name, part)
         assert torch.equal(outputs, one[2])
+
+
+def test_row_chunks_solved_apart_assemble_to_the_unit_solved_in_one_call(real_block, monkeypatch):
+    """A cluster solves a unit's row chunks in separate tasks (`solve_unit_rows` with a row
+    range each); assembled, they are the in-process solve to the bit: codes, weights, error."""
+    from layerquant.solvers import reconstruct
+
+    monkeypatch.setattr(reconstruct, "SOLVE_CHUNK_ROWS", 48)  # q/k/v stacked: 128 rows in chunks 48 + 48 + 32
+    inputs = real_block["x_train"][:16]
+    weights = {k: v.detach().float().clone() for k, v in real_block["block"].state_dict().items()}
+    run = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"]
+    layer_weights = [weights[f"{name}.weight"] for name in run]
+    with torch.no_grad():
+        x = real_block["block"].input_layernorm(inputs).reshape(-1, inputs.shape[-1])
+    hessian = (2 * x.T.double() @ x.double() / inputs.shape[0]).float()
+    assert [w.shape[0] for w in layer_weights] == [64, 32, 32]
+    whole = solve_unit(run, layer_weights, hessian, SPEC, 0.01, "")
+    assert reconstruct.solve_chunks(128, SPEC) == [(0, 48), (48, 96), (96, 128)]
+    for ranges in ([(0, 48), (48, 128)], [(0, 96), (96, 128)], [(96, 128), (0, 48), (48, 96)]):
+        pieces = [p for rows in ranges for p in reconstruct.solve_unit_rows(run, layer_weights, hessian, SPEC, 0.01, "", rows)]
+        assert len(pieces) == 4  # q cut at row 48; k and q's last rows share the second chunk; v the third
+        for (outcome, weight_hat), (expected, expected_hat) in zip(reconstruct.assemble_unit(run, SPEC, pieces), whole):
+            assert torch.equal(weight_hat, expected_hat) and outcome.error == expected.error, (ranges, outcome.name)
+            assert all(torch.equal(outcome.tensors[part], t) for part, t in expected.tensors.items())
+    # chunking is GPTQ's rows on their own: the codes are as good as one solve's (here the same)
+    monkeypatch.setattr(reconstruct, "SOLVE_CHUNK_ROWS", 1024)
+    unchunked = solve_unit(run, layer_weights, hessian, SPEC, 0.01, "")
+    for (outcome, _), (reference, _) in zip(whole, unchunked):
+        assert abs(outcome.error - reference.error) <= 1e-3 * reference.error, outcome.name
+    with pytest.raises(ValueError, match="do not cover"):
+        reconstruct.assemble_unit(run, SPEC, reconstruct.solve_unit_rows(run, layer_weights, hessian, SPEC, 0.01, "", (0, 48)))
+
+
+@pytest.mark.parametrize("bits", [4, 2])
+def test_the_solve_measures_its_error_from_its_own_column_loop(real_block, bits):
+    """GPTQ's relative error tr(E H E^T) / tr(W H W^T) from the loop's scaled errors and a
+    triangular solve (no product by H) is the directly computed one, with dead inputs too."""
+    from layerquant.solvers.gptq import relative_weighted_error
+
+    inputs = real_block["x_train"][:16]
+    with torch.no_grad():
+        x = real_block["block"].input_layernorm(inputs).reshape(-1, inputs.shape[-1]).double()
+    hessian = (2 * x.T @ x / x.shape[0]).float()
+    hessian[:, 5] = hessian[5, :] = 0.0  # an input channel that never fired
+    run = ["self_attn.q_proj", "self_attn.k_proj"]
+    weights = [real_block["block"].get_submodule(name).weight.detach().float() for name in run]
+    spec = QuantSpec(bits=bits, group_size=32, method="gptq", act_order=True)
+    for (outcome, weight_hat), weight in zip(solve_unit(run, weights, hessian, spec, 0.01, ""), weights):
+        assert outcome.error == pytest.approx(relative_weighted_error(weight, weight_hat, hessian), rel=1e-5), outcome.name
 
 
 def test_bad_cluster_settings_are_clear_errors():

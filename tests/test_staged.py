@@ -57,7 +57,9 @@ def assert_same_quantization(staged, reference):
     for mine, theirs in zip(staged, reference):
         for part in theirs.tensors:
             assert torch.equal(mine.tensors[part], theirs.tensors[part]), (mine.name, part)
-        assert mine.error == theirs.error
+        # the reference measures tr(E H E^T) with products by H; the solve takes it from its own
+        # column loop (solvers/gptq.gptq_row_errors): the same value to the factor's accuracy
+        assert mine.error == pytest.approx(theirs.error, rel=1e-5)
 
 
 def test_staged_codes_and_outputs_equal_the_recomputing_path_on_stories(real_block):
