@@ -171,7 +171,8 @@ def gptq_quantize(
     return GPTQResult(quantized=quantized, damp_used=damp_used, damped_row_loss=row_loss)
 
 
-def gptq_row_errors(weight: torch.Tensor, weight_hat: torch.Tensor, result: GPTQResult, setup: HessianSetup) -> tuple[torch.Tensor, torch.Tensor]:
+def gptq_row_errors(weight: torch.Tensor, weight_hat: torch.Tensor, result: GPTQResult,
+                    setup: HessianSetup) -> tuple[torch.Tensor, torch.Tensor]:
     """Per row of a GPTQ solve: (tr(E H E^T), tr(W H W^T)) of that row, float64, E = W - W_hat,
     H the undamped Hessian; what `hessian_weighted_error` computes with two products of the rows
     by H, here from what the solve already has.
