@@ -75,10 +75,7 @@ def prepare_hessian(hessian: torch.Tensor, act_order: bool, damp_percent: float,
         h = h.index_select(0, perm).index_select(1, perm)
     else:
         perm = torch.arange(h.shape[0])
-    hinv, damp_used = damped_inverse_cholesky(h, damp_percent, layer)
-    diagonal = torch.diag(h).clone()
-    diagonal[diagonal == 0] = 1.0  # as damped_inverse_cholesky sets the dead inputs' diagonal
-    shift = damp_used * diagonal.mean().item()
+    hinv, damp_used, shift = damped_inverse_cholesky(h, damp_percent, layer)
     return HessianSetup(dead=dead, perm=perm, inv_perm=torch.argsort(perm), hinv=hinv, damp_used=damp_used, damp_shift=shift)
 
 

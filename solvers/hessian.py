@@ -110,13 +110,14 @@ def shard_batches(n_batches: int, n_shards: int, shard: int) -> range:
 
 def damped_inverse_cholesky(
     hessian: torch.Tensor, damp_percent: float, layer: str, max_attempts: int = 6
-) -> tuple[torch.Tensor, float]:
+) -> tuple[torch.Tensor, float, float]:
     """Upper Cholesky factor of H^-1 after damping; damping grows x10 until H is positive definite.
 
     Dead inputs (zero diagonal: a channel that never fires) get a unit diagonal so they cannot
     make H singular; GPTQ zeroes their weight columns separately.
     Works in the Hessian's dtype (GPTQ factors in float32; damping absorbs the rounding).
-    Returns the factor and the damping fraction that worked.
+    Returns the factor, the damping fraction that worked and the amount it added to the
+    diagonal (damping x the mean diagonal).
     """
     h = hessian.clone()
     dead = torch.diag(h) == 0
@@ -135,6 +136,6 @@ def damped_inverse_cholesky(
             upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
             del inverse
             if info.item() == 0 and torch.isfinite(upper).all():
-                return upper, damp
+                return upper, damp, damp * mean_diag
         damp *= 10
     raise HessianNotPositiveDefinite(layer, damp / 10)

@@ -208,14 +208,26 @@ def solve_unit_rows(run: Sequence[str], weights: Sequence[torch.Tensor], hessian
     return pieces
 
 
+def _layer_pieces(pieces: Sequence[UnitPiece], name: str) -> list[UnitPiece]:
+    """The pieces of layer `name` in row order; they must cover its rows exactly once."""
+    own = sorted((p for p in pieces if p.name == name), key=lambda p: p.start)
+    if not own or own[0].start != 0 or any(x.stop != y.start for x, y in pairwise(own)):
+        raise ValueError(f"the solved pieces of {name} do not cover its rows: {[(p.start, p.stop) for p in own]}")
+    return own
+
+
+def dequantized_weights(pieces: Sequence[UnitPiece]) -> dict[str, torch.Tensor]:
+    """Layer -> its dequantized weight, from solved pieces of one or more units (any order)."""
+    names = dict.fromkeys(p.name for p in pieces)
+    return {name: torch.cat([p.weight_hat for p in _layer_pieces(pieces, name)]) for name in names}
+
+
 def assemble_unit(run: Sequence[str], spec: QuantSpec, pieces: Sequence[UnitPiece]) -> list[tuple[LayerOutcome, torch.Tensor]]:
     """(outcome, dequantized weight) per layer of the unit from its pieces (any order): parts
     and weights concatenated by rows, the relative error summed over the pieces in row order."""
     solved = []
     for name in run:
-        own = sorted((p for p in pieces if p.name == name), key=lambda p: p.start)
-        if not own or own[0].start != 0 or any(x.stop != y.start for x, y in pairwise(own)):
-            raise ValueError(f"the solved pieces of {name} do not cover its rows: {[(p.start, p.stop) for p in own]}")
+        own = _layer_pieces(pieces, name)
         if len(own) == 1:
             tensors, weight_hat = own[0].tensors, own[0].weight_hat
         else:

@@ -27,7 +27,8 @@ from layerquant.config import CODE_VERSION
 from layerquant.errors import InvalidSpec
 from layerquant.infra.checkpoint import tensors_fingerprint
 from layerquant.infra.store import artifact_key
-from layerquant.solvers.reconstruct import ERROR_SAMPLES, UnitPiece, assemble_unit, solve_chunks, solve_unit_rows, solve_units
+from layerquant.solvers.reconstruct import (ERROR_SAMPLES, UnitPiece, assemble_unit, dequantized_weights, solve_chunks, solve_unit_rows,
+                                             solve_units)
 from layerquant.solvers.sharded import float_output_error, merged_hessian, set_weights, shard_sample_ranges, start_shard
 from layerquant.specs import QuantSpec
 from layerquant.tasks.blocks import BLOCK_STAGE, block_key
@@ -139,10 +140,7 @@ def _unit_pieces(ctx: RunContext, results: list[dict]) -> list[UnitPiece]:
 
 def _solved_weights(ctx: RunContext, unit_refs: list[dict]) -> dict[str, torch.Tensor]:
     """Layer -> dequantized weight, from the solve tasks' results of one or more groups."""
-    weights: dict[str, list[UnitPiece]] = {}
-    for piece in _unit_pieces(ctx, unit_refs):
-        weights.setdefault(piece.name, []).append(piece)
-    return {name: torch.cat([p.weight_hat for p in sorted(own, key=lambda p: p.start)]) for name, own in weights.items()}
+    return dequantized_weights(_unit_pieces(ctx, unit_refs))
 
 
 def _shard_at(ctx: RunContext, memory: dict, plan: dict, shard: int, stage: int, solved: list[list[dict]]):

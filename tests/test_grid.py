@@ -9,20 +9,16 @@ from safetensors.torch import load_file
 from layerquant.solvers.grid import CLIP_NORM, CLIP_SHRINKS, _grid_from_range, fit_grid, max_code
 
 
-def reference_errors(w: torch.Tensor, bits: int, sym: bool) -> torch.Tensor:
-    """[shrinks, rows] CLIP_NORM norms of the rounding error, one fused pass per factor."""
-    lo, hi = w.amin(dim=1).clamp(max=0), w.amax(dim=1).clamp(min=0)
-    rows = []
-    for shrink in CLIP_SHRINKS:
-        scale, zero = _grid_from_range(lo * shrink, hi * shrink, bits, sym)
-        rounded = torch.fake_quantize_per_channel_affine(w, scale, zero.to(torch.int32), 0, 0, max_code(bits))
-        rows.append(torch.linalg.vector_norm(rounded - w, ord=CLIP_NORM, dim=1))
-    return torch.stack(rows)
-
-
 def chosen_error(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
+    """Per-row CLIP_NORM norm of the rounding error on one grid, by torch's fused fake-quantization."""
     rounded = torch.fake_quantize_per_channel_affine(w, scale, zero.to(torch.int32), 0, 0, max_code(bits))
     return torch.linalg.vector_norm(rounded - w, ord=CLIP_NORM, dim=1)
+
+
+def reference_errors(w: torch.Tensor, bits: int, sym: bool) -> torch.Tensor:
+    """[shrinks, rows]: `chosen_error` of every shrink factor's grid, one fused pass per factor."""
+    lo, hi = w.amin(dim=1).clamp(max=0), w.amax(dim=1).clamp(min=0)
+    return torch.stack([chosen_error(w, *_grid_from_range(lo * shrink, hi * shrink, bits, sym), bits) for shrink in CLIP_SHRINKS])
 
 
 @pytest.fixture(scope="module")
@@ -31,6 +27,7 @@ def weight_groups(stories_model) -> dict[str, torch.Tensor]:
     (128 wide) whose outliers make clipping worth it, one group per row as fit_groups views them."""
     state = load_file(f"{stories_model}/model.safetensors")
     real = torch.cat([t.float().reshape(-1, 32) for name, t in state.items() if name.endswith("proj.weight")])
+    torch.manual_seed(0)  # the same heavy-tailed draw every run
     heavy = torch.distributions.StudentT(2.5).sample((3000, 128))
     return {"stories260K": real, "student-t": heavy}
 
@@ -53,7 +50,7 @@ def test_clip_search_picks_the_least_error_shrink_of_the_reference(weight_groups
 
 
 def test_clip_search_handles_zero_rows_and_ragged_chunks():
-    w = torch.randn(1001, 96)
+    w = torch.randn(1001, 96, generator=torch.Generator().manual_seed(1))
     w[7] = 0.0
     scale, zero = fit_grid(w, 3, False, clip_search=True)
     assert scale.shape == (1001,) and torch.isfinite(scale).all() and scale[7] == 1.0 and zero[7] == 0.0
