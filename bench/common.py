@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import threading
 import time
@@ -98,6 +99,36 @@ def settle(max_load: float | None, max_wait_s: float = 240.0) -> float:
     while os.getloadavg()[0] >= max_load and time.monotonic() - started < max_wait_s:
         time.sleep(5)
     return round(time.monotonic() - started, 1)
+
+
+# what a layerquant store folder holds (infra/store.py, infra/lease.py): nothing else is ever deleted
+STORE_ENTRIES = {"cas", "runs", "leases"}
+
+
+def empty_store(folder: str | os.PathLike[str]) -> None:
+    """Delete a layerquant store so that a benchmark measures a cold run; refuses a folder that
+    holds anything a store does not (a mistyped --store must not cost a user their files)."""
+    path = Path(folder).expanduser()
+    if not path.exists():
+        return
+    foreign = sorted(p.name for p in path.iterdir()) if path.is_dir() else [path.name]
+    foreign = [name for name in foreign if name not in STORE_ENTRIES]
+    if foreign:
+        raise SystemExit(f"{path} is not a layerquant store (it holds {', '.join(foreign[:5])}): refusing to empty it; "
+                         "pass a --store folder that only layerquant uses")
+    shutil.rmtree(path)
+
+
+def commit() -> str:
+    """The checkout's commit (with "+dirty" when files differ from it): which code a row measured."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True, text=True,
+                               check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head + ("+dirty" if dirty else "")
 
 
 def conditions() -> dict:

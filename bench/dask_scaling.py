@@ -18,8 +18,9 @@ Full configuration (the issue's): --hidden 2048 --intermediate 5632 --nsamples 6
 machine to itself for the timings to mean anything). --tiny runs a small configuration in a few
 minutes to check the script end to end; its numbers say nothing about scaling.
 
-Run: .venv/bin/python bench/dask_scaling.py [--tiny] [--workdir DIR] [--skip-memory]
-Writes bench/results/dask_scaling.json (one row per case; --tiny rows are marked "tiny").
+Run: .venv/bin/python bench/dask_scaling.py [--tiny] [--workdir DIR] [--only scaling|memory]
+Writes bench/results/dask_scaling.json (one row per case, each part as soon as it is measured; --tiny rows are
+marked "tiny"; a part re-run replaces its rows of the same configuration).
 """
 from __future__ import annotations
 
@@ -33,7 +34,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import conditions, load_rows, machine, run_measured, write_rows  # noqa: E402
+from common import commit, conditions, empty_store, load_rows, machine, run_measured, write_rows  # noqa: E402
 from memory_streaming import synthesize  # noqa: E402
 
 
@@ -58,7 +59,7 @@ def block_seconds(store: Path, skip_first: bool = False) -> float:
 
 def run_case(workdir: Path, model: Path, workers: int, args) -> dict:
     store, out = workdir / f"store-{model.name}-w{workers}", workdir / f"out-{model.name}-w{workers}"
-    shutil.rmtree(store, ignore_errors=True)  # a cold run, not cache hits
+    empty_store(store)  # a cold run, not cache hits
     command = [str(Path(sys.executable).parent / "layerquant"), "quantize", "--model", str(model),
                "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen), "--eval-windows", "2", "--eval-seqlen", str(args.seqlen),
                "--bits", "4", "--group-size", "128", "--workers", str(workers), "--threads-per-worker", "1",
@@ -83,48 +84,72 @@ def run_case(workdir: Path, model: Path, workers: int, args) -> dict:
     return measured
 
 
+def scaling_row(common: dict, blocks: int, size: int, one: dict, two: dict) -> dict:
+    return common | {"case": "scaling", "n_blocks": blocks, "model_mb": round(size / 2**20, 1),
+                     "time1_blocks_s": one["blocks_s"], "time2_blocks_s": two["blocks_s"],
+                     "efficiency_blocks": round(one["blocks_s"] / (2 * two["blocks_s"]), 3),
+                     "time1_warm_blocks_s": one["warm_blocks_s"], "time2_warm_blocks_s": two["warm_blocks_s"],
+                     "efficiency_warm_blocks": round(one["warm_blocks_s"] / (2 * max(two["warm_blocks_s"], 1e-9)), 3),
+                     "time1_wall_s": one["wall_s"], "time2_wall_s": two["wall_s"],
+                     "efficiency_wall": round(one["wall_s"] / (2 * two["wall_s"]), 3)}
+
+
+def memory_rows(common: dict, cases: list[tuple[int, dict, int]]) -> list[dict]:
+    """Per worker and depth: peak and idle RSS and the working set against the model's size;
+    then the flatness of the largest peak between the depths."""
+    rows = []
+    for blocks, case, model_bytes in cases:
+        for worker, memory in sorted(case["worker_memory"].items()):
+            working = memory["peak_rss_mb"] - memory["idle_rss_mb"]
+            rows.append(common | {"case": "memory", "n_blocks": blocks, "model_mb": round(model_bytes / 2**20, 1), "worker": worker,
+                                  **memory, "working_mb": round(working, 1),
+                                  "working_fraction_of_model": round(working / (model_bytes / 2**20), 4)})
+    peaks = {blocks: max(r["peak_rss_mb"] for r in rows if r["n_blocks"] == blocks) for blocks, _, _ in cases}
+    (shallow, _, _), (deep, _, _) = cases
+    rows.append(common | {"case": "memory_flatness", "peak_rss_24_mb": peaks[shallow], "peak_rss_48_mb": peaks[deep],
+                          "ratio": round(peaks[deep] / peaks[shallow], 3)})
+    return rows
+
+
+def save(rows: list[dict], tiny: bool, replaced_cases: set[str]) -> None:
+    """Keep the other configuration's rows and this configuration's rows of cases not re-run."""
+    kept = [r for r in load_rows("dask_scaling") if r.get("tiny") != tiny or r.get("case") not in replaced_cases]
+    write_rows("dask_scaling", kept + rows)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--workdir", default=None)
     parser.add_argument("--tiny", action="store_true", help="a small configuration that checks the script, not the scaling")
-    parser.add_argument("--skip-memory", action="store_true", help="only the scaling pair (no 48-block model)")
+    parser.add_argument("--only", choices=("scaling", "memory"), default=None,
+                        help="one measurement: the 1 vs 2 worker pair, or 24 vs 48 blocks on 2 workers")
+    parser.add_argument("--skip-memory", action="store_true", help="same as --only scaling")
     args = parser.parse_args()
     if args.tiny:
         args.hidden, args.intermediate, args.blocks, args.nsamples, args.seqlen = 256, 512, 2, 16, 64
     else:
         args.hidden, args.intermediate, args.blocks, args.nsamples, args.seqlen = 2048, 5632, 24, 64, 256
+    only = "scaling" if args.skip_memory else args.only
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="lq-daskbench-"))
-    at_start = conditions()
     common = {"bench": "dask_scaling", "tool": "layerquant", "hidden": args.hidden, "nsamples": args.nsamples, "seqlen": args.seqlen,
-              "threads_per_worker": 1, "tiny": args.tiny, **at_start, "machine": machine(),
+              "threads_per_worker": 1, "tiny": args.tiny, **conditions(), "machine": machine(), "commit": commit(),
               "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-    rows = []
     model, size = model_folder(workdir, args.hidden, args.intermediate, args.blocks)
-    one = run_case(workdir, model, 1, args)
-    two = run_case(workdir, model, 2, args)
-    assert one["ppl_quant"] == two["ppl_quant"], "1 and 2 workers must give the same model"
-    rows.append(common | {"case": "scaling", "n_blocks": args.blocks, "model_mb": round(size / 2**20, 1),
-                          "time1_blocks_s": one["blocks_s"], "time2_blocks_s": two["blocks_s"],
-                          "efficiency_blocks": round(one["blocks_s"] / (2 * two["blocks_s"]), 3),
-                          "time1_warm_blocks_s": one["warm_blocks_s"], "time2_warm_blocks_s": two["warm_blocks_s"],
-                          "efficiency_warm_blocks": round(one["warm_blocks_s"] / (2 * max(two["warm_blocks_s"], 1e-9)), 3),
-                          "time1_wall_s": one["wall_s"], "time2_wall_s": two["wall_s"],
-                          "efficiency_wall": round(one["wall_s"] / (2 * two["wall_s"]), 3)})
-    if not args.skip_memory:
+    two = None
+    if only in (None, "scaling"):
+        one = run_case(workdir, model, 1, args)
+        two = run_case(workdir, model, 2, args)
+        assert one["ppl_quant"] == two["ppl_quant"], "1 and 2 workers must give the same model"
+        row = scaling_row(common, args.blocks, size, one, two)
+        print(json.dumps(row, indent=2))
+        save([row], args.tiny, {"scaling"})  # written now: the memory part takes longer still
+    if only in (None, "memory"):
+        two = two or run_case(workdir, model, 2, args)
         deep, deep_size = model_folder(workdir, args.hidden, args.intermediate, 2 * args.blocks)
         deeper = run_case(workdir, deep, 2, args)
-        for blocks, case, model_bytes in ((args.blocks, two, size), (2 * args.blocks, deeper, deep_size)):
-            for worker, memory in sorted(case["worker_memory"].items()):
-                rows.append(common | {"case": "memory", "n_blocks": blocks, "model_mb": round(model_bytes / 2**20, 1), "worker": worker,
-                                      **memory, "working_mb": round(memory["peak_rss_mb"] - memory["idle_rss_mb"], 1),
-                                      "working_fraction_of_model": round((memory["peak_rss_mb"] - memory["idle_rss_mb"]) / (model_bytes / 2**20), 4)})
-        peaks = {blocks: max(r["peak_rss_mb"] for r in rows if r["case"] == "memory" and r["n_blocks"] == blocks)
-                 for blocks in (args.blocks, 2 * args.blocks)}
-        rows.append(common | {"case": "memory_flatness", "peak_rss_24_mb": peaks[args.blocks], "peak_rss_48_mb": peaks[2 * args.blocks],
-                              "ratio": round(peaks[2 * args.blocks] / peaks[args.blocks], 3)})
-    print(json.dumps(rows, indent=2))
-    kept = [r for r in load_rows("dask_scaling") if r.get("tiny") != args.tiny]
-    write_rows("dask_scaling", kept + rows)
+        rows = memory_rows(common, [(args.blocks, two, size), (2 * args.blocks, deeper, deep_size)])
+        print(json.dumps(rows, indent=2))
+        save(rows, args.tiny, {"memory", "memory_flatness"})
     return 0
 
 

@@ -127,9 +127,11 @@ def _run_stages(config, run_config, reader, run_id, progress, force_blocks, star
         record_manifest(run_config.store, run_id, "running", run_manifest(config, n_blocks, blocks, scored))
 
     evaluations = {}
+    # the calibration hashed the embedding already: the evaluations' keys reuse its fingerprint
+    embed_fp = None if calibration is None else calibration["meta"].get("embed_fp")
     for text_index, text_name in enumerate(run_config.eval_names()):
         raise_if_cancelled()
-        float_result = evaluate(config, "float", blocks, text_index)
+        float_result = evaluate(config, "float", blocks, text_index, embed_fp=embed_fp)
         raise_if_cancelled()
         # scored next to the float model's stored last hidden states (when it keeps them): KL, top-1
         evaluations[text_name] = (float_result, evaluate(config, "quant", blocks, text_index, float_result))
@@ -139,7 +141,8 @@ def _run_stages(config, run_config, reader, run_id, progress, force_blocks, star
         plan = plan | fit_higgs(config, ppl_fp["ppl"], plan["predicted_loss"])
     metas = [ArtifactRef.from_dict(b["block"]).meta for b in blocks]
     wall_s = time.perf_counter() - started
-    task_timings = [b["timing"] for b in blocks] + [s.get("timing", {}) for s in scored] + [result["timing"] for pair in evaluations.values() for result in pair]
+    task_timings = ([calibration["timing"]] if calibration is not None else []) + [b["timing"] for b in blocks] \
+        + [s.get("timing", {}) for s in scored] + [result["timing"] for pair in evaluations.values() for result in pair]
     report = build_report(
         metas,
         [reader.block_prefix(i) for i in range(n_blocks)],

@@ -129,7 +129,7 @@ class CheckpointReader:
         info = header[name]
         begin, end = info["data_offsets"]
         data_start = self._data_start[shard]
-        dtype = _SAFETENSORS_DTYPES.get(info["dtype"])
+        dtype = SAFETENSORS_DTYPES.get(info["dtype"])
         if dtype is None:
             raise InvalidModel(f"tensor {name} has unsupported dtype {info['dtype']}", "convert the checkpoint to F32/F16/BF16")
         buffer = bytearray(end - begin)
@@ -196,7 +196,7 @@ class CheckpointReader:
 
     def dtype_of(self, name: str) -> torch.dtype:
         info = self.headers[self.weight_map[name]][name]
-        return _SAFETENSORS_DTYPES[info["dtype"]]
+        return SAFETENSORS_DTYPES[info["dtype"]]
 
 
 def tensors_fingerprint(named_tensors: Iterable[tuple[str, torch.Tensor]]) -> str:
@@ -209,8 +209,9 @@ def tensors_fingerprint(named_tensors: Iterable[tuple[str, torch.Tensor]]) -> st
     return digest.hexdigest()
 
 
-_SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
-                       "I64": torch.int64, "I32": torch.int32, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+# safetensors' dtype names (the format's header) and torch's
+SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64, "I64": torch.int64,
+                      "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
 
 
 @contextmanager
@@ -237,7 +238,7 @@ def atomic_output_dir(out_dir: str | os.PathLike[str]) -> Iterator[Path]:
         shutil.rmtree(tmp_dir, ignore_errors=True)
 
 
-_DTYPE_NAMES = {dtype: name for name, dtype in _SAFETENSORS_DTYPES.items()}
+_DTYPE_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
 
 
 def write_safetensors_streaming(path: Path, specs: list[tuple[str, torch.dtype, list[int]]], produce: Callable[[str], torch.Tensor]) -> int:

@@ -27,6 +27,7 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 from layerquant.errors import ArtifactCorrupt, ArtifactMissing
+from layerquant.infra.checkpoint import SAFETENSORS_DTYPES
 from layerquant.infra.paths import check_folder_path, current_umask
 from layerquant.specs import ArtifactRef, canonical_json
 
@@ -136,7 +137,9 @@ class ArtifactStore(ABC):
 
     def get_tensors(self, ref: ArtifactRef) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         data = self.verified_bytes(ref)
-        return load_safetensors(data), dict(ref.meta)
+        # a writable buffer (a local store's read) is shared by the tensors, not copied: half the
+        # memory of reading a Gram sum or a block's activations
+        return (tensors_over_buffer(data) if isinstance(data, bytearray) else load_safetensors(data)), dict(ref.meta)
 
     def get_json(self, ref: ArtifactRef) -> Any:
         return json.loads(self.verified_bytes(ref))
@@ -148,6 +151,25 @@ class ArtifactStore(ABC):
     def read_manifest(self, run_id: str) -> dict[str, Any] | None:
         raw = self.read_bytes(f"runs/{run_id}/manifest.json")
         return None if raw is None else json.loads(raw)
+
+
+def tensors_over_buffer(data: bytearray) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file held in `data`, as views of it (no copy): the format
+    is an 8-byte header length, a JSON header of dtype / shape / byte offsets per tensor, then
+    the tensors' bytes, aligned for their dtypes. The tensors keep `data` alive."""
+    header_len = int.from_bytes(data[:8], "little")
+    header = json.loads(bytes(data[8 : 8 + header_len]))
+    base = 8 + header_len
+    tensors = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        dtype = SAFETENSORS_DTYPES[info["dtype"]]
+        start, end = info["data_offsets"]
+        count = (end - start) // dtype.itemsize
+        flat = torch.frombuffer(data, dtype=dtype, count=count, offset=base + start) if count else torch.empty(0, dtype=dtype)
+        tensors[name] = flat.view(info["shape"])
+    return tensors
 
 
 class LocalStore(ArtifactStore):
@@ -198,9 +220,15 @@ class LocalStore(ArtifactStore):
         finally:
             Path(tmp).unlink(missing_ok=True)
 
-    def read_bytes(self, path: str) -> bytes | None:
+    def read_bytes(self, path: str) -> bytearray | None:
+        """The file's bytes in a writable buffer: tensors read from it share its memory."""
         try:
-            return self._full(path).read_bytes()
+            with open(self._full(path), "rb") as handle:
+                size = os.fstat(handle.fileno()).st_size
+                data = bytearray(size)
+                if handle.readinto(data) != size:
+                    raise OSError(f"{path}: short read (the file changed while it was read)")
+                return data
         except FileNotFoundError:
             return None
 

@@ -21,9 +21,10 @@ def machine_description() -> str:
     return f"{platform.machine()}, {os.cpu_count()} cores, {memory_gb:.0f} GiB, {gpu}"
 
 
-# the time split of a run, in the order a person reads it; "orchestration" is the rest of the
-# wall time: Prefect (task runs, artifacts, manifests) plus small untimed work (tokenizing)
-TIMING_PHASES = ("read_weights", "forward", "hessian", "solve", "tuning", "scoring", "evaluation", "store_io", "lease_wait")
+# the time split of a run, in the order a person reads it ("calibration": tokenizing the windows
+# and embedding them); "orchestration" is the rest of the wall time: Prefect (task runs,
+# artifacts, manifests) plus the untimed work inside tasks (opening the store and checkpoint)
+TIMING_PHASES = ("calibration", "read_weights", "forward", "hessian", "solve", "tuning", "scoring", "evaluation", "store_io", "lease_wait")
 
 
 def timing_summary(task_timings: list[dict[str, float]], wall_s: float) -> dict[str, Any]:

@@ -70,12 +70,10 @@ def prepare_hessian(hessian: torch.Tensor, act_order: bool, damp_percent: float,
     # working set for the 4-5 Hessian-sized buffers the factorization needs
     h = hessian.to(torch.float32)
     dead = torch.diag(h) == 0
-    if act_order:
-        perm = torch.argsort(torch.diag(h), descending=True, stable=True)
-        h = h.index_select(0, perm).index_select(1, perm)
-    else:
+    perm = torch.argsort(torch.diag(h), descending=True, stable=True) if act_order else None
+    hinv, damp_used, shift = damped_inverse_cholesky(h, damp_percent, layer, perm=perm)
+    if perm is None:
         perm = torch.arange(h.shape[0])
-    hinv, damp_used, shift = damped_inverse_cholesky(h, damp_percent, layer)
     return HessianSetup(dead=dead, perm=perm, inv_perm=torch.argsort(perm), hinv=hinv, damp_used=damp_used, damp_shift=shift)
 
 

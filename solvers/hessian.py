@@ -7,39 +7,102 @@ import torch
 from layerquant.errors import HessianNotPositiveDefinite
 
 
-def batch_gram(inputs: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """(X^T X of one batch of layer inputs [..., in_features], its row count).
+def batch_gram(inputs: torch.Tensor) -> tuple["GramPanels", int]:
+    """(X^T X of one batch of layer inputs [..., in_features] as `GramPanels`, its row count).
 
     The batch's own Gram matrix is formed in float32: a batch is a few thousand rows, whose
     float32 sum is good to ~1e-6 relative (GPTQ factors in float32 anyway), and the float64
     product was a sixth of a block's quantization time. Batches are summed in float64 (so long
-    calibration runs lose no small contributions) in a fixed order: `PairwiseSum`."""
+    calibration runs lose no small contributions) in a fixed order: `PairwiseSum`, which takes
+    the float32 Gram as it is and widens it when it adds it (exactly: every float32 is a
+    float64), so a leaf waiting for its sibling holds half the memory."""
     x = inputs.reshape(-1, inputs.shape[-1]).to(torch.float32)
-    return symmetric_gram(x).to(torch.float64), x.shape[0]
+    return gram_panels(x), x.shape[0]
 
 
-# column panel width of `symmetric_gram`: panels of this size keep each product large enough
+# column panel width of `gram_panels`: panels of this size keep each product large enough
 # for BLAS to run at full speed
 _GRAM_PANEL = 512
 
 
-def symmetric_gram(x: torch.Tensor) -> torch.Tensor:
-    """X^T X [n, n] computed a column panel at a time, upper triangle only, mirrored: about
+class GramPanels:
+    """A symmetric [n, n] Gram matrix, or a sum of them, kept as its upper triangle in row
+    panels: panel i holds rows [s_i, s_i + w_i) from column s_i on (one panel: the whole
+    matrix). For p panels that is (p + 1) / 2p of the full matrix: 55% for a 5632-wide down_proj
+    input, whose float64 sums are a block's largest buffers. Sums are taken panel by panel, so
+    every entry is the same float64 addition as on full matrices; the lower triangle is the
+    mirror, as it is in each batch's Gram."""
+
+    def __init__(self, panels: list[torch.Tensor]):
+        self.panels = panels
+
+    @property
+    def size(self) -> int:
+        return int(self.panels[0].shape[1])
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.panels[0].dtype
+
+    def to(self, dtype: torch.dtype) -> "GramPanels":
+        return GramPanels([panel.to(dtype) for panel in self.panels])
+
+    def clone(self) -> "GramPanels":
+        return GramPanels([panel.clone() for panel in self.panels])
+
+    def add_(self, other: "GramPanels") -> "GramPanels":
+        for panel, addend in zip(self.panels, other.panels, strict=True):
+            panel.add_(addend)
+        return self
+
+    def _fill(self, out: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+        start = 0
+        for panel in self.panels:
+            end = start + panel.shape[0]
+            if scale is not None:
+                panel = panel.mul_(scale)
+            out[start:end, start:] = panel
+            out[end:, start:end] = panel[:, end - start :].T
+            start = end
+        return out
+
+    def full(self) -> torch.Tensor:
+        """The [n, n] matrix in the panels' dtype."""
+        return self._fill(torch.empty(self.size, self.size, dtype=self.dtype, device=self.panels[0].device))
+
+    def hessian(self, rows: int) -> torch.Tensor:
+        """H = 2/rows * sum X^T X in float32 (how GPTQ factors it), scaled in float64 panel by
+        panel (overwriting them): the same bits as scaling the float64 full matrix and rounding
+        it, without ever holding that matrix."""
+        out = torch.empty(self.size, self.size, dtype=torch.float32, device=self.panels[0].device)
+        return self._fill(out, 2.0 / rows)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The panels by name, to store; `from_tensors` reads them back."""
+        return {f"panel.{i:03d}": panel for i, panel in enumerate(self.panels)}
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor]) -> "GramPanels":
+        return cls([tensors[name] for name in sorted(tensors) if name.startswith("panel.")])
+
+
+def gram_panels(x: torch.Tensor) -> GramPanels:
+    """X^T X of x [rows, n] computed a column panel at a time, upper triangle only: about
     (p + 1) / 2p of the multiply-adds for p panels. Each entry is the same dot product over the
-    rows as in X^T X (it matched x.T @ x to the bit on 640- to 2048-wide inputs), and the result
-    is exactly symmetric. 2048 wide, 4096 rows, 2 cores: 209 ms against 347 ms."""
+    rows as in X^T X (it matched x.T @ x to the bit on 640- to 2048-wide inputs).
+    2048 wide, 4096 rows, 2 cores: 209 ms against 347 ms."""
     n = x.shape[1]
     panels = -(-n // _GRAM_PANEL)
     if panels < 2:
-        return x.T @ x
+        return GramPanels([x.T @ x])
     width = -(-n // panels)
-    gram = torch.empty(n, n, dtype=x.dtype, device=x.device)
-    for start in range(0, n, width):
-        end = min(start + width, n)
-        rows = x[:, start:end].T @ x[:, start:]  # [panel, n - start]: this panel's row of blocks, from the diagonal on
-        gram[start:end, start:] = rows
-        gram[end:, start:end] = rows[:, end - start:].T
-    return gram
+    # [panel, n - start]: the panel's row of blocks, from the diagonal on
+    return GramPanels([x[:, start : min(start + width, n)].T @ x[:, start:] for start in range(0, n, width)])
+
+
+def symmetric_gram(x: torch.Tensor) -> torch.Tensor:
+    """X^T X [n, n] by `gram_panels`, mirrored: exactly symmetric."""
+    return gram_panels(x).full()
 
 
 class PairwiseSum:
@@ -51,7 +114,8 @@ class PairwiseSum:
     exactly the single-process total: 1, 2 or 4 shards give bit-identical Hessians.
 
     Memory: at most log2(leaves) + 1 partial sums are alive (a stack, as in a binary counter).
-    `add(None)` counts an absent leaf (an empty shard)."""
+    `add(None)` counts an absent leaf (an empty shard). Leaves may be float32 (batch Grams); every
+    sum is float64, and so is `total()`."""
 
     def __init__(self) -> None:
         self._stack: list[tuple[int, torch.Tensor | None]] = []  # (tree level, node sum)
@@ -70,7 +134,7 @@ class PairwiseSum:
         node = None
         for _, left in reversed(self._stack):
             node = _add_nodes(left, node)
-        return node
+        return node if node is None or node.dtype == torch.float64 else node.to(torch.float64)
 
 
 def _add_nodes(left: torch.Tensor | None, right: torch.Tensor | None) -> torch.Tensor | None:
@@ -78,10 +142,12 @@ def _add_nodes(left: torch.Tensor | None, right: torch.Tensor | None) -> torch.T
         return right
     if right is None:
         return left
-    return left.add_(right)  # the left node is owned by the tree: reuse its memory
+    # the left node is owned by the tree: its memory is reused once it is float64 (a float32
+    # leaf is widened first; the float32 right side is widened exactly by the in-place add)
+    return (left if left.dtype == torch.float64 else left.to(torch.float64)).add_(right)
 
 
-def merge_partials(partials: list[torch.Tensor | None]) -> torch.Tensor | None:
+def merge_partials(partials: list[torch.Tensor | GramPanels | None]) -> torch.Tensor | GramPanels | None:
     """The tree's upper levels over shard partial sums given in shard order (a power of two of
     them, each the sum of an aligned run of leaves: see `shard_batches`)."""
     tree = PairwiseSum()
@@ -90,9 +156,12 @@ def merge_partials(partials: list[torch.Tensor | None]) -> torch.Tensor | None:
     return tree.total()
 
 
-def hessian_from_sum(gram_sum: torch.Tensor, rows: int) -> torch.Tensor:
-    """H = 2/n * sum X^T X, in float64, from the exact-order sum of batch Grams."""
-    return gram_sum.mul_(2.0 / rows)
+def hessian_from_sum(gram_sum: torch.Tensor | GramPanels, rows: int) -> torch.Tensor:
+    """H = 2/n * sum X^T X from the exact-order float64 sum of batch Grams (overwritten),
+    handed on in float32: GPTQ factors in float32."""
+    if isinstance(gram_sum, GramPanels):
+        return gram_sum.hessian(rows)
+    return gram_sum.mul_(2.0 / rows).to(torch.float32)
 
 
 def next_power_of_two(n: int) -> int:
@@ -109,32 +178,35 @@ def shard_batches(n_batches: int, n_shards: int, shard: int) -> range:
 
 
 def damped_inverse_cholesky(
-    hessian: torch.Tensor, damp_percent: float, layer: str, max_attempts: int = 6
+    hessian: torch.Tensor, damp_percent: float, layer: str, max_attempts: int = 6, perm: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, float, float]:
     """Upper Cholesky factor of H^-1 after damping; damping grows x10 until H is positive definite.
+    `perm`: the column order to factor in (GPTQ's act_order), the natural order by default.
 
     Dead inputs (zero diagonal: a channel that never fires) get a unit diagonal so they cannot
     make H singular; GPTQ zeroes their weight columns separately.
     Works in the Hessian's dtype (GPTQ factors in float32; damping absorbs the rounding).
     Returns the factor, the damping fraction that worked and the amount it added to the
-    diagonal (damping x the mean diagonal).
+    diagonal (damping x the mean diagonal). Memory: the working copy is damped, factored, then
+    overwritten by the inverse, so three Hessian-sized buffers are alive at the peak besides the
+    caller's, not four (a 5632-wide down_proj's are 127 MB each); a retry makes a new copy.
     """
-    h = hessian.clone()
-    dead = torch.diag(h) == 0
-    h[dead, dead] = 1.0
-    diagonal = torch.diag(h).clone()
+    def working_copy() -> torch.Tensor:
+        return hessian.clone() if perm is None else hessian.index_select(0, perm).index_select(1, perm)
+
+    diagonal = torch.diag(hessian) if perm is None else torch.diag(hessian)[perm]
+    diagonal = torch.where(diagonal == 0, torch.ones_like(diagonal), diagonal)
     mean_diag = diagonal.mean().item()
     damp = damp_percent
     for _ in range(max_attempts):
-        # damp in place and factor into fresh buffers one at a time: a 4096-wide float64
-        # Hessian is 134 MB, and holding five copies of it dominated a block's peak memory
+        h = working_copy()
         h.diagonal().copy_(diagonal + damp * mean_diag)
         chol, info = torch.linalg.cholesky_ex(h)
         if info.item() == 0:
-            inverse = torch.cholesky_inverse(chol)
+            inverse = torch.cholesky_inverse(chol, out=h)
             del chol
             upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
-            del inverse
+            del inverse, h
             if info.item() == 0 and torch.isfinite(upper).all():
                 return upper, damp, damp * mean_diag
         damp *= 10

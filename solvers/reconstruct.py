@@ -94,7 +94,7 @@ def collect_hessians(
             handle.remove()
     # accumulated in float64 for accuracy, handed on in float32: GPTQ factors in float32 and
     # a float64 copy alive next to the factorization doubled a block's peak memory
-    hessians = {name: hessian_from_sum(sums[name].total(), rows[name]).to(torch.float32) for name in layer_names}
+    hessians = {name: hessian_from_sum(sums[name].total(), rows[name]) for name in layer_names}
     return hessians, torch.cat(outputs) if keep_outputs else None
 
 

@@ -58,10 +58,14 @@ def start_shard(arch, config, index: int, float_weights: dict[str, torch.Tensor]
 def merged_hessian(run: Sequence[str], partials: list[torch.Tensor | None], rows: int) -> torch.Tensor:
     """The group's Hessian from the shards' Gram sums (merged in shard order), handed on in
     float32 as the in-process pass hands it to the solver."""
-    total = merge_partials(partials)
+    return hessian_of_merged(run, merge_partials(partials), rows)
+
+
+def hessian_of_merged(run: Sequence[str], total: torch.Tensor | None, rows: int) -> torch.Tensor:
+    """The float32 Hessian from the merged Gram sum of all shards (`total`, overwritten)."""
     if total is None:
         raise RuntimeError(f"no shard fed {run[0]}: its group cannot be quantized")
-    return hessian_from_sum(total, rows).to(torch.float32)
+    return hessian_from_sum(total, rows)
 
 
 def float_output_error(arch, config, index: int, float_weights: dict[str, torch.Tensor], inputs: torch.Tensor,

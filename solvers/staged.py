@@ -167,11 +167,14 @@ def staged_quantize(
         for group_index, names in enumerate(groups):
             gram_sum, rows = shard.run_to(group_index)
             start = time.perf_counter()
-            # handed on in float32: GPTQ factors in float32, and a float64 copy next to the
-            # factorization would double a block's peak memory
-            quantize_group(names, hessian_from_sum(gram_sum, rows).to(torch.float32))
-            solve_seconds += time.perf_counter() - start
+            # handed on in float32 (GPTQ factors in float32), and the float64 sum dropped before
+            # the solve: next to the factorization's buffers it would be the block's largest
+            # allocation (a 5632-wide down_proj: 254 MB)
+            hessian = hessian_from_sum(gram_sum, rows)
             del gram_sum
+            quantize_group(names, hessian)
+            del hessian
+            solve_seconds += time.perf_counter() - start
         outputs = shard.finish()
     finally:
         shard.close()

@@ -29,7 +29,8 @@ from layerquant.infra.checkpoint import tensors_fingerprint
 from layerquant.infra.store import artifact_key
 from layerquant.solvers.reconstruct import (ERROR_SAMPLES, UnitPiece, assemble_unit, dequantized_weights, solve_chunks, solve_unit_rows,
                                              solve_units)
-from layerquant.solvers.sharded import float_output_error, merged_hessian, set_weights, shard_sample_ranges, start_shard
+from layerquant.solvers.hessian import GramPanels, PairwiseSum
+from layerquant.solvers.sharded import float_output_error, hessian_of_merged, set_weights, shard_sample_ranges, start_shard
 from layerquant.specs import QuantSpec
 from layerquant.tasks.blocks import BLOCK_STAGE, block_key
 from layerquant.tasks.context import RunContext, cached, phase, ref_of, retry_transient
@@ -177,8 +178,10 @@ def shard_stage(config: dict, plan: dict, shard: int, stage: int, solved: list[l
     ref = None
     if partial is not None:
         with phase(timing, "store_io"):
-            key = artifact_key(PARTIAL_STAGE, CODE_VERSION, [plan["key"]], {"shard": shard, "of": plan["n_shards"], "group": stage})
-            ref = ctx.store.put_tensors(PARTIAL_STAGE, key, {"gram_sum": partial}, {"rows": rows, "worker": worker}).to_dict()
+            # "layout": the sums are stored as GramPanels (a run's leftovers in another layout are not read)
+            key = artifact_key(PARTIAL_STAGE, CODE_VERSION, [plan["key"]], {"shard": shard, "of": plan["n_shards"], "group": stage,
+                                                                          "layout": "gram-panels"})
+            ref = ctx.store.put_tensors(PARTIAL_STAGE, key, partial.tensors(), {"rows": rows, "worker": worker}).to_dict()
     return {"partial": ref, "rows": rows, "worker": worker, "rebuilt": rebuilt, "timing": timing, "memory": _memory_report(memory)}
 
 
@@ -192,15 +195,21 @@ def solve_unit_task(config: dict, plan: dict, stage: int, unit: list[str], parti
     ctx = RunContext.open(config)
     _, worker = _worker()
     timing: dict[str, float] = {}
-    with phase(timing, "store_io"):
-        sums = [None if p["partial"] is None else ctx.store.get_tensors(ref_of(p["partial"]))[0]["gram_sum"] for p in partials]
-    total_rows = sum(p["rows"] for p in partials)
+    # the shards' sums read one at a time into the summation tree, which adds them in place:
+    # two Gram-sized buffers at most instead of every shard's sum and a copy of each
+    tree = PairwiseSum()
+    for partial in partials:
+        with phase(timing, "store_io"):
+            gram_sum = None if partial["partial"] is None else GramPanels.from_tensors(ctx.store.get_tensors(ref_of(partial["partial"]))[0])
+        with phase(timing, "hessian"):
+            tree.add(gram_sum)
+        del gram_sum
     prefix = ctx.reader.block_prefix(plan["index"])
     weights = [ctx.reader.tensor(f"{prefix}{name}.weight").float() for name in unit]
     spec = QuantSpec.from_dict(plan["specs"][unit[0]])
     with phase(timing, "solve"):
-        hessian = merged_hessian(unit, sums, total_rows)
-        del sums
+        hessian = hessian_of_merged(unit, tree.total(), sum(p["rows"] for p in partials))
+        del tree
         pieces = solve_unit_rows(unit, weights, hessian, spec, ctx.config.damp_percent, prefix, None if rows is None else tuple(rows))
     tensors = {}
     for piece in pieces:

@@ -105,15 +105,25 @@ def block_fingerprints(reader: CheckpointReader) -> list[str]:
     return [tensors_fingerprint(sorted(reader.block_weights(index, dtype=None).items())) for index in range(reader.n_blocks)]
 
 
+def ends_fingerprint(reader: CheckpointReader, known: dict[str, str] | None = None) -> str:
+    """Fingerprint of the model's ends (embedding, final norm, LM head): each tensor's own
+    fingerprint, hashed together, so one a caller already has (`known`, by tensor name: the
+    calibration's embedding fingerprint) is not computed again. Gemma 3 270M's embedding is
+    671 MB: about a second of hashing each time."""
+    arch = reader.arch
+    known = known or {}
+    names = sorted(name for name in (arch.embed_name, arch.final_norm_name, arch.lm_head_name) if reader.has(name))
+    return sha256_bytes("|".join(f"{name}={known.get(name) or reader.fingerprint([name])}" for name in names).encode())
+
+
 def evaluation_key(reader: CheckpointReader, variant: str, block_ids: list[str], windows: torch.Tensor,
-                   reference_hidden_sha: str | None = None, extra_settings: dict | None = None) -> str:
+                   reference_hidden_sha: str | None = None, extra_settings: dict | None = None, ends_fp: str | None = None) -> str:
     """Content address of an evaluation of the model `reader` reads: its blocks (`block_ids`: the
     float weights' fingerprints for "float", the quantization artifacts' sha256 for "quant"), its
-    ends (embedding, final norm, LM head) and config.json, the windows (content and shape), the
-    scoring, and for a scoring against a reference, the reference's stored hidden states."""
-    arch = reader.arch
-    ends = [name for name in (arch.embed_name, arch.final_norm_name, arch.lm_head_name) if reader.has(name)]
-    upstream = [*block_ids, reader.fingerprint(ends), reader.config_fingerprint()]
+    ends (`ends_fp`, computed unless given: `ends_fingerprint`) and config.json, the windows
+    (content and shape), the scoring, and for a scoring against a reference, the reference's
+    stored hidden states."""
+    upstream = [*block_ids, ends_fp or ends_fingerprint(reader), reader.config_fingerprint()]
     if reference_hidden_sha is not None:
         upstream.append(reference_hidden_sha)
     settings = {"variant": variant, "windows": sha256_bytes(windows.numpy().tobytes()), "windows_shape": list(windows.shape),
@@ -122,17 +132,18 @@ def evaluation_key(reader: CheckpointReader, variant: str, block_ids: list[str],
 
 
 def float_evaluation(store: ArtifactStore, reader: CheckpointReader, windows: torch.Tensor, logger,
-                     weights_fps: list[str] | None = None, need_hidden: bool = False) -> tuple[dict, torch.Tensor | None, int]:
+                     weights_fps: list[str] | None = None, need_hidden: bool = False,
+                     ends_fp: str | None = None) -> tuple[dict, torch.Tensor | None, int]:
     """The float model's streamed evaluation on `windows`, read from the store when it has it,
     else computed and stored: the summary (perplexity, per-window NLL sums; "hidden": the stored
     last hidden states' ref) as JSON, the last hidden states [W, L, H] float32 as safetensors.
 
     `weights_fps`: the blocks' weight fingerprints when the caller has them (the quantize flow's
-    block artifacts record them), else read from the checkpoint. Returns the summary, the last
+    block artifacts record them), else read from the checkpoint; `ends_fp` likewise. Returns the summary, the last
     hidden states (read back from the store on a hit only if `need_hidden`) and how many blocks
     this call ran (0: the store had it all). Memory: the hidden states are W x L x H x 4 bytes
     (Gemma 3 270M, 6 x 2048 x 640: 31 MB; 40 windows: 210 MB), next to one block's weights."""
-    key = evaluation_key(reader, "float", block_fingerprints(reader) if weights_fps is None else weights_fps, windows)
+    key = evaluation_key(reader, "float", block_fingerprints(reader) if weights_fps is None else weights_fps, windows, ends_fp=ends_fp)
     hit = cached(store, STAGE, key, logger)
     hidden_hit = None if hit is None else cached(store, HIDDEN_STAGE, key, logger)
     if hit is not None and hidden_hit is not None:
@@ -210,21 +221,34 @@ def runtime_perplexity(ctx: RunContext, windows, block_refs: list[dict] | None, 
 @task(name="evaluate", task_run_name="validate / {variant} perplexity", cache_policy=NO_CACHE, persist_result=False,
       retries=3, retry_delay_seconds=[2, 5, 10],
       retry_condition_fn=retry_transient)
-def evaluate(config: dict, variant: str, blocks: list[dict], text_index: int = 0, reference: dict | None = None) -> dict:
+def evaluate(config: dict, variant: str, blocks: list[dict], text_index: int = 0, reference: dict | None = None,
+             embed_fp: str | None = None) -> dict:
     """variant "float": the original model (its last hidden states are stored, under "hidden");
     "quant": with each block's stored quantization, scored against `reference` (the float
-    evaluation's result on the same text) when given. `text_index`: which evaluation text."""
+    evaluation's result on the same text) when given. `text_index`: which evaluation text.
+    `embed_fp`: the embedding's fingerprint when the caller has it (the calibration's). The
+    result carries "ends_fp" (reused from `reference`, so the model's ends are hashed once per
+    run) and "timing": this call's seconds, a cached result's lookup included."""
+    started = time.perf_counter()
     logger = get_run_logger()
     ctx = RunContext.open(config)
     windows = eval_windows(ctx, text_index)
+    ends_fp = (reference or {}).get("ends_fp") or ends_fingerprint(ctx.reader, {ctx.reader.arch.embed_name: embed_fp} if embed_fp else None)
+    result = _evaluate(ctx, variant, blocks, windows, reference, ends_fp, logger)
+    # not stored: the time split of this call, and the fingerprint for the next evaluation
+    return result | {"ends_fp": ends_fp, "timing": {"evaluation": round(time.perf_counter() - started, 3)}}
+
+
+def _evaluate(ctx: RunContext, variant: str, blocks: list[dict], windows: torch.Tensor, reference: dict | None, ends_fp: str,
+              logger) -> dict:
     as_runtime = runs_as_runtime_model(ctx)
     if variant == "float" and not as_runtime:
         # the float pass keeps its last hidden states: shared with every later evaluation of the
         # same float model on these windows (`layerquant eval --baseline` included)
-        started = time.perf_counter()
-        result, _, blocks_run = float_evaluation(ctx.store, ctx.reader, windows, logger, [ref_of(b["block"]).meta["weights_fp"] for b in blocks])
+        result, _, blocks_run = float_evaluation(ctx.store, ctx.reader, windows, logger, [ref_of(b["block"]).meta["weights_fp"] for b in blocks],
+                                                 ends_fp=ends_fp)
         logger.info("float perplexity %.4f%s", result["ppl"], " (cached)" if blocks_run == 0 else "")
-        return result | {"timing": {"evaluation": round(time.perf_counter() - started, 3)} if blocks_run else {}}
+        return result
     settings = {}
     if variant == "float":  # run as a RuntimeModel: its own result, never taken for the plain pass's (which has hidden states)
         block_ids = [ref_of(b["block"]).meta["weights_fp"] for b in blocks]
@@ -238,13 +262,12 @@ def evaluate(config: dict, variant: str, blocks: list[dict], text_index: int = 0
         settings["score_from"] = ctx.config.prompt_kv_tokens
     # a float result of a run-time model keeps no hidden states
     reference_sha = reference["hidden"]["sha256"] if reference is not None and "hidden" in reference else None
-    key = evaluation_key(ctx.reader, variant, block_ids, windows, reference_sha, settings)
+    key = evaluation_key(ctx.reader, variant, block_ids, windows, reference_sha, settings, ends_fp=ends_fp)
     hit = cached(ctx.store, STAGE, key, logger)
     if hit is not None:
-        result = ctx.store.get_json(hit) | {"timing": {}}
+        result = ctx.store.get_json(hit)
         logger.info("%s perplexity %.4f (cached)", variant, result["ppl"])
         return result
-    started = time.perf_counter()
     if as_runtime:
         result = runtime_perplexity(ctx, windows, [b["block"] for b in blocks] if variant == "quant" else None)
     else:
@@ -259,5 +282,4 @@ def evaluate(config: dict, variant: str, blocks: list[dict], text_index: int = 0
     if "kl_mean" in result:
         logger.info("%s KL from float %.5f (p99 %.5f), top-1 agreement %.4f", variant, result["kl_mean"], result["kl_p99"],
                     result["top1_agreement"])
-    # this call's compute time, for the report's time split (not stored: a cached result took none)
-    return result | {"timing": {"evaluation": round(time.perf_counter() - started, 3)}}
+    return result

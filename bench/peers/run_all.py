@@ -67,7 +67,7 @@ BENCH = HERE.parent
 ROOT = BENCH.parent
 sys.path.insert(0, str(BENCH))
 sys.path.insert(0, str(HERE))
-from common import RESULTS, conditions, load_rows, machine, run_measured, settle  # noqa: E402
+from common import RESULTS, conditions, empty_store, load_rows, machine, run_measured, settle  # noqa: E402
 from measure import layerquant_phases  # noqa: E402
 
 CACHE = Path.home() / ".cache" / "layerquant"
@@ -329,7 +329,7 @@ def run_ours(case: dict, name: str, spec: dict, model: str, args, env: dict) -> 
         # and the later ones show the reuse (`reused`, * in the table) instead of hiding it
         store = str(Path(args.store).with_name(Path(args.store).name + "-budget") / name)
         if name not in args.budget_stores_emptied:
-            shutil.rmtree(store, ignore_errors=True)
+            empty_store(store)
             args.budget_stores_emptied.add(name)
     command = [*LAYERQUANT, "quantize", "--model", model, "--calib", str(spec["calib"]), "--eval", str(spec["eval"]),
                "--nsamples", str(spec["nsamples"]), "--seqlen", str(spec["seqlen"]), "--calib-selection", "first",
@@ -588,7 +588,7 @@ def main() -> int:
     if set(tools) - set(ALL_TOOLS) or not tools:
         parser.error(f"unknown tool(s) {sorted(set(tools) - set(ALL_TOOLS))}: choose from {ALL_TOOLS}")
     if args.force:
-        shutil.rmtree(args.store, ignore_errors=True)  # cached blocks would fake the timings of redone cases
+        empty_store(args.store)  # cached blocks would fake the timings of redone cases
     Path(args.out_root).mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     python = ensure_peers_venv()  # plot.py runs there
