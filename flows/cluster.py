@@ -12,6 +12,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from layerquant.config import RunConfig
+from layerquant.infra.memory import allocator_environment
 
 
 class Cluster:
@@ -132,7 +133,7 @@ def open_cluster(run_config: RunConfig) -> Iterator[Cluster | None]:
             "n_workers": run_config.workers, "threads_per_worker": run_config.threads_per_worker, "processes": True,
             # no dashboard port to collide with another run's; the memory a worker may use is
             # the machine's, not 1/N of it: one block's weights and a shard's activations
-            "dashboard_address": None, "memory_limit": 0, "env": flow_api_environment()})
+            "dashboard_address": None, "memory_limit": 0, "env": flow_api_environment() | allocator_environment()})
     # Dask's sampling profiler walks every thread's frames and trips over the greenlets a
     # shard's paused forwards live in (KeyError tracebacks in the worker logs); it profiles
     # nothing a run needs. A LocalCluster's workers get this config, a remote cluster's

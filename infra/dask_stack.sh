@@ -14,6 +14,9 @@ mkdir -p "$state"
 export DASK_DISTRIBUTED__WORKER__PROFILE__ENABLED=False
 # one torch thread per worker process: parallelism comes from the workers
 export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
+# two malloc arenas (infra/memory.py ARENA_MAX): freed buffers are reused across the worker's
+# threads instead of kept per thread
+export MALLOC_ARENA_MAX=2
 
 launch() {  # name command...: own session, pid file = session id, so stop() reaches its children too
   local name=$1; shift

@@ -14,12 +14,17 @@ import ctypes
 # mallopt parameters (malloc.h)
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
+_M_ARENA_MAX = -8
 # glibc's ceiling for the mmap threshold on 64-bit: buffers below it are reused from the heap.
 # Fixed rather than glibc's adaptive default, so it cannot ratchet up over a run.
 _MMAP_THRESHOLD = 32 << 20
 # free heap memory is kept for reuse up to this much; `release_free_memory` returns the rest
 # between blocks, so resident memory follows the current block, not the largest one so far
 _TRIM_THRESHOLD = 512 << 20
+# malloc arenas: glibc gives threads their own (up to 8 per core), and memory freed in one is
+# never reused by another. A Dask worker's task thread, its event loop and Prefect's threads
+# each kept hundreds of MB of freed buffers in arenas of their own; two bound that
+ARENA_MAX = 2
 
 
 def _libc():
@@ -35,6 +40,9 @@ def tune_allocator() -> None:
     if libc is not None and hasattr(libc, "mallopt"):
         libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD)
         libc.mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD)
+        # binds arenas created from now on; a process that must be bound from its start (a Dask
+        # worker) gets MALLOC_ARENA_MAX in its environment (`allocator_environment`)
+        libc.mallopt(_M_ARENA_MAX, ARENA_MAX)
 
 
 def release_free_memory() -> None:
@@ -43,3 +51,9 @@ def release_free_memory() -> None:
     libc = _libc()
     if libc is not None and hasattr(libc, "malloc_trim"):
         libc.malloc_trim(0)
+
+
+def allocator_environment() -> dict[str, str]:
+    """Environment for a process started to run tasks (a Dask worker): its arena bound applies
+    from its first thread on, before any code of ours runs."""
+    return {"MALLOC_ARENA_MAX": str(ARENA_MAX)}

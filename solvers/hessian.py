@@ -187,9 +187,10 @@ def damped_inverse_cholesky(
     make H singular; GPTQ zeroes their weight columns separately.
     Works in the Hessian's dtype (GPTQ factors in float32; damping absorbs the rounding).
     Returns the factor, the damping fraction that worked and the amount it added to the
-    diagonal (damping x the mean diagonal). Memory: the working copy is damped, factored, then
-    overwritten by the inverse, so three Hessian-sized buffers are alive at the peak besides the
-    caller's, not four (a 5632-wide down_proj's are 127 MB each); a retry makes a new copy.
+    diagonal (damping x the mean diagonal). Memory: the damped working copy is dropped once it is
+    factored (a retry makes a new one), so two Hessian-sized buffers are alive at the peak
+    besides the caller's, not four (a 5632-wide down_proj's are 127 MB each; torch's
+    cholesky_inverse allocates its result even when given `out`).
     """
     def working_copy() -> torch.Tensor:
         return hessian.clone() if perm is None else hessian.index_select(0, perm).index_select(1, perm)
@@ -202,11 +203,12 @@ def damped_inverse_cholesky(
         h = working_copy()
         h.diagonal().copy_(diagonal + damp * mean_diag)
         chol, info = torch.linalg.cholesky_ex(h)
+        del h
         if info.item() == 0:
-            inverse = torch.cholesky_inverse(chol, out=h)
+            inverse = torch.cholesky_inverse(chol)
             del chol
             upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
-            del inverse, h
+            del inverse
             if info.item() == 0 and torch.isfinite(upper).all():
                 return upper, damp, damp * mean_diag
         damp *= 10

@@ -26,6 +26,7 @@ from layerquant.cancellation import raise_if_cancelled
 from layerquant.config import CODE_VERSION
 from layerquant.errors import InvalidSpec
 from layerquant.infra.checkpoint import tensors_fingerprint
+from layerquant.infra.memory import release_free_memory
 from layerquant.infra.store import artifact_key
 from layerquant.solvers.reconstruct import (ERROR_SAMPLES, UnitPiece, assemble_unit, dequantized_weights, solve_chunks, solve_unit_rows,
                                              solve_units)
@@ -182,6 +183,7 @@ def shard_stage(config: dict, plan: dict, shard: int, stage: int, solved: list[l
             key = artifact_key(PARTIAL_STAGE, CODE_VERSION, [plan["key"]], {"shard": shard, "of": plan["n_shards"], "group": stage,
                                                                           "layout": "gram-panels"})
             ref = ctx.store.put_tensors(PARTIAL_STAGE, key, partial.tensors(), {"rows": rows, "worker": worker}).to_dict()
+    release_free_memory()  # the stage's freed activations and Gram panels: not kept through the next task
     return {"partial": ref, "rows": rows, "worker": worker, "rebuilt": rebuilt, "timing": timing, "memory": _memory_report(memory)}
 
 
@@ -210,6 +212,7 @@ def solve_unit_task(config: dict, plan: dict, stage: int, unit: list[str], parti
     with phase(timing, "solve"):
         hessian = hessian_of_merged(unit, tree.total(), sum(p["rows"] for p in partials))
         del tree
+        release_free_memory()  # the merged panels, before the factorization's buffers
         pieces = solve_unit_rows(unit, weights, hessian, spec, ctx.config.damp_percent, prefix, None if rows is None else tuple(rows))
     tensors = {}
     for piece in pieces:
@@ -221,6 +224,8 @@ def solve_unit_task(config: dict, plan: dict, stage: int, unit: list[str], parti
     with phase(timing, "store_io"):
         key = artifact_key(UNIT_STAGE, CODE_VERSION, [plan["key"]], {"group": stage, "unit": unit, **({"rows": rows} if rows else {})})
         ref = ctx.store.put_tensors(UNIT_STAGE, key, tensors, {"pieces": described, "worker": worker})
+    del tensors, pieces, hessian
+    release_free_memory()
     return {"ref": ref.to_dict(), "unit": unit, "worker": worker, "timing": timing}
 
 
@@ -252,6 +257,7 @@ def shard_finish(config: dict, plan: dict, shard: int, solved: list[list[dict]])
         ref = ctx.store.put_tensors(SHARD_HIDDEN_STAGE, key, {"hidden": outputs},
                                     {"index": plan["index"] + 1, "shard": shard, "rows": outputs.shape[0], "worker": worker})
     memory[("hidden", ref.sha256)] = outputs
+    release_free_memory()  # the block's paused forwards are gone: one block's working set at a time
     result = {"ref": ref.to_dict(), "rows": outputs.shape[0], "worker": worker, "rebuilt": rebuilt, "timing": timing,
               "memory": _memory_report(memory)}
     if error is not None:
