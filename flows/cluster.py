@@ -133,12 +133,15 @@ def open_cluster(run_config: RunConfig) -> Iterator[Cluster | None]:
             "n_workers": run_config.workers, "threads_per_worker": run_config.threads_per_worker, "processes": True,
             # no dashboard port to collide with another run's; the memory a worker may use is
             # the machine's, not 1/N of it: one block's weights and a shard's activations
-            "dashboard_address": None, "memory_limit": 0, "env": flow_api_environment() | allocator_environment()})
+            "dashboard_address": None, "memory_limit": 0, "env": flow_api_environment()})
     # Dask's sampling profiler walks every thread's frames and trips over the greenlets a
     # shard's paused forwards live in (KeyError tracebacks in the worker logs); it profiles
     # nothing a run needs. A LocalCluster's workers get this config, a remote cluster's
     # workers are told in infra/dask_stack.sh
-    with dask.config.set({"distributed.worker.profile.enabled": False}), runner:
+    # the allocator's settings must be in a worker's environment when it starts (glibc reads
+    # them once): Dask sets "pre-spawn" variables before it spawns, `env` only afterwards
+    pre_spawn = dask.config.get("distributed.nanny.pre-spawn-environ", default={}) | allocator_environment()
+    with dask.config.set({"distributed.worker.profile.enabled": False, "distributed.nanny.pre-spawn-environ": pre_spawn}), runner:
         runner.client.wait_for_workers(1, timeout=120)
         # every worker imports the task code (torch, transformers) now, all at once, rather
         # than inside block 0's first stage, where it would read as that block's time

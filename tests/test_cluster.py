@@ -183,3 +183,18 @@ def test_a_worker_killed_mid_run_changes_nothing(tmp_path, in_process):
     # the lost shard's state was rebuilt from the store by another (or the restarted) worker
     assert report["cluster"]["rebuilt_shard_tasks"] >= 1 or len(report["cluster"]["workers"]) > 2
 
+
+
+def read_initial_environment() -> bytes:
+    return open("/proc/self/environ", "rb").read()
+
+
+def test_local_workers_start_with_the_allocators_settings(tmp_path):
+    """glibc reads MALLOC_ARENA_MAX once, when a process starts: a worker told later (Dask's
+    `env`) keeps one arena per thread, whose freed buffers no other thread reuses."""
+    from layerquant.flows.cluster import open_cluster
+
+    with open_cluster(RunConfig(store=str(tmp_path / "store"), workers=1, **SETTINGS)) as cluster:
+        environments = cluster.runner.client.run(read_initial_environment)
+    (environment,) = environments.values()
+    assert b"MALLOC_ARENA_MAX=2" in environment.split(b"\0")
