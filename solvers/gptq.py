@@ -66,8 +66,8 @@ class HessianSetup(NamedTuple):
 def prepare_hessian(hessian: torch.Tensor, act_order: bool, damp_percent: float, layer: str) -> HessianSetup:
     """Order the columns (by decreasing Hessian diagonal with act_order) and factor the damped
     inverse Hessian in that order."""
-    # accumulated in float64, factored in float32 as GPTQ does: a quarter of the float64
-    # working set for the 4-5 Hessian-sized buffers the factorization needs
+    # accumulated in float64, factored in float32 as GPTQ does: half the memory of the
+    # Hessian-sized buffers the factorization needs (see damped_inverse_cholesky)
     h = hessian.to(torch.float32)
     dead = torch.diag(h) == 0
     perm = torch.argsort(torch.diag(h), descending=True, stable=True) if act_order else None

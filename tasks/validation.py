@@ -139,10 +139,11 @@ def float_evaluation(store: ArtifactStore, reader: CheckpointReader, windows: to
     last hidden states' ref) as JSON, the last hidden states [W, L, H] float32 as safetensors.
 
     `weights_fps`: the blocks' weight fingerprints when the caller has them (the quantize flow's
-    block artifacts record them), else read from the checkpoint; `ends_fp` likewise. Returns the summary, the last
-    hidden states (read back from the store on a hit only if `need_hidden`) and how many blocks
-    this call ran (0: the store had it all). Memory: the hidden states are W x L x H x 4 bytes
-    (Gemma 3 270M, 6 x 2048 x 640: 31 MB; 40 windows: 210 MB), next to one block's weights."""
+    block artifacts record them), else read from the checkpoint; `ends_fp` likewise. Returns the
+    summary, the last hidden states (read back from the store on a hit only if `need_hidden`) and
+    how many blocks this call ran (0: the store had it all). Memory: the hidden states are
+    W x L x H x 4 bytes (Gemma 3 270M, 6 x 2048 x 640: 31 MB; 40 windows: 210 MB), next to one
+    block's weights."""
     key = evaluation_key(reader, "float", block_fingerprints(reader) if weights_fps is None else weights_fps, windows, ends_fp=ends_fp)
     hit = cached(store, STAGE, key, logger)
     hidden_hit = None if hit is None else cached(store, HIDDEN_STAGE, key, logger)
