@@ -2,6 +2,8 @@
 and summed in an order that does not depend on how the samples are sharded."""
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 
 from layerquant.errors import HessianNotPositiveDefinite
@@ -147,12 +149,14 @@ def _add_nodes(left: torch.Tensor | None, right: torch.Tensor | None) -> torch.T
     return (left if left.dtype == torch.float64 else left.to(torch.float64)).add_(right)
 
 
-def merge_partials(partials: list[torch.Tensor | GramPanels | None]) -> torch.Tensor | GramPanels | None:
+def merge_partials(partials: Iterable[torch.Tensor | GramPanels | None], owned: bool = False) -> torch.Tensor | GramPanels | None:
     """The tree's upper levels over shard partial sums given in shard order (a power of two of
-    them, each the sum of an aligned run of leaves: see `shard_batches`)."""
+    them, each the sum of an aligned run of leaves: see `shard_batches`). The tree sums in place:
+    the callers' partials are copied first unless `owned` (e.g. read from the store one at a time,
+    so at most two are alive)."""
     tree = PairwiseSum()
     for partial in partials:
-        tree.add(None if partial is None else partial.clone())  # the tree sums in place: the callers' stay as they were
+        tree.add(partial.clone() if partial is not None and not owned else partial)
     return tree.total()
 
 

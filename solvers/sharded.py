@@ -10,13 +10,13 @@ business (tasks/shards.py).
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 from torch import nn
 
 from layerquant.solvers.architectures import BlockContext, build_block, run_block
-from layerquant.solvers.hessian import hessian_from_sum, merge_partials, shard_batches
+from layerquant.solvers.hessian import GramPanels, hessian_from_sum, merge_partials, shard_batches
 from layerquant.solvers.reconstruct import relative_output_error
 from layerquant.solvers.staged import StagedShard, split_batches
 
@@ -55,14 +55,12 @@ def start_shard(arch, config, index: int, float_weights: dict[str, torch.Tensor]
     return StagedShard(block, forward, split_batches(inputs, batch_size), groups, first_group)
 
 
-def merged_hessian(run: Sequence[str], partials: list[torch.Tensor | None], rows: int) -> torch.Tensor:
-    """The group's Hessian from the shards' Gram sums (merged in shard order), handed on in
-    float32 as the in-process pass hands it to the solver."""
-    return hessian_of_merged(run, merge_partials(partials), rows)
-
-
-def hessian_of_merged(run: Sequence[str], total: torch.Tensor | None, rows: int) -> torch.Tensor:
-    """The float32 Hessian from the merged Gram sum of all shards (`total`, overwritten)."""
+def merged_hessian(run: Sequence[str], partials: Iterable[torch.Tensor | GramPanels | None], rows: int,
+                   owned: bool = False) -> torch.Tensor:
+    """The group's Hessian from the shards' Gram sums (merged in shard order, see
+    `merge_partials` for `owned`), handed on in float32 as the in-process pass hands it to the
+    solver."""
+    total = merge_partials(partials, owned)
     if total is None:
         raise RuntimeError(f"no shard fed {run[0]}: its group cannot be quantized")
     return hessian_from_sum(total, rows)

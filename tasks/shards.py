@@ -15,6 +15,7 @@ and the groups solved so far, then a forward to the stage. Same bits either way.
 from __future__ import annotations
 
 import resource
+import time
 from typing import Any
 
 import torch
@@ -30,8 +31,8 @@ from layerquant.infra.memory import release_free_memory
 from layerquant.infra.store import artifact_key
 from layerquant.solvers.reconstruct import (ERROR_SAMPLES, UnitPiece, assemble_unit, dequantized_weights, solve_chunks, solve_unit_rows,
                                              solve_units)
-from layerquant.solvers.hessian import GramPanels, PairwiseSum
-from layerquant.solvers.sharded import float_output_error, hessian_of_merged, set_weights, shard_sample_ranges, start_shard
+from layerquant.solvers.hessian import GramPanels
+from layerquant.solvers.sharded import float_output_error, merged_hessian, set_weights, shard_sample_ranges, start_shard
 from layerquant.specs import QuantSpec
 from layerquant.tasks.blocks import BLOCK_STAGE, block_key
 from layerquant.tasks.context import RunContext, cached, phase, ref_of, retry_transient
@@ -197,22 +198,28 @@ def solve_unit_task(config: dict, plan: dict, stage: int, unit: list[str], parti
     ctx = RunContext.open(config)
     _, worker = _worker()
     timing: dict[str, float] = {}
-    # the shards' sums read one at a time into the summation tree, which adds them in place:
-    # two Gram-sized buffers at most instead of every shard's sum and a copy of each
-    tree = PairwiseSum()
-    for partial in partials:
-        with phase(timing, "store_io"):
+    read_s = 0.0
+
+    def read_partials():
+        # the shards' sums read one at a time as the merge takes them: two alive at most
+        nonlocal read_s
+        for partial in partials:
+            start = time.perf_counter()
             gram_sum = None if partial["partial"] is None else GramPanels.from_tensors(ctx.store.get_tensors(ref_of(partial["partial"]))[0])
-        with phase(timing, "hessian"):
-            tree.add(gram_sum)
-        del gram_sum
+            read_s += time.perf_counter() - start
+            yield gram_sum
+            del gram_sum  # the merge holds it now (or has added it): not kept alive here
+
     prefix = ctx.reader.block_prefix(plan["index"])
     weights = [ctx.reader.tensor(f"{prefix}{name}.weight").float() for name in unit]
     spec = QuantSpec.from_dict(plan["specs"][unit[0]])
+    with phase(timing, "hessian"):
+        hessian = merged_hessian(unit, read_partials(), sum(p["rows"] for p in partials), owned=True)
+    # the reads ran inside the merge: store I/O, not the merge's time
+    timing["hessian"] -= read_s
+    timing["store_io"] = timing.get("store_io", 0.0) + read_s
+    release_free_memory()  # the merged panels, before the factorization's buffers
     with phase(timing, "solve"):
-        hessian = hessian_of_merged(unit, tree.total(), sum(p["rows"] for p in partials))
-        del tree
-        release_free_memory()  # the merged panels, before the factorization's buffers
         pieces = solve_unit_rows(unit, weights, hessian, spec, ctx.config.damp_percent, prefix, None if rows is None else tuple(rows))
     tensors = {}
     for piece in pieces:
