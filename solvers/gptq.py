@@ -63,17 +63,18 @@ class HessianSetup(NamedTuple):
     damp_shift: float  # what damping added to the diagonal: H_d = H (dead diagonal 1) + damp_shift I
 
 
-def prepare_hessian(hessian: torch.Tensor, act_order: bool, damp_percent: float, layer: str) -> HessianSetup:
+def prepare_hessian(hessian: torch.Tensor, act_order: bool, damp_percent: float, layer: str, consume: bool = False) -> HessianSetup:
     """Order the columns (by decreasing Hessian diagonal with act_order) and factor the damped
-    inverse Hessian in that order."""
+    inverse Hessian in that order. `consume`: the caller hands the Hessian over, and it is freed
+    as soon as it is factored (damped_inverse_cholesky): GPTQ needs only the setup after this."""
     # accumulated in float64, factored in float32 as GPTQ does: half the memory of the
     # Hessian-sized buffers the factorization needs (see damped_inverse_cholesky)
     h = hessian.to(torch.float32)
     dead = torch.diag(h) == 0
     perm = torch.argsort(torch.diag(h), descending=True, stable=True) if act_order else None
-    hinv, damp_used, shift = damped_inverse_cholesky(h, damp_percent, layer, perm=perm)
+    hinv, damp_used, shift = damped_inverse_cholesky(h, damp_percent, layer, perm=perm, consume=consume)
     if perm is None:
-        perm = torch.arange(h.shape[0])
+        perm = torch.arange(hinv.shape[0])
     return HessianSetup(dead=dead, perm=perm, inv_perm=torch.argsort(perm), hinv=hinv, damp_used=damp_used, damp_shift=shift)
 
 

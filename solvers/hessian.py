@@ -183,6 +183,7 @@ def shard_batches(n_batches: int, n_shards: int, shard: int) -> range:
 
 def damped_inverse_cholesky(
     hessian: torch.Tensor, damp_percent: float, layer: str, max_attempts: int = 6, perm: torch.Tensor | None = None,
+    consume: bool = False,
 ) -> tuple[torch.Tensor, float, float]:
     """Upper Cholesky factor of H^-1 after damping; damping grows x10 until H is positive definite.
     `perm`: the column order to factor in (GPTQ's act_order), the natural order by default.
@@ -191,29 +192,64 @@ def damped_inverse_cholesky(
     make H singular; GPTQ zeroes their weight columns separately.
     Works in the Hessian's dtype (GPTQ factors in float32; damping absorbs the rounding).
     Returns the factor, the damping fraction that worked and the amount it added to the
-    diagonal (damping x the mean diagonal). Memory: the damped working copy is dropped once it is
-    factored (a retry makes a new one), so two Hessian-sized buffers are alive at the peak
-    besides the caller's, not four (a 5632-wide down_proj's are 127 MB each; torch's
-    cholesky_inverse allocates its result even when given `out`).
-    """
-    def working_copy() -> torch.Tensor:
-        return hessian.clone() if perm is None else hessian.index_select(0, perm).index_select(1, perm)
+    diagonal (damping x the mean diagonal).
 
+    Memory (a 5632-wide down_proj's Hessian-sized buffers are 127 MB each): by default the
+    caller's Hessian stays intact, so each attempt damps a copy, dropped once factored; three
+    buffers are alive at the peak, the caller's included (torch's cholesky_inverse allocates
+    its result even when given `out`). `consume=True` hands the Hessian over: it is damped in
+    place and its storage is freed once factored (every reference to it then sees an empty
+    tensor), so two are alive at the peak; same factor to the bit. Should the inverse then fail
+    to factor (rounding; not seen on real layers), the next attempt damps the Hessian rebuilt
+    from that inverse, which equals it to float32 rounding.
+    """
     diagonal = torch.diag(hessian) if perm is None else torch.diag(hessian)[perm]
     diagonal = torch.where(diagonal == 0, torch.ones_like(diagonal), diagonal)
     mean_diag = diagonal.mean().item()
+    if consume:
+        h = hessian
+        if perm is not None:  # rows, then columns: the previous copy freed at each step
+            for dim in (0, 1):
+                permuted = h.index_select(dim, perm)
+                _release(h)
+                h = permuted
+            del permuted
+    else:
+        h = None
     damp = damp_percent
     for _ in range(max_attempts):
-        h = working_copy()
+        if not consume:
+            h = hessian.clone() if perm is None else hessian.index_select(0, perm).index_select(1, perm)
         h.diagonal().copy_(diagonal + damp * mean_diag)
         chol, info = torch.linalg.cholesky_ex(h)
-        del h
         if info.item() == 0:
+            if consume:
+                _release(h)
+            h = None
             inverse = torch.cholesky_inverse(chol)
             del chol
             upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
-            del inverse
-            if info.item() == 0 and torch.isfinite(upper).all():
+            if info.item() == 0 and _all_finite(upper):
                 return upper, damp, damp * mean_diag
+            del upper
+            if consume:  # the Hessian is gone: rebuild it (its diagonal is reset below)
+                h = torch.linalg.inv(inverse)
+            del inverse
+        elif not consume:
+            h = None
         damp *= 10
     raise HessianNotPositiveDefinite(layer, damp / 10)
+
+
+def _all_finite(matrix: torch.Tensor, rows: int = 256) -> bool:
+    """isfinite(matrix).all() a few rows at a time: on the whole matrix, isfinite's temporaries
+    are 1.7 times its size (a float64 sum, twice)."""
+    return all(bool(torch.isfinite(matrix[start : start + rows]).all()) for start in range(0, matrix.shape[0], rows))
+
+
+def _release(tensor: torch.Tensor) -> None:
+    """Free a tensor's memory now, whoever else holds it (they see an empty tensor). Memory
+    torch does not own (a tensor over a numpy array or a read buffer) stays where it is."""
+    storage = tensor.untyped_storage()
+    if storage.resizable():
+        storage.resize_(0)

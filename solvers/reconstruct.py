@@ -16,7 +16,7 @@ from layerquant.errors import InvalidSpec
 from layerquant.runtime_quant import ACT_CLIP_MIN, act_clip_key
 from layerquant.specs import QuantSpec
 from layerquant.tuning import LOWRANK_PARTS, BlockTuning, has_lowrank_correction  # BlockTuning re-exported: callers built it from here
-from layerquant.solvers.gptq import gptq_row_errors, hessian_weighted_error, prepare_hessian, quantize_weight
+from layerquant.solvers.gptq import HessianSetup, gptq_row_errors, hessian_weighted_error, prepare_hessian, quantize_weight
 from layerquant.solvers.hessian import PairwiseSum, batch_gram, hessian_from_sum
 from layerquant.solvers.staged import staged_quantize
 
@@ -99,19 +99,22 @@ def collect_hessians(
 
 
 def quantize_group_in_place(block: nn.Module, names: Sequence[str], hessian: torch.Tensor, specs: dict[str, QuantSpec],
-                            damp_percent: float, layer_prefix: str) -> list[LayerOutcome]:
+                            damp_percent: float, layer_prefix: str, consume_hessian: bool = False) -> list[LayerOutcome]:
     """Quantize the named linears of `block` (one group, one input Hessian), replacing each
-    weight by its dequantized value; returns what happened to each.
+    weight by its dequantized value; returns what happened to each. `consume_hessian`: the
+    caller is done with the Hessian, so the group's last unit may free it once factored.
 
     Neighbouring layers with the same integer-grid spec (q/k/v, gate/up under a uniform plan)
     are solved as one matrix of their stacked rows: GPTQ treats every row on its own under the
     shared Hessian, so the codes are the same, while the damped inverse is factored once and
     the column loop runs once instead of once per layer."""
     outcomes = []
-    for run in _same_spec_runs(names, specs):
+    runs = _same_spec_runs(names, specs)
+    for position, run in enumerate(runs):
         raise_if_cancelled()  # Ctrl-C of a CLI run: stop between layers, not after the block
         linears = [block.get_submodule(name) for name in run]
-        solved = solve_unit(run, [linear.weight.detach().float() for linear in linears], hessian, specs[run[0]], damp_percent, layer_prefix)
+        solved = solve_unit(run, [linear.weight.detach().float() for linear in linears], hessian, specs[run[0]], damp_percent, layer_prefix,
+                            consume_hessian=consume_hessian and position == len(runs) - 1)
         for linear, (outcome, weight_hat) in zip(linears, solved):
             with torch.no_grad():
                 linear.weight.copy_(weight_hat.to(linear.weight.dtype))
@@ -121,13 +124,14 @@ def quantize_group_in_place(block: nn.Module, names: Sequence[str], hessian: tor
 
 
 def solve_unit(run: Sequence[str], weights: Sequence[torch.Tensor], hessian: torch.Tensor, spec: QuantSpec, damp_percent: float,
-               layer_prefix: str) -> list[tuple[LayerOutcome, torch.Tensor]]:
+               layer_prefix: str, consume_hessian: bool = False) -> list[tuple[LayerOutcome, torch.Tensor]]:
     """Quantize one solve unit (`solve_units`: layers sharing a Hessian and a spec, stacked
     into one matrix when there are several): (outcome, dequantized weight) per layer. The
     in-process pass solves all of the unit's row chunks here; a cluster solves them in one or
     more tasks (`solve_unit_rows`) and assembles the same pieces the same way, so both give
     the same codes and errors to the bit."""
-    return assemble_unit(run, spec, solve_unit_rows(run, weights, hessian, spec, damp_percent, layer_prefix))
+    return assemble_unit(run, spec, solve_unit_rows(run, weights, hessian, spec, damp_percent, layer_prefix,
+                                                    consume_hessian=consume_hessian))
 
 
 # rows of a GPTQ solve unit solved at a time (the last chunk may be short). GPTQ treats every row
@@ -164,10 +168,13 @@ class UnitPiece:
 
 
 def solve_unit_rows(run: Sequence[str], weights: Sequence[torch.Tensor], hessian: torch.Tensor, spec: QuantSpec, damp_percent: float,
-                    layer_prefix: str, rows: tuple[int, int] | None = None) -> list[UnitPiece]:
+                    layer_prefix: str, rows: tuple[int, int] | None = None, setup: HessianSetup | None = None,
+                    consume_hessian: bool = False) -> list[UnitPiece]:
     """Solve the unit's chunks (`solve_chunks`) that lie within `rows` of its stacked rows (all
-    of them by default), with the Hessian's factor computed once for them; the result cut at the
-    layers' boundaries."""
+    of them by default), with the Hessian's factor computed once for them (or given: `setup`,
+    from `prepare_hessian`); the result cut at the layers' boundaries. `consume_hessian`: this
+    is the Hessian's last use, so a GPTQ unit frees it once factored (the factorization's
+    peak is then two Hessian-sized buffers, not three)."""
     sizes = [w.shape[0] for w in weights]
     bounds = [(sum(sizes[:i]), sum(sizes[: i + 1])) for i in range(len(sizes))]
     low, high = rows or (0, bounds[-1][1])
@@ -175,7 +182,8 @@ def solve_unit_rows(run: Sequence[str], weights: Sequence[torch.Tensor], hessian
     stacked = weights[0] if len(weights) == 1 else torch.cat([w for w, (a, b) in zip(weights, bounds) if a < high and b > low])
     offset = next(a for a, b in bounds if b > low)  # stacked row of `stacked`'s first row
     label = layer_prefix + "+".join(run)
-    setup = prepare_hessian(hessian, spec.act_order, damp_percent, label) if spec.method == "gptq" else None
+    if setup is None and spec.method == "gptq":
+        setup = prepare_hessian(hessian, spec.act_order, damp_percent, label, consume=consume_hessian)
     pieces = []
     for a, b in chunks:
         start = time.perf_counter()
@@ -285,7 +293,8 @@ def quantize_block_sequential(
     todo = [[name for name in group if name in specs] for group in groups]
 
     def quantize_group(names: Sequence[str], hessian: torch.Tensor) -> None:
-        outcomes.extend(quantize_group_in_place(block, names, hessian, specs, damp_percent, layer_prefix))
+        # staged_quantize drops the Hessian after this call: the last unit frees it once factored
+        outcomes.extend(quantize_group_in_place(block, names, hessian, specs, damp_percent, layer_prefix, consume_hessian=True))
 
     staged = staged_quantize(block, forward, inputs, [g for g in todo if g], quantize_group, batch_size)
     return SequentialQuantization(outcomes, staged.outputs, staged.seconds)

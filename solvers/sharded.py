@@ -32,11 +32,22 @@ def shard_sample_ranges(n_samples: int, batch_size: int, n_shards: int) -> list[
 
 
 def set_weights(block: nn.Module, weights: dict[str, torch.Tensor]) -> None:
-    """Put quantized (dequantized) weights into the named linears, as the in-process pass does."""
+    """Put quantized (dequantized) weights into the named linears, as the in-process pass does
+    (the given tensors themselves when they have the block's dtype: they are the caller's to give)."""
     with torch.no_grad():
         for name, weight in weights.items():
             linear = block.get_submodule(name)
-            linear.weight.copy_(weight.to(linear.weight.dtype))
+            linear.weight.data = weight.to(linear.weight.dtype).contiguous()
+
+
+def release_weights(block: nn.Module, names: Sequence[str]) -> None:
+    """Free the named linears' weights of a shard whose batches will not run through them
+    with these weights: the groups not quantized yet (`set_weights` puts their quantized
+    weights in before a batch reaches them) and the groups every batch has passed."""
+    with torch.no_grad():
+        for name in names:
+            linear = block.get_submodule(name)
+            linear.weight.data = linear.weight.data.new_empty((0,) * linear.weight.dim())
 
 
 def start_shard(arch, config, index: int, float_weights: dict[str, torch.Tensor], inputs: torch.Tensor,
@@ -48,6 +59,10 @@ def start_shard(arch, config, index: int, float_weights: dict[str, torch.Tensor]
     context = BlockContext(arch, config, seq_len=max(1, inputs.shape[1]))  # an empty shard has no length
     block = build_block(arch, config, index, float_weights)
     set_weights(block, solved)
+    # true-sequential: a batch reaches a group only once it is quantized (`set_weights` first),
+    # so the float weights of the groups still to solve are never used here; dropped, a paused
+    # shard holds at most the group it is passing, not the whole block
+    release_weights(block, [name for group in groups[first_group:] for name in group])
 
     def forward(module: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
         return run_block(module, context, index, hidden, batch_size)

@@ -31,8 +31,9 @@ from layerquant.infra.memory import release_free_memory
 from layerquant.infra.store import artifact_key
 from layerquant.solvers.reconstruct import (ERROR_SAMPLES, UnitPiece, assemble_unit, dequantized_weights, solve_chunks, solve_unit_rows,
                                              solve_units)
+from layerquant.solvers.gptq import prepare_hessian
 from layerquant.solvers.hessian import GramPanels
-from layerquant.solvers.sharded import float_output_error, merged_hessian, set_weights, shard_sample_ranges, start_shard
+from layerquant.solvers.sharded import float_output_error, merged_hessian, release_weights, set_weights, shard_sample_ranges, start_shard
 from layerquant.specs import QuantSpec
 from layerquant.tasks.blocks import BLOCK_STAGE, block_key
 from layerquant.tasks.context import RunContext, cached, phase, ref_of, retry_transient
@@ -176,6 +177,10 @@ def shard_stage(config: dict, plan: dict, shard: int, stage: int, solved: list[l
     with phase(timing, "forward"):
         staged, state_key, rebuilt = _shard_at(ctx, memory, plan, shard, stage, solved)
         partial, rows = staged.run_to(stage)
+    if stage > 0:
+        # every batch has passed the previous group (its quantized weights, put in for this
+        # stage) and waits before this one: no batch of this shard runs through it again
+        release_weights(staged.block, plan["groups"][stage - 1])
     memory[state_key] = staged
     ref = None
     if partial is not None:
@@ -211,7 +216,6 @@ def solve_unit_task(config: dict, plan: dict, stage: int, unit: list[str], parti
             del gram_sum  # the merge holds it now (or has added it): not kept alive here
 
     prefix = ctx.reader.block_prefix(plan["index"])
-    weights = [ctx.reader.tensor(f"{prefix}{name}.weight").float() for name in unit]
     spec = QuantSpec.from_dict(plan["specs"][unit[0]])
     with phase(timing, "hessian"):
         hessian = merged_hessian(unit, read_partials(), sum(p["rows"] for p in partials), owned=True)
@@ -220,7 +224,13 @@ def solve_unit_task(config: dict, plan: dict, stage: int, unit: list[str], parti
     timing["store_io"] = timing.get("store_io", 0.0) + read_s
     release_free_memory()  # the merged panels, before the factorization's buffers
     with phase(timing, "solve"):
-        pieces = solve_unit_rows(unit, weights, hessian, spec, ctx.config.damp_percent, prefix, None if rows is None else tuple(rows))
+        # factored first, the Hessian freed once factored, the weights read after: the task's
+        # peak (beside the paused shards this worker holds) is the factorization's two buffers
+        setup = (prepare_hessian(hessian, spec.act_order, ctx.config.damp_percent, prefix + "+".join(unit), consume=True)
+                 if spec.method == "gptq" else None)
+        weights = [ctx.reader.tensor(f"{prefix}{name}.weight").float() for name in unit]
+        pieces = solve_unit_rows(unit, weights, hessian, spec, ctx.config.damp_percent, prefix, None if rows is None else tuple(rows),
+                                 setup=setup)
     tensors = {}
     for piece in pieces:
         stem = f"{piece.name}@{piece.start}."

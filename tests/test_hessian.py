@@ -2,9 +2,12 @@
 a full float64 pass gives, and the float pass that also returns outputs returns the block's."""
 from __future__ import annotations
 
+import pytest
 import torch
 
+from layerquant.errors import HessianNotPositiveDefinite
 from layerquant.solvers.architectures import run_block
+from layerquant.solvers.hessian import damped_inverse_cholesky
 from layerquant.solvers.reconstruct import collect_hessians
 from support.stories_block import BLOCK, one_thread, real_block  # noqa: F401 (fixtures)
 
@@ -65,3 +68,39 @@ def test_a_pass_stops_at_its_layer(real_block):
         assert len(ran) == 4
     finally:
         handle.remove()
+
+
+def test_a_consumed_hessian_gives_the_same_factor_and_is_freed(real_block):
+    """`consume=True` damps the caller's Hessian in place and frees it once factored (the
+    factorization's peak drops from three Hessian-sized buffers to two): the factor, the damping
+    and its shift are the same to the bit, in natural and in act_order's column order."""
+    block, arch, context, inputs = real_block["block"], real_block["arch"], real_block["context"], real_block["x_train"]
+    name = arch.linear_groups[-1][0]  # down_proj: the widest input
+    hessian = reference_hessians(block, lambda m, h: run_block(m, context, BLOCK, h, batch_size=8), inputs, [name])[name].float()
+    for perm in (None, torch.argsort(torch.diag(hessian), descending=True, stable=True)):
+        kept = hessian.clone()
+        expected = damped_inverse_cholesky(kept, 0.01, name, perm=perm)
+        assert torch.equal(kept, hessian)  # not consumed: the caller's Hessian is untouched
+        handed = hessian.clone()
+        factor, damp, shift = damped_inverse_cholesky(handed, 0.01, name, perm=perm, consume=True)
+        assert torch.equal(factor, expected[0]) and (damp, shift) == expected[1:]
+        assert handed.untyped_storage().nbytes() == 0
+
+
+def test_damping_grows_until_the_hessian_factors_consumed_or_not(real_block):
+    """An indefinite Hessian (the real one shifted below zero) needs more damping than asked:
+    both ways find the same damping and the same factor; a Hessian no damping can fix is a typed
+    error either way."""
+    block, arch, context, inputs = real_block["block"], real_block["arch"], real_block["context"], real_block["x_train"]
+    name = arch.linear_groups[0][0]
+    hessian = reference_hessians(block, lambda m, h: run_block(m, context, BLOCK, h, batch_size=8), inputs, [name])[name].float()
+    smallest = torch.linalg.eigvalsh(hessian.double()).min().item()
+    shifted = hessian - (smallest + 0.02 * torch.diag(hessian).mean().item()) * torch.eye(hessian.shape[0])
+    expected = damped_inverse_cholesky(shifted.clone(), 0.01, name)
+    assert expected[1] == pytest.approx(0.1)  # 1% is not enough for a 2%-of-the-mean negative eigenvalue; 10% is
+    factor, damp, shift = damped_inverse_cholesky(shifted.clone(), 0.01, name, consume=True)
+    assert torch.equal(factor, expected[0]) and (damp, shift) == expected[1:]
+    hopeless = -torch.eye(8)
+    for consume in (False, True):
+        with pytest.raises(HessianNotPositiveDefinite):
+            damped_inverse_cholesky(hopeless.clone(), 0.01, "hopeless", max_attempts=3, consume=consume)
