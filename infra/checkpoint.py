@@ -194,6 +194,10 @@ class CheckpointReader:
     def config_fingerprint(self) -> str:
         return hashlib.sha256(json.dumps(self.config_dict, sort_keys=True).encode()).hexdigest()
 
+    def shape_of(self, name: str) -> tuple[int, ...]:
+        """A tensor's shape, from its file's header (nothing read)."""
+        return tuple(int(n) for n in self.headers[self.weight_map[name]][name]["shape"])
+
     def dtype_of(self, name: str) -> torch.dtype:
         info = self.headers[self.weight_map[name]][name]
         return SAFETENSORS_DTYPES[info["dtype"]]

@@ -40,6 +40,7 @@ def stream_hidden(
     hidden = embed(windows)
     for block in blocks:
         hidden = block(hidden)
+        del block  # before the next block is built: one block's weights in memory, not two
     return hidden
 
 

@@ -13,6 +13,7 @@ from layerquant.solvers.grid import QuantizedWeight, fit_grid, fit_groups, group
 from layerquant.solvers.hessian import damped_inverse_cholesky
 
 LAZY_BLOCK = 128
+ROW_ERROR_CHUNK = 256  # rows per step of `gptq_row_errors`
 
 
 @dataclass
@@ -180,14 +181,19 @@ def gptq_row_errors(weight: torch.Tensor, weight_hat: torch.Tensor, result: GPTQ
     by the same identity, a triangular solve instead of a product by H: on a hidden-2048 block
     the two products cost as much as the GPTQ solve itself. Both hold to the factor's float32
     accuracy: within 1e-6 of the products on stories260K's layers (tests hold them to 1e-5)."""
-    w = weight.float().clone()
-    w[:, setup.dead] = 0
-    e = w - weight_hat.float()
-    error = result.damped_row_loss - setup.damp_shift * e.double().square().sum(1)
-    # U in processing order: permute the columns of W' the same way
-    scaled = torch.linalg.solve_triangular(setup.hinv, w[:, setup.perm], upper=True, left=False)
-    total = scaled.double().square().sum(1) - setup.damp_shift * w.double().square().sum(1)
-    return error.clamp(min=0.0), total
+    errors, totals = [], []
+    # a few rows at a time: every row is on its own, and whole, the temporaries (the weight's
+    # copy, its error, its permutation, the solve and their float64 squares) would be the
+    # largest buffers of a 5632-wide down_proj's solve after the factor
+    for start in range(0, weight.shape[0], ROW_ERROR_CHUNK):
+        w = weight[start : start + ROW_ERROR_CHUNK].float().clone()
+        w[:, setup.dead] = 0
+        e = w - weight_hat[start : start + ROW_ERROR_CHUNK].float()
+        errors.append(result.damped_row_loss[start : start + ROW_ERROR_CHUNK] - setup.damp_shift * e.double().square().sum(1))
+        # U in processing order: permute the columns of W' the same way
+        scaled = torch.linalg.solve_triangular(setup.hinv, w[:, setup.perm], upper=True, left=False)
+        totals.append(scaled.double().square().sum(1) - setup.damp_shift * w.double().square().sum(1))
+    return torch.cat(errors).clamp(min=0.0), torch.cat(totals)
 
 
 def quantize_weight(

@@ -281,8 +281,10 @@ def quantize_block_sequential(
     damp_percent: float = 0.01,
     layer_prefix: str = "",
     batch_size: int = 8,
+    drop_passed_weights: bool = False,
 ) -> SequentialQuantization:
-    """Quantize `block`'s linear layers in place, true-sequentially, in one forward pass.
+    """Quantize `block`'s linear layers in place, true-sequentially, in one forward pass
+    (`drop_passed_weights`: see `staged_quantize`; the outcomes still hold every layer's codes).
 
     Layers without a spec stay float. Each group's Hessian comes from the partially quantized
     block, so later groups compensate earlier groups' error; `solvers/staged.py` gets there
@@ -296,7 +298,7 @@ def quantize_block_sequential(
         # staged_quantize drops the Hessian after this call: the last unit frees it once factored
         outcomes.extend(quantize_group_in_place(block, names, hessian, specs, damp_percent, layer_prefix, consume_hessian=True))
 
-    staged = staged_quantize(block, forward, inputs, [g for g in todo if g], quantize_group, batch_size)
+    staged = staged_quantize(block, forward, inputs, [g for g in todo if g], quantize_group, batch_size, drop_passed_weights)
     return SequentialQuantization(outcomes, staged.outputs, staged.seconds)
 
 
@@ -381,6 +383,7 @@ def reconstruct_block(
     error_samples: int = ERROR_SAMPLES,
     device: str | torch.device | None = None,
     runtime=None,
+    consume_weights: bool = False,
 ) -> BlockReconstruction:
     """Quantize decoder block `index` (float `weights`, block-relative names) on `inputs` [N, L, H],
     then apply `tuning` (refinement, norm tweaking) if given, fitted to `tuning_targets`: by
@@ -400,24 +403,34 @@ def reconstruct_block(
     `runtime` (a `solvers.activations.BlockRuntime`), when given, makes the block run as the
     quantized model runs: fake-quantized activations and KV cache, online rotations. The float
     reference, the Hessians and the outputs handed to the next block all see it, so GPTQ fits
-    the weights to the inputs they will really get."""
+    the weights to the inputs they will really get.
+
+    `consume_weights`: the caller hands `weights` over and the dict is emptied once the block
+    holds them, so an untuned block frees each group's weights once every batch has passed it
+    (the caller must hold no other reference to the tensors for that to free anything)."""
     if device is None:
         return _reconstruct_block(arch, config, index, weights, inputs, specs, damp_percent, batch_size, layer_prefix,
-                                  tuning, tuning_targets, next_norm, full_output_error, error_samples, runtime=runtime)
+                                  tuning, tuning_targets, next_norm, full_output_error, error_samples, runtime=runtime,
+                                  consume_weights=consume_weights)
     device = torch.device(device)
     if inputs.device.type == "cpu" and device.type == "cuda":
         inputs = inputs.pin_memory()
     # factory calls inside the solvers (GPTQ's buffers, rotary tables, masks) follow the device
+    on_device = {name: t.to(device) for name, t in weights.items()}
+    if consume_weights:
+        weights.clear()
     with torch.device(device):
         result = _reconstruct_block(
-            arch, config, index, {name: t.to(device) for name, t in weights.items()}, inputs, specs, damp_percent, batch_size,
+            arch, config, index, on_device, inputs, specs, damp_percent, batch_size,
             layer_prefix, tuning, None if tuning_targets is None else tuning_targets.to(device),
-            None if next_norm is None else next_norm.to(device), full_output_error, error_samples, device, runtime)
+            None if next_norm is None else next_norm.to(device), full_output_error, error_samples, device, runtime,
+            consume_weights=consume_weights)
     return result.to_host()
 
 
 def _reconstruct_block(arch, config, index, weights, inputs, specs, damp_percent, batch_size, layer_prefix, tuning,
-                       tuning_targets, next_norm, full_output_error, error_samples, device=None, runtime=None) -> BlockReconstruction:
+                       tuning_targets, next_norm, full_output_error, error_samples, device=None, runtime=None,
+                       consume_weights=False) -> BlockReconstruction:
     from layerquant.solvers.architectures import BlockContext, build_block, run_block
 
     start = time.perf_counter()
@@ -425,7 +438,10 @@ def _reconstruct_block(arch, config, index, weights, inputs, specs, damp_percent
     smoothed_norms: dict[str, torch.Tensor] = {}
     if runtime is not None and runtime.settings.smooth:
         weights, smoothed_norms = _smoothed(arch, config, index, weights, inputs, context, batch_size)
+    handed_over = weights if consume_weights else {}
     block = build_block(arch, config, index, weights)
+    handed_over.clear()  # the block holds them now (see consume_weights)
+    del weights
     n_samples = inputs.shape[0]
 
     def forward(module: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
@@ -457,8 +473,9 @@ def _reconstruct_block(arch, config, index, weights, inputs, specs, damp_percent
         # staged_quantize's Hessian hooks, so those see the transformed inputs
         runtime.install(block)
         context.kv_cache = runtime.kv_cache()
+    # untuned, the block is not run again after the pass: its passed groups' weights can go
     sequential = quantize_block_sequential(block, forward, inputs, arch.linear_groups, specs, damp_percent,
-                                           layer_prefix=layer_prefix, batch_size=batch_size)
+                                           layer_prefix=layer_prefix, batch_size=batch_size, drop_passed_weights=not tuned)
     outcomes, outputs = sequential.outcomes, sequential.outputs
     timing = dict(sequential.seconds)
     timing["forward"] += float_seconds

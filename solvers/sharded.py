@@ -18,7 +18,7 @@ from torch import nn
 from layerquant.solvers.architectures import BlockContext, build_block, run_block
 from layerquant.solvers.hessian import GramPanels, hessian_from_sum, merge_partials, shard_batches
 from layerquant.solvers.reconstruct import relative_output_error
-from layerquant.solvers.staged import StagedShard, split_batches
+from layerquant.solvers.staged import StagedShard, release_weights, split_batches
 
 
 def shard_sample_ranges(n_samples: int, batch_size: int, n_shards: int) -> list[tuple[int, int]]:
@@ -38,16 +38,6 @@ def set_weights(block: nn.Module, weights: dict[str, torch.Tensor]) -> None:
         for name, weight in weights.items():
             linear = block.get_submodule(name)
             linear.weight.data = weight.to(linear.weight.dtype).contiguous()
-
-
-def release_weights(block: nn.Module, names: Sequence[str]) -> None:
-    """Free the named linears' weights of a shard whose batches will not run through them
-    with these weights: the groups not quantized yet (`set_weights` puts their quantized
-    weights in before a batch reaches them) and the groups every batch has passed."""
-    with torch.no_grad():
-        for name in names:
-            linear = block.get_submodule(name)
-            linear.weight.data = linear.weight.data.new_empty((0,) * linear.weight.dim())
 
 
 def start_shard(arch, config, index: int, float_weights: dict[str, torch.Tensor], inputs: torch.Tensor,

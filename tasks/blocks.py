@@ -46,6 +46,9 @@ def quantize_block(config: dict, index: int, inputs: dict | None, specs: dict[st
     block is quantized from its weights alone and has no outputs. `timing` is this call's
     seconds by phase (reading weights, store I/O, forward, hessian, solve, tuning)."""
     raise_if_cancelled()
+    # free heap left by whatever ran since the last block (the flow's bookkeeping, an evaluation):
+    # the block's working set then starts from the process's live memory alone
+    release_free_memory()
     logger = get_run_logger()
     timing: dict[str, float] = {}
     ctx = RunContext.open(config)
@@ -109,6 +112,7 @@ def compute_block(ctx: RunContext, index: int, key: str, weights: dict, weights_
     reader = ctx.reader
     layer_specs = {name: QuantSpec.from_dict(spec) for name, spec in specs.items()}
     float_weights = model.block_weights({name: t.float() for name, t in weights.items()})
+    weights.clear()  # the caller's: float_weights (the same tensors, for float32 checkpoints) is handed on below
     if inputs_ref is None:
         with phase(timing, "solve"):
             outcomes = quantize_block_data_free(float_weights, layer_specs)
@@ -124,6 +128,7 @@ def compute_block(ctx: RunContext, index: int, key: str, weights: dict, weights_
             full_output_error=ctx.config.gate_output_error is not None,
             device=resolve_device(ctx.config.device),
             runtime=model.block_runtime(),
+            consume_weights=True,
         )
         del hidden
         timing = merge_timings(timing, result.timing)

@@ -33,7 +33,8 @@ from layerquant.solvers.reconstruct import (ERROR_SAMPLES, UnitPiece, assemble_u
                                              solve_units)
 from layerquant.solvers.gptq import prepare_hessian
 from layerquant.solvers.hessian import GramPanels
-from layerquant.solvers.sharded import float_output_error, merged_hessian, release_weights, set_weights, shard_sample_ranges, start_shard
+from layerquant.solvers.sharded import float_output_error, merged_hessian, set_weights, shard_sample_ranges, start_shard
+from layerquant.solvers.staged import release_weights
 from layerquant.specs import QuantSpec
 from layerquant.tasks.blocks import BLOCK_STAGE, block_key
 from layerquant.tasks.context import RunContext, cached, phase, ref_of, retry_transient

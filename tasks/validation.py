@@ -24,6 +24,7 @@ from layerquant.runtime_quant import RuntimeQuant
 from layerquant.cancellation import raise_if_cancelled
 from layerquant.config import CODE_VERSION
 from layerquant.infra.checkpoint import CheckpointReader, tensors_fingerprint
+from layerquant.infra.memory import release_free_memory
 from layerquant.infra.store import ArtifactStore, artifact_key, sha256_bytes
 from layerquant.solvers import architectures as arch_ops
 from layerquant.solvers.evaluation import stream_perplexity
@@ -60,7 +61,9 @@ def model_blocks(reader: CheckpointReader, seqlen: int, transform: WeightsTransf
         if transform is not None:
             weights = transform(index, weights)
         block = arch_ops.build_block(reader.arch, reader.config, index, weights)
+        del weights
         yield lambda hidden, block=block, index=index: arch_ops.run_block(block, context, index, hidden, batch_size)
+        del block  # before the next block's weights are read
 
 
 def stored_quantization(ctx: RunContext, block_refs: list[dict]) -> WeightsTransform:
@@ -73,14 +76,28 @@ def stored_quantization(ctx: RunContext, block_refs: list[dict]) -> WeightsTrans
 
 def model_ends(reader: CheckpointReader) -> tuple[Callable[[torch.Tensor], torch.Tensor], Callable[[torch.Tensor], torch.Tensor], int]:
     """The embedding (tokens -> hidden), the LM head (final norm, head weights, softcap: hidden
-    [T, H] -> logits [T, V]) and V."""
-    embed = reader.embed_weight()
+    [T, H] -> logits [T, V]) and V.
+
+    Tied embeddings: one tensor serves both ends (Gemma 3's is 671 MB in float32). Untied, the
+    embedding is read when it is called (once, before the blocks) and dropped, and the head is
+    read when first called (after them): neither is held while the blocks stream, nor both at
+    once (a 32k x 2048 vocabulary: 262 MB each)."""
     norm = arch_ops.family_norm(reader.arch, reader.config, reader.final_norm_weight())
-    # tied embeddings: one tensor serves both ends (Gemma 3's is 671 MB in float32)
-    weight = reader.lm_head_weight() if reader.has(reader.arch.lm_head_name) else embed
     softcap = getattr(reader.config, "final_logit_softcapping", None)
-    return (lambda tokens: arch_ops.embed_tokens(reader.arch, reader.config, embed, tokens),
-            lambda hidden: arch_ops.head_logits(hidden, norm, weight, softcap), int(weight.shape[0]))
+    head_name = reader.arch.lm_head_name
+    if not reader.has(head_name):
+        tied = reader.embed_weight()
+        return (lambda tokens: arch_ops.embed_tokens(reader.arch, reader.config, tied, tokens),
+                lambda hidden: arch_ops.head_logits(hidden, norm, tied, softcap), int(tied.shape[0]))
+    loaded: list[torch.Tensor] = []
+
+    def head(hidden: torch.Tensor) -> torch.Tensor:
+        if not loaded:
+            loaded.append(reader.lm_head_weight())
+        return arch_ops.head_logits(hidden, norm, loaded[0], softcap)
+
+    return (lambda tokens: arch_ops.embed_tokens(reader.arch, reader.config, reader.embed_weight(), tokens),
+            head, reader.shape_of(head_name)[0])
 
 
 def reader_perplexity(reader: CheckpointReader, windows: torch.Tensor, transform: WeightsTransform | None = None,
@@ -231,6 +248,7 @@ def evaluate(config: dict, variant: str, blocks: list[dict], text_index: int = 0
     result carries "ends_fp" (reused from `reference`, so the model's ends are hashed once per
     run) and "timing": this call's seconds, a cached result's lookup included."""
     started = time.perf_counter()
+    release_free_memory()  # the last block's freed buffers: the streamed model starts from live memory
     logger = get_run_logger()
     ctx = RunContext.open(config)
     windows = eval_windows(ctx, text_index)

@@ -103,6 +103,24 @@ def test_staged_equals_recomputing_in_every_family(model_type, tiny_model_dir):
         assert torch.equal(block.self_attn.k_proj.weight, weights["self_attn.k_proj.weight"])
 
 
+def test_dropping_passed_groups_weights_changes_nothing_but_memory(real_block):
+    """An untuned block is not run after its pass, so each group's weights are freed once every
+    batch has passed it: same codes and outputs, and only the last group's weights are left."""
+    arch, context, inputs = real_block["arch"], real_block["context"], real_block["x_train"]
+    specs = {name: SPEC for name in arch.linear_names}
+    weights = {k: v.detach().clone() for k, v in real_block["block"].state_dict().items()}
+    kept_block = arch_ops.build_block(arch, context.config, BLOCK, fresh(weights))
+    kept = quantize_block_sequential(kept_block, counted_forward(context, BLOCK, []), inputs, arch.linear_groups, specs)
+    dropping_block = arch_ops.build_block(arch, context.config, BLOCK, fresh(weights))
+    dropped = quantize_block_sequential(dropping_block, counted_forward(context, BLOCK, []), inputs, arch.linear_groups, specs,
+                                        drop_passed_weights=True)
+    assert_same_quantization(dropped.outcomes, kept.outcomes)
+    assert torch.equal(dropped.outputs, kept.outputs)
+    *passed, last = arch.linear_groups
+    assert all(dropping_block.get_submodule(name).weight.numel() == 0 for group in passed for name in group)
+    assert all(torch.equal(dropping_block.get_submodule(name).weight, kept_block.get_submodule(name).weight) for name in last)
+
+
 def test_reconstruct_block_runs_one_forward_and_measures_error_on_a_subset(real_block):
     arch, context, inputs = real_block["arch"], real_block["context"], real_block["x_train"]
     weights = {k: v.detach().clone() for k, v in real_block["block"].state_dict().items()}
