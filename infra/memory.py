@@ -3,9 +3,16 @@
 A block's quantization allocates and frees the same few shapes (activation batches, Grams,
 GPTQ work matrices) over and over. Freed memory that glibc keeps and hands back is fast; memory
 returned to the OS at every free comes back page by page through page faults and kernel zeroing.
-Measured on one Gemma 3 270M block (32 x 512 calibration tokens, 2 cores): 4.2 s with the
-settings below against 6.4-7.1 s with every tensor of 1 MiB or more in its own mapping (the
-previous setting), and 6.1-6.7 s with PyTorch's transparent huge pages (THP_MEM_ALLOC_ENABLE).
+Measured on one Gemma 3 270M block (32 x 512 calibration tokens, 2 cores): 4.2 s with buffers
+below 32 MB kept on the heap against 6.4-7.1 s with every tensor of 1 MiB or more in its own
+mapping, and 6.1-6.7 s with PyTorch's transparent huge pages (THP_MEM_ALLOC_ENABLE).
+
+Memory pulls the other way: buffers kept on the heap fragment it, and the heap's free holes
+count as resident memory. The 8 MB threshold below is the measured middle (2026-12-04, the
+synthetic 24 x hidden-2048 model of bench/memory_streaming.py and Gemma 3 270M GPTQ 4-bit, one
+run each): peak RSS 1603 MB against 1844 / 1905 MB with 32 MB (16 MB: 1840; 4 MB: 1538), for
++6% of that run's time (262 s against 247 / 248 s; 4 MB: 280 s); Gemma's quantization 45.7 s
+against 42.9 s, its peak 1978 against 2079 MB.
 """
 from __future__ import annotations
 
@@ -15,9 +22,9 @@ import ctypes
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
 _M_ARENA_MAX = -8
-# glibc's ceiling for the mmap threshold on 64-bit: buffers below it are reused from the heap.
+# buffers below it are reused from the heap, larger ones get their own mapping (see above).
 # Fixed rather than glibc's adaptive default, so it cannot ratchet up over a run.
-_MMAP_THRESHOLD = 32 << 20
+_MMAP_THRESHOLD = 8 << 20
 # free heap memory is kept for reuse up to this much; `release_free_memory` returns the rest
 # between blocks, so resident memory follows the current block, not the largest one so far
 _TRIM_THRESHOLD = 512 << 20
