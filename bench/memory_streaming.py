@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import conditions, load_rows, machine, run_measured, write_rows  # noqa: E402
+from common import commit, conditions, load_rows, machine, run_measured, write_rows  # noqa: E402
 
 BLOCKS, VOCAB = 24, 512
 
@@ -97,12 +97,12 @@ def main() -> int:
         "avg_bits": report["avg_bits"], "nsamples": 16, "seqlen": 256, "wall_s": result["wall_s"],
         "peak_rss_mb": result["peak_rss_mb"], "peak_rss_main_mb": result["peak_rss_main_mb"],
         "peak_rss_fraction_of_model": round(result["peak_rss_mb"] / (size / 2**20), 3), "workers": 1,
-        **at_start, "machine": machine(), "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        **at_start, "machine": machine(), "commit": commit(), "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     print(json.dumps(row, indent=2))
-    # one row per model size: the fixed cost (interpreter, torch, Prefect's server) weighs less
-    # on a larger model, the per-block cost grows with the block
-    write_rows("memory_streaming", [r for r in load_rows("memory_streaming") if r["model"] != row["model"]] + [row])
+    # appended: a model's earlier rows stay as the record of how its memory moved (the newest
+    # row of a model is its current figure)
+    write_rows("memory_streaming", load_rows("memory_streaming") + [row])
     shutil.rmtree(workdir / "out", ignore_errors=True)
     return 0
 
