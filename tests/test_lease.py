@@ -22,7 +22,7 @@ from layerquant.infra.store import LocalStore
 from support.s3server import MotoServer
 
 # refinement makes each stories260K block take seconds, longer than the two runs' start-up skew
-SLOW_BLOCKS = ["--nsamples", "32", "--eval-windows", "4", "--refine-steps", "30", "--norm-tweak-steps", "0"]
+SLOW_BLOCKS = ["--nsamples", "32", "--eval-windows", "4", "--refine-steps", "120", "--norm-tweak-steps", "0"]
 
 
 @pytest.fixture(scope="module")
