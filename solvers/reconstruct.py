@@ -167,12 +167,21 @@ class UnitPiece:
     seconds: float
 
 
+def prepare_unit(run: Sequence[str], hessian: torch.Tensor, spec: QuantSpec, damp_percent: float, layer_prefix: str,
+                 consume: bool = False) -> HessianSetup | None:
+    """The factor a GPTQ unit's row chunks share (`prepare_hessian`; `consume` frees the Hessian
+    once factored), None for methods that solve from the Hessian itself."""
+    if spec.method != "gptq":
+        return None
+    return prepare_hessian(hessian, spec.act_order, damp_percent, layer_prefix + "+".join(run), consume=consume)
+
+
 def solve_unit_rows(run: Sequence[str], weights: Sequence[torch.Tensor], hessian: torch.Tensor, spec: QuantSpec, damp_percent: float,
                     layer_prefix: str, rows: tuple[int, int] | None = None, setup: HessianSetup | None = None,
                     consume_hessian: bool = False) -> list[UnitPiece]:
     """Solve the unit's chunks (`solve_chunks`) that lie within `rows` of its stacked rows (all
     of them by default), with the Hessian's factor computed once for them (or given: `setup`,
-    from `prepare_hessian`); the result cut at the layers' boundaries. `consume_hessian`: this
+    from `prepare_unit`); the result cut at the layers' boundaries. `consume_hessian`: this
     is the Hessian's last use, so a GPTQ unit frees it once factored (the factorization's
     peak is then two Hessian-sized buffers, not three)."""
     sizes = [w.shape[0] for w in weights]
@@ -182,8 +191,8 @@ def solve_unit_rows(run: Sequence[str], weights: Sequence[torch.Tensor], hessian
     stacked = weights[0] if len(weights) == 1 else torch.cat([w for w, (a, b) in zip(weights, bounds) if a < high and b > low])
     offset = next(a for a, b in bounds if b > low)  # stacked row of `stacked`'s first row
     label = layer_prefix + "+".join(run)
-    if setup is None and spec.method == "gptq":
-        setup = prepare_hessian(hessian, spec.act_order, damp_percent, label, consume=consume_hessian)
+    if setup is None:
+        setup = prepare_unit(run, hessian, spec, damp_percent, layer_prefix, consume=consume_hessian)
     pieces = []
     for a, b in chunks:
         start = time.perf_counter()
@@ -438,9 +447,9 @@ def _reconstruct_block(arch, config, index, weights, inputs, specs, damp_percent
     smoothed_norms: dict[str, torch.Tensor] = {}
     if runtime is not None and runtime.settings.smooth:
         weights, smoothed_norms = _smoothed(arch, config, index, weights, inputs, context, batch_size)
-    handed_over = weights if consume_weights else {}
     block = build_block(arch, config, index, weights)
-    handed_over.clear()  # the block holds them now (see consume_weights)
+    if consume_weights:
+        weights.clear()  # the block holds them now
     del weights
     n_samples = inputs.shape[0]
 

@@ -29,9 +29,8 @@ from layerquant.errors import InvalidSpec
 from layerquant.infra.checkpoint import tensors_fingerprint
 from layerquant.infra.memory import release_free_memory
 from layerquant.infra.store import artifact_key
-from layerquant.solvers.reconstruct import (ERROR_SAMPLES, UnitPiece, assemble_unit, dequantized_weights, solve_chunks, solve_unit_rows,
-                                             solve_units)
-from layerquant.solvers.gptq import prepare_hessian
+from layerquant.solvers.reconstruct import (ERROR_SAMPLES, UnitPiece, assemble_unit, dequantized_weights, prepare_unit, solve_chunks,
+                                             solve_unit_rows, solve_units)
 from layerquant.solvers.hessian import GramPanels
 from layerquant.solvers.sharded import float_output_error, merged_hessian, set_weights, shard_sample_ranges, start_shard
 from layerquant.solvers.staged import release_weights
@@ -227,8 +226,7 @@ def solve_unit_task(config: dict, plan: dict, stage: int, unit: list[str], parti
     with phase(timing, "solve"):
         # factored first, the Hessian freed once factored, the weights read after: the task's
         # peak (beside the paused shards this worker holds) is the factorization's two buffers
-        setup = (prepare_hessian(hessian, spec.act_order, ctx.config.damp_percent, prefix + "+".join(unit), consume=True)
-                 if spec.method == "gptq" else None)
+        setup = prepare_unit(unit, hessian, spec, ctx.config.damp_percent, prefix, consume=True)
         weights = [ctx.reader.tensor(f"{prefix}{name}.weight").float() for name in unit]
         pieces = solve_unit_rows(unit, weights, hessian, spec, ctx.config.damp_percent, prefix, None if rows is None else tuple(rows),
                                  setup=setup)
