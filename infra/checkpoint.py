@@ -113,6 +113,14 @@ class CheckpointReader:
                     shapes[full[: -len(".weight")]] = (int(shape[0]), int(shape[1]))
         return shapes
 
+    def block_float32_bytes(self) -> int | None:
+        """The float32 size of the largest block's quantized linears, from the headers (None when
+        the checkpoint has no plain linear weights, e.g. a packed one)."""
+        shapes = self.linear_shapes()
+        sizes = [sum(4 * rows * cols for name, (rows, cols) in shapes.items() if name.startswith(self.block_prefix(index)))
+                 for index in range(self.n_blocks)]
+        return max(sizes, default=0) or None
+
     def has(self, name: str) -> bool:
         return name in self.weight_map
 

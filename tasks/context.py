@@ -23,10 +23,12 @@ class RunContext:
 
     @classmethod
     def open(cls, config: dict[str, Any]) -> "RunContext":
-        # deployment and Dask worker processes never run the CLI, which sets this too
-        tune_allocator()
         run_config = RunConfig(**config)
-        return cls(run_config, open_store(run_config.store), CheckpointReader(run_config.model, unpack_layers=dequantize_packed))
+        reader = CheckpointReader(run_config.model, unpack_layers=dequantize_packed)
+        # deployment and Dask worker processes never run the CLI (which sets the large-model
+        # default before the model is known); the threshold follows the model's block size
+        tune_allocator(reader.block_float32_bytes())
+        return cls(run_config, open_store(run_config.store), reader)
 
     def layer_name(self, index: int, name: str) -> str:
         return self.reader.block_prefix(index) + name
