@@ -103,7 +103,6 @@ class BlockRuntime:
     quantized: tuple[str, ...] = ()
     online: Mapping[str, torch.Tensor] = field(default_factory=dict)
     key_rotation: torch.Tensor | None = None  # R3: keys quantized in a rotated basis
-    online_outputs: Mapping[str, torch.Tensor] = field(default_factory=dict)  # module name -> matrix its output is multiplied by
     # linear name -> its input's activation clipping ratio (a scalar tensor, read when the hook
     # runs: tuning trains it in place); absent: the full range
     act_clip: Mapping[str, torch.Tensor] = field(default_factory=dict)
@@ -131,8 +130,6 @@ class BlockRuntime:
                 continue
             handles.append(block.get_submodule(name).register_forward_pre_hook(
                 _input_hook(matrix, bits, self.settings.act_group_size, self.act_clip.get(name))))
-        for name, matrix in sorted(self.online_outputs.items()):
-            handles.append(block.get_submodule(name).register_forward_hook(_output_hook(matrix)))
         return handles
 
 
@@ -149,18 +146,6 @@ def _input_hook(matrix: torch.Tensor | None, bits: int | None, group_size: int, 
         if bits is not None:
             x = fake_quant_symmetric(x, bits, group_size, clip)
         return (x, *args[1:])
-
-    return transform
-
-
-def _output_hook(matrix: torch.Tensor):
-    cache: dict = {}
-
-    def transform(_module, _args, output):
-        key = (output.dtype, output.device)
-        if key not in cache:
-            cache[key] = matrix.to(dtype=output.dtype, device=output.device)
-        return output @ cache[key]
 
     return transform
 

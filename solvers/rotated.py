@@ -23,19 +23,19 @@ For the Llama-like families (llama, mistral, qwen2, qwen3):
   in the quantized KV cache: keys are quantized as k R3 and handed back as Q(k R3) R3^T, which
   gives attention exactly what rotating both q and k would (solvers/activations.py).
 
-Gemma 3 (built as below; the family table's `mlp_norm` and `output_norms` say where it differs):
-- input_layernorm and pre_feedforward_layernorm scale by (1 + w): folded like Llama's with
-  offset 1 (the norm is then left with w = 0, i.e. scale 1).
-- post_attention_layernorm and post_feedforward_layernorm normalize o_proj's and down_proj's
-  outputs before the residual add: rms(y) must be computed from the unrotated y and the (1 + w)
-  scale applied in the unrotated basis, so neither can be folded. o_proj and down_proj therefore
-  keep unrotated outputs (their inputs still get R2 and R4, which is what their activation
-  quantization needs), and R1 is applied online after each post-norm (a forward hook on the norm
-  module: 2 hidden x hidden products per token per block; 640 = 20 x 32 is H20 (x) H32, so a
-  fast transform costs 640 * (20 + 32) multiply-adds instead of 640^2).
-- q_norm / k_norm act per head after q_proj / k_proj: untouched by R1 (input side only).
-- head_dim 256 (not hidden/heads = 640/4 = 160): R2 is 256-wide, read from config.head_dim.
-- embeddings: tied and scaled by sqrt(hidden) (a scalar: commutes with R1): online ends as above.
+Gemma 3 (the family table's `output_norms` says where it differs): its post_attention and
+post_feedforward norms normalize o_proj's and down_proj's outputs before the residual add, so R1
+cannot be folded through them, and its residual stream carries a massive channel (53-96% of the
+energy) that the (1 + w) input norms scale 10-50x down. Folding those norm scales into the linears
+(as above) hands the activation quantizer the unscaled normalized residual, dominated by that
+channel: measured on Gemma 3 270M with float weights (2 x 512 tokens), A4 went from 7085 unrotated
+to 6.2e7 with a folded R1. So the residual stays unrotated and R1 is applied online at the inputs of
+q/k/v and gate/up, after their norms with their scales (W R1 folded into those linears; one
+hidden x hidden product per group input and token, 640 = 20 x 32 is H20 (x) H32 for a fast
+transform): A4 31.1, A8 20.21 against 21.09 unrotated, float unchanged (20.132). R2, R3 and R4 as
+above. q_norm / k_norm act per head after q_proj / k_proj: untouched (R1 is on the input side only).
+head_dim 256 (not hidden/heads = 640/4 = 160): R2 is 256-wide, read from config.head_dim. The tied,
+sqrt(hidden)-scaled embeddings and the LM head are untouched (no untying).
 """
 from __future__ import annotations
 
@@ -57,6 +57,13 @@ class Rotation:
     head: torch.Tensor  # R2 [head_dim, head_dim]
     down: torch.Tensor  # R4 [intermediate, intermediate]
     online_ends: bool  # tied embeddings: R1 applied online after the embedding and before the final norm
+    # False (Gemma 3): the residual stream stays unrotated and R1 is applied online at the inputs
+    # of q/k/v and gate/up, after their norms (see the module docstring)
+    residual_rotated: bool = True
+
+    @property
+    def reads_rotated_online(self) -> bool:
+        return not self.residual_rotated
 
 
 def ensure_rotatable(arch) -> None:
@@ -71,12 +78,19 @@ def head_dim(config) -> int:
 
 def plan_rotation(arch, config, tied_embeddings: bool, seed: int = 0) -> Rotation:
     ensure_rotatable(arch)
+    residual_rotated = not arch.output_norms
     return Rotation(
         residual=random_hadamard(config.hidden_size, seed),
         head=hadamard(head_dim(config)),
         down=hadamard(config.intermediate_size),
-        online_ends=tied_embeddings,
+        online_ends=tied_embeddings and residual_rotated,
+        residual_rotated=residual_rotated,
     )
+
+
+# the linears that read the residual stream through a norm, with that norm
+def _residual_readers(arch) -> dict[str, tuple[str, ...]]:
+    return {arch.input_norm: ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), arch.mlp_norm: ("mlp.gate_proj", "mlp.up_proj")}
 
 
 def _scale(arch, weights: dict[str, torch.Tensor], norm: str) -> torch.Tensor:
@@ -92,16 +106,14 @@ def rotate_block_weights(arch, config, weights: dict[str, torch.Tensor], rotatio
     q = rotation.residual
     d = head_dim(config)
 
-    def reading(names, norm):
-        scale = _scale(arch, weights, norm)
+    for norm, names in _residual_readers(arch).items():
+        # folded: the norm's scale moves into its readers; online (Gemma 3): the norm keeps it
+        scale = _scale(arch, weights, norm) if rotation.residual_rotated else 1.0
         for name in names:
             w = weights[f"{name}.weight"]
-            out[f"{name}.weight"] = ((w.double() * scale[None, :]) @ q).to(w.dtype)
-        norm_w = weights[f"{norm}.weight"]
-        out[f"{norm}.weight"] = torch.full_like(norm_w, 1.0 - arch.norm_offset)
-
-    reading(("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), arch.input_norm)
-    reading(("mlp.gate_proj", "mlp.up_proj"), arch.mlp_norm)
+            out[f"{name}.weight"] = ((w.double() * scale) @ q).to(w.dtype) if rotation.residual_rotated else (w.double() @ q).to(w.dtype)
+        if rotation.residual_rotated:
+            out[f"{norm}.weight"] = torch.full_like(weights[f"{norm}.weight"], 1.0 - arch.norm_offset)
     # writers into the residual stream take Q^T on their output side, unless a post-norm sits
     # between them and the residual add: then R1 is applied online after that norm instead
     write_rotation = q.T if not arch.output_norms else torch.eye(q.shape[0], dtype=q.dtype)
@@ -135,10 +147,14 @@ def unrotate_block_weights(arch, config, weights: dict[str, torch.Tensor], rotat
     q = rotation.residual
     d = head_dim(config)
     write_rotation = q if not arch.output_norms else torch.eye(q.shape[0], dtype=q.dtype)
-    # norm scales that tuning moved away from 1 act in the rotated basis: folded into the
-    # linears before those are rotated back (a no-op for the untuned unit norms)
-    readers = {arch.input_norm: ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), arch.mlp_norm: ("mlp.gate_proj", "mlp.up_proj")}
-    for norm, names in readers.items():
+    for norm, names in _residual_readers(arch).items():
+        if not rotation.residual_rotated:  # R1 online at the readers' inputs: only their weights carry it
+            for name in names:
+                w = weights[f"{name}.weight"]
+                out[f"{name}.weight"] = (w.double() @ q.T).to(w.dtype)
+            continue
+        # norm scales that tuning moved away from 1 act in the rotated basis: folded into the
+        # linears before those are rotated back (a no-op for the untuned unit norms)
         scale = _scale(arch, weights, norm)
         for name in names:
             w = weights[f"{name}.weight"]
@@ -163,7 +179,7 @@ def unrotate_block_weights(arch, config, weights: dict[str, torch.Tensor], rotat
 
 def rotate_embedding(embed_weight: torch.Tensor, rotation: Rotation) -> torch.Tensor:
     """The input embeddings as the rotated model reads them (unchanged when R1 is online there)."""
-    if rotation.online_ends:
+    if rotation.online_ends or not rotation.residual_rotated:
         return embed_weight
     return (embed_weight.double() @ rotation.residual).to(embed_weight.dtype)
 
@@ -171,7 +187,7 @@ def rotate_embedding(embed_weight: torch.Tensor, rotation: Rotation) -> torch.Te
 def rotate_head(arch, final_norm_weight: torch.Tensor, lm_head_weight: torch.Tensor, rotation: Rotation) -> tuple[torch.Tensor, torch.Tensor]:
     """(final norm weight, LM head weight) of the rotated model: the norm folded into the head and
     R1 applied to the head's input, or both unchanged when R1 is undone online before the norm."""
-    if rotation.online_ends:
+    if rotation.online_ends or not rotation.residual_rotated:
         return final_norm_weight, lm_head_weight
     scale = arch.norm_offset + final_norm_weight.double()
     head = ((lm_head_weight.double() * scale[None, :]) @ rotation.residual).to(lm_head_weight.dtype)
@@ -193,7 +209,7 @@ def block_runtime(arch, settings: RuntimeQuant, rotation: Rotation | None, quant
     (default: every decoder linear), R4 online at down_proj, R3 on cached keys and R1 after the
     post-norms (Gemma 3) when rotated."""
     online = {"mlp.down_proj": rotation.down} if rotation is not None else {}
+    if rotation is not None and rotation.reads_rotated_online:  # Gemma 3: R1 at the residual readers' inputs
+        online.update({name: rotation.residual for names in _residual_readers(arch).values() for name in names})
     key_rotation = rotation.head if rotation is not None else None
-    # Gemma 3: R1 after each post-norm, where it could not be folded into o_proj / down_proj
-    online_outputs = {norm: rotation.residual for norm in arch.output_norms} if rotation is not None else {}
-    return BlockRuntime(settings, tuple(arch.linear_names if quantized is None else quantized), online, key_rotation, online_outputs)
+    return BlockRuntime(settings, tuple(arch.linear_names if quantized is None else quantized), online, key_rotation)

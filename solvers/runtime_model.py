@@ -57,7 +57,9 @@ class RuntimeModel:
         "next_norm" space compares in): rotated, every norm's scale is folded into the linears
         after it, leaving a unit-scale RMSNorm (rotation-invariant, so also right where R1 is
         undone online before the final norm)."""
-        return weight if self.rotation is None else torch.full_like(weight, 1.0 - self.arch.norm_offset)
+        if self.rotation is None or not self.rotation.residual_rotated:
+            return weight
+        return torch.full_like(weight, 1.0 - self.arch.norm_offset)
 
     def block_runtime(self) -> BlockRuntime | None:
         """The hooks a block runs with; None when nothing happens at run time (weight-only runs
