@@ -61,10 +61,6 @@ class Rotation:
     # of q/k/v and gate/up, after their norms (see the module docstring)
     residual_rotated: bool = True
 
-    @property
-    def reads_rotated_online(self) -> bool:
-        return not self.residual_rotated
-
 
 def ensure_rotatable(arch) -> None:
     if arch.model_type not in ROTATABLE:
@@ -209,7 +205,7 @@ def block_runtime(arch, settings: RuntimeQuant, rotation: Rotation | None, quant
     (default: every decoder linear), R4 online at down_proj, R3 on cached keys and R1 after the
     post-norms (Gemma 3) when rotated."""
     online = {"mlp.down_proj": rotation.down} if rotation is not None else {}
-    if rotation is not None and rotation.reads_rotated_online:  # Gemma 3: R1 at the residual readers' inputs
+    if rotation is not None and not rotation.residual_rotated:  # Gemma 3: R1 at the residual readers' inputs
         online.update({name: rotation.residual for names in _residual_readers(arch).values() for name in names})
     key_rotation = rotation.head if rotation is not None else None
     return BlockRuntime(settings, tuple(arch.linear_names if quantized is None else quantized), online, key_rotation)
