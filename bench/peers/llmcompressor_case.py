@@ -2,6 +2,7 @@
 
 Usage: python llmcompressor_case.py --model DIR --out DIR --method gptq|awq|rtn|float
                                     [--windows CALIB.safetensors] [--bits B] [--group G] [--special SUFFIX=G ...]
+                                    [--act-bits A] [--smooth]
 
 --windows holds the calibration token windows layerquant uses ("tokens" [N, L] int64, the first
 N x L tokens of the calibration text, BOS-prefixed), so both tools see exactly the same tokens.
@@ -13,6 +14,12 @@ N x L tokens of the calibration text, BOS-prefixed), so both tools see exactly t
          usual W4A16_ASYM: a scale and a zero point per group; --sym for symmetric), same windows.
   rtn    QuantizationModifier, the same scheme (absmax scales per group, round to nearest),
          data-free.
+  --act-bits A  weight-activation scheme (issue 16): dynamic symmetric per-token int A-bit input
+         activations at every quantized linear (compressed-tensors `input_activations`); they are
+         computed at run time, so the written weights are the same kind as above and the evaluator
+         applies the same per-token quantization (bench/gemma_bisup.py).
+  --smooth  SmoothQuantModifier (llm-compressor's default strength 0.5 and its mappings for the
+         architecture) before GPTQ, as in its W8A8 examples.
   float  no quantization: the model only goes through this environment's load and save path
          (checks that the path itself changes nothing).
 AWQ on a machine without an accelerator: llm-compressor 0.14.0.1's AWQ pins its cached
@@ -48,6 +55,8 @@ def main() -> int:
     parser.add_argument("--bits", type=int, default=4)
     parser.add_argument("--group", type=int, default=128)
     parser.add_argument("--special", nargs="*", default=[])
+    parser.add_argument("--act-bits", type=int, default=16, help="dynamic per-token int activations (16 = float)")
+    parser.add_argument("--smooth", action="store_true", help="SmoothQuantModifier before GPTQ")
     args = parser.parse_args()
     started = time.perf_counter()
 
@@ -69,6 +78,9 @@ def main() -> int:
         suffixes = sorted({name.rsplit(".", 1)[-1] for name in linear})
         plain = [s for s in suffixes if s not in special]
         groups = {"default": {"targets": [f"re:.*\\.({'|'.join(plain)})$"], "weights": weights}}
+        if args.act_bits < 16:
+            groups["default"]["input_activations"] = {"num_bits": args.act_bits, "type": "int", "symmetric": True, "strategy": "token",
+                                                      "dynamic": True}
         for index, (suffix, size) in enumerate(sorted(special.items())):
             groups[f"special{index}"] = {"targets": [f"re:.*\\.{suffix}$"], "weights": {**weights, "group_size": size}}
         if args.method in ("gptq", "awq"):
@@ -81,6 +93,10 @@ def main() -> int:
             dataset = Dataset.from_dict({"input_ids": tokens.tolist(), "attention_mask": torch.ones_like(tokens).tolist()})
             if args.method == "gptq":
                 recipe = GPTQModifier(config_groups=groups, ignore=["lm_head"])
+                if args.smooth:
+                    from llmcompressor.modifiers.smoothquant import SmoothQuantModifier
+
+                    recipe = [SmoothQuantModifier(), recipe]
             else:  # the smoothing transform first, then the quantization it was searched for
                 recipe = [AWQModifier(), QuantizationModifier(config_groups=groups, ignore=["lm_head"])]
                 if not torch.cuda.is_available():
@@ -114,7 +130,8 @@ def main() -> int:
 
     state = {}
     for name, tensor in model.state_dict().items():
-        if name.endswith((".weight_scale", ".weight_zero_point", ".weight_g_idx", ".weight_global_scale")) or "observer" in name:
+        if name.endswith((".weight_scale", ".weight_zero_point", ".weight_g_idx", ".weight_global_scale", ".input_scale",
+                          ".input_zero_point")) or "observer" in name:
             continue
         if model.config.tie_word_embeddings and name == "lm_head.weight":
             continue
@@ -127,7 +144,8 @@ def main() -> int:
     (args.out / "config.json").write_text(json.dumps(config, indent=2))
     tokenizer.save_pretrained(args.out)
     (args.out / "llmcompressor.json").write_text(json.dumps({
-        "version": llmcompressor.__version__, "method": args.method, "bits": args.bits, "asym": args.asym, "group_sizes": layer_groups,
+        "version": llmcompressor.__version__, "method": args.method, "bits": args.bits, "asym": args.asym,
+        "act_bits": args.act_bits, "smooth": args.smooth, "group_sizes": layer_groups,
         "shapes": {name: list(shape) for name, shape in linear.items()}, "seconds": round(time.perf_counter() - started, 2),
         **({"patched_pin_memory": True} if patched else {})}, indent=1))
     return 0

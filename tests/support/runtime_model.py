@@ -11,6 +11,7 @@ import torch
 from layerquant.infra.checkpoint import CheckpointReader
 from layerquant.infra.texts import load_tokenizer, read_text, tokenize
 from layerquant.runtime_quant import RuntimeQuant
+from layerquant.solvers.architectures import family_norm
 from layerquant.solvers.reconstruct import reconstruct_block, stored_weight
 from layerquant.solvers.runtime_model import RuntimeModel
 from layerquant.solvers.windows import make_windows, prompt_windows
@@ -32,6 +33,15 @@ def continuation_windows(tokenizer, text_path: str, n: int, prompt_tokens: int, 
     return prompt_windows(tokens, n, prompt_tokens + continuation, prompt_tokens, tokenizer.bos_token_id, purpose="test")
 
 
+def next_norm(reader: CheckpointReader, model: RuntimeModel, index: int, tuning) -> torch.nn.Module | None:
+    """The norm that reads block `index`'s output, as the block task passes it to tuning in the
+    "next_norm" space (None otherwise)."""
+    if tuning is None or not tuning.enabled or tuning.space != "next_norm":
+        return None
+    name = reader.arch.norm_reading_block_output(index, reader.n_blocks)
+    return family_norm(reader.arch, reader.config, model.norm_weight(reader.tensor(name).float()))
+
+
 def quantize_run(reader: CheckpointReader, model: RuntimeModel, calib: torch.Tensor | None, spec: QuantSpec | None,
                  tuning=None) -> list[dict[str, torch.Tensor]]:
     """Each block's weights as the run uses them: rotated (if so), then GPTQ/RTN-quantized
@@ -47,7 +57,7 @@ def quantize_run(reader: CheckpointReader, model: RuntimeModel, calib: torch.Ten
             continue
         specs = {name: spec for name in reader.arch.linear_names}
         result = reconstruct_block(reader.arch, reader.config, index, weights, hidden, specs, runtime=model.block_runtime(),
-                                   tuning=tuning)
+                                   tuning=tuning, next_norm=next_norm(reader, model, index, tuning))
         quantized = dict(weights)
         for outcome in result.outcomes:
             quantized[f"{outcome.name}.weight"] = stored_weight(outcome.tensors, outcome.spec)
@@ -80,7 +90,7 @@ def quantize_run_artifacts(reader: CheckpointReader, model: RuntimeModel, calib:
         weights = model.block_weights(reader.block_weights(index))
         specs = {name: spec for name in reader.arch.linear_names}
         result = reconstruct_block(reader.arch, reader.config, index, weights, hidden, specs, runtime=model.block_runtime(),
-                                   tuning=tuning)
+                                   tuning=tuning, next_norm=next_norm(reader, model, index, tuning))
         artifact = BlockArtifact([LayerRecord.measured(o.name, o.spec, o.shape, o.error, o.damp_used, o.seconds, o.tensors)
                                   for o in result.outcomes], {o.name: o.tensors for o in result.outcomes}, result.overrides)
         artifacts.append(artifact)
