@@ -8,7 +8,7 @@ For the Llama-like families (llama, mistral, qwen2, qwen3):
   (||x Q|| = ||x||) but not with a per-channel scale.
 - R1 (hidden x hidden, randomized Hadamard) on the residual stream: every linear reading it gets
   W Q, every linear writing it (o_proj, down_proj) Q^T W, the embeddings E Q, the LM head W Q.
-  Tied embeddings (stories260K, Gemma 3) cannot take both E Q (input side) and diag(g) E Q
+  Tied embeddings (stories260K) cannot take both E Q (input side) and diag(g) E Q
   (output side) in one tensor; rather than untie (a second vocab x hidden matrix: 32k weights,
   12% of stories260K; 168M, 62% of Gemma 3 270M), R1 is applied online at the two ends: after the
   embedding lookup (x Q) and before the final norm (h Q^T), one hidden x hidden product per token
@@ -107,12 +107,12 @@ def rotate_block_weights(arch, config, weights: dict[str, torch.Tensor], rotatio
         scale = _scale(arch, weights, norm) if rotation.residual_rotated else 1.0
         for name in names:
             w = weights[f"{name}.weight"]
-            out[f"{name}.weight"] = ((w.double() * scale) @ q).to(w.dtype) if rotation.residual_rotated else (w.double() @ q).to(w.dtype)
+            out[f"{name}.weight"] = ((w.double() * scale) @ q).to(w.dtype)
         if rotation.residual_rotated:
             out[f"{norm}.weight"] = torch.full_like(weights[f"{norm}.weight"], 1.0 - arch.norm_offset)
-    # writers into the residual stream take Q^T on their output side, unless a post-norm sits
-    # between them and the residual add: then R1 is applied online after that norm instead
-    write_rotation = q.T if not arch.output_norms else torch.eye(q.shape[0], dtype=q.dtype)
+    # writers into the residual stream take Q^T on their output side where it is rotated
+    # (Gemma 3's stays unrotated: its post-norms sit between the writers and the residual add)
+    write_rotation = q.T if rotation.residual_rotated else torch.eye(q.shape[0], dtype=q.dtype)
     # R2: each kv head's value rows v_h -> v_h R2 (rows of W_v: R2^T W_h), and o_proj's columns
     # of each attention head read them back (W_o[:, h] R2)
     v = out["self_attn.v_proj.weight"]
@@ -142,7 +142,7 @@ def unrotate_block_weights(arch, config, weights: dict[str, torch.Tensor], rotat
     out = dict(weights)
     q = rotation.residual
     d = head_dim(config)
-    write_rotation = q if not arch.output_norms else torch.eye(q.shape[0], dtype=q.dtype)
+    write_rotation = q if rotation.residual_rotated else torch.eye(q.shape[0], dtype=q.dtype)
     for norm, names in _residual_readers(arch).items():
         if not rotation.residual_rotated:  # R1 online at the readers' inputs: only their weights carry it
             for name in names:
@@ -202,8 +202,8 @@ def final_norm_input_transform(rotation: Rotation | None) -> torch.Tensor | None
 
 def block_runtime(arch, settings: RuntimeQuant, rotation: Rotation | None, quantized: tuple[str, ...] | None = None) -> BlockRuntime:
     """The run-time transforms of one block: activation fake-quant at the inputs of `quantized`
-    (default: every decoder linear), R4 online at down_proj, R3 on cached keys and R1 after the
-    post-norms (Gemma 3) when rotated."""
+    (default: every decoder linear), R4 online at down_proj, R3 on cached keys and R1 at the
+    inputs of the residual stream's readers (Gemma 3) when rotated."""
     online = {"mlp.down_proj": rotation.down} if rotation is not None else {}
     if rotation is not None and not rotation.residual_rotated:  # Gemma 3: R1 at the residual readers' inputs
         online.update({name: rotation.residual for names in _residual_readers(arch).values() for name in names})
