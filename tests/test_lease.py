@@ -95,13 +95,15 @@ def test_a_holder_whose_process_is_gone_is_not_waited_for(store):
 
 
 def test_a_heartbeat_keeps_a_long_holding_alive_and_the_waiter_gets_the_result(store):
-    holder = acquire_unless_done(store, "block/h", "alice", done=lambda: False, ttl_s=1.0)
+    # a 2 s TTL: with 1 s, one heartbeat delayed past it by a loaded machine (moto's S3 under the
+    # whole suite) let bob take over in one CI run of 2026-12-04
+    holder = acquire_unless_done(store, "block/h", "alice", done=lambda: False, ttl_s=2.0)
     finished = threading.Event()
     got = []
     waiter = threading.Thread(target=lambda: got.append(
-        acquire_unless_done(store, "block/h", "bob", done=finished.is_set, ttl_s=1.0, poll_s=0.05)))
+        acquire_unless_done(store, "block/h", "bob", done=finished.is_set, ttl_s=2.0, poll_s=0.05)))
     waiter.start()
-    time.sleep(3.0)  # three TTLs: without the heartbeat bob would have taken over
+    time.sleep(6.0)  # three TTLs: without the heartbeat bob would have taken over
     assert waiter.is_alive()
     finished.set()  # alice's artifact is committed ...
     holder.release(computed=True)  # ... then she lets go
