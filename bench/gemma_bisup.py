@@ -43,7 +43,7 @@ HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "tests"))
 
-from common import conditions, load_rows, machine, write_rows  # noqa: E402
+from common import commit, conditions, load_rows, machine, write_rows  # noqa: E402
 from support.runtime_model import (  # noqa: E402
     continuation_windows,
     open_model,
@@ -95,11 +95,6 @@ def peer_case(a_bits: int, smooth: bool) -> tuple[str, dict]:
 PEER_CASES = dict([peer_case(8, False), peer_case(4, False), peer_case(8, True), peer_case(4, True)])
 
 
-def commit() -> str:
-    result = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, stdout=subprocess.PIPE, text=True)
-    return result.stdout.strip()
-
-
 def base_row(name: str, settings: dict, tool: str) -> dict:
     return {"bench": RESULTS, "model": "gemma-3-270m", "case": name, "tool": tool, **settings,
             "method": "gptq" if settings["w_bits"] < 16 else "float", "group_size": GROUP, "calib": f"first {NSAMPLES} x {SEQLEN}",
@@ -117,6 +112,8 @@ def measure_peer(name: str, settings: dict, model_dir: str, calib, plain, scratc
     row = base_row(name, settings, "llm-compressor")
     scratch.mkdir(parents=True, exist_ok=True)
     windows, out = scratch / "calib-windows.safetensors", scratch / name
+    if out.exists() or windows.exists():  # removed after measuring: never a folder this script did not write
+        raise SystemExit(f"{out} or {windows} already exists: pass a --scratch folder only this benchmark uses")
     save_file({"tokens": calib.contiguous()}, str(windows))
     command = [str(ensure_peers_venv()), str(HERE / "peers" / "llmcompressor_case.py"), "--model", model_dir, "--out", str(out),
                "--method", "gptq", "--bits", str(settings["w_bits"]), "--group", str(GROUP), "--act-bits", str(settings["a_bits"]),
