@@ -11,8 +11,10 @@ and cache fake-quantization) active while calibrating; "ppl" = the first 6 BOS-p
 windows of the WikiText-2 test set. Cases with a quantized KV cache also get "cont_ppl": 6 windows of
 one shared 64-token prompt (BOS + the test text's first 63 tokens) before a 1984-token continuation,
 scored on the continuations only, with the whole cache quantized ("cont_ppl") and with the prompt's
-keys and values kept float ("cont_ppl_float_prompt": BiSup's prompt-precision cache) on the same
-quantized weights and windows. The solver calls are those of a run, composed without Prefect
+keys and values computed by the float model and kept float ("cont_ppl_float_prompt": BiSup's
+prompt-precision cache, as the validation runs it) on the same quantized weights and windows;
+"cont_ppl_own_prompt": the quantized model's own prompt states kept float (rows before 2026-12-04
+evening measured this as "cont_ppl_float_prompt"). The solver calls are those of a run, composed without Prefect
 (tests/support/runtime_model.py, as bench/stories_bisup.py does).
 
 Tuning ("+tune"): BiSup's quantization-aware fine-tuning with the quantizers in the loop, block by
@@ -160,6 +162,8 @@ def measure(name: str, settings: dict, reader, calib, plain, continuation) -> di
     if settings["kv_bits"] < 16:  # the same weights and windows, the prompt's keys and values float
         prompt_model = plan(reader, dataclasses.replace(runtime, prompt_kv_tokens=PROMPT))
         row["cont_ppl_float_prompt"] = run_perplexity(reader, prompt_model, blocks, continuation, score_from=PROMPT)
+        # the quantized model's own prompt states, kept float (what "float prompt" meant before 2026-12-04 evening)
+        row["cont_ppl_own_prompt"] = run_perplexity(reader, prompt_model, blocks, continuation, score_from=PROMPT, float_prompt=False)
     row["seconds"] = round(time.perf_counter() - start, 1)
     return row
 

@@ -87,7 +87,7 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--act-group-size", type=int, help="input channels per activation scale (default 0 = one per token)")
     parser.add_argument("--kv-bits", type=int, choices=[3, 4, 8, 16], help="KV cache per head and token (default 16 = float)")
     parser.add_argument("--kv-group-size", type=int, help="head channels per KV scale (default 0 = one per head and token)")
-    parser.add_argument("--prompt-kv-tokens", type=int, metavar="P", help="keep the first P tokens' keys and values float (default 0)")
+    parser.add_argument("--prompt-kv-tokens", type=int, metavar="P", help="the shared prompt: the first P tokens' keys and values computed by the float model and kept float; evaluation scores the continuations after it (default 0)")
     parser.add_argument("--rotate", action=argparse.BooleanOptionalAction, default=None,
                         help="QuaRot Hadamard rotations folded into the weights (+ online at down_proj and the cached keys)")
     parser.add_argument("--smooth", action=argparse.BooleanOptionalAction, default=None,

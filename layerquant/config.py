@@ -122,7 +122,7 @@ class RunConfig(BaseModel):
     pack_format: Literal["dequantized", "compressed-tensors", "gptq"] = "compressed-tensors"
     # what the model quantizes while it runs (issue 16; layerquant/runtime_quant.py): per-token
     # activations at every quantized linear's input, the KV cache per head and token (its first
-    # prompt_kv_tokens positions kept float), and QuaRot's Hadamard rotations. 16 = float
+    # prompt_kv_tokens positions float, from the float model), and QuaRot's Hadamard rotations. 16 = float
     act_bits: Literal[3, 4, 8, 16] = FLOAT_BITS
     act_group_size: int = Field(0, ge=0)
     kv_bits: Literal[3, 4, 8, 16] = FLOAT_BITS

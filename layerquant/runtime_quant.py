@@ -34,7 +34,9 @@ class RuntimeQuant:
     they enter the cache, asymmetric (min/max) as QuaRot and KIVI quantize the cache, except the
     first `prompt_kv_tokens` positions, which stay float (BiSup's prompt-precision cache: the
     shared system prompt is computed once, so keeping it exact costs little memory and stops its
-    error from spreading to every later token). `rotate`: QuaRot's Hadamard rotations
+    error from spreading to every later token). Calibration keeps those positions unquantized;
+    the evaluation, whose windows share one prompt, takes them from the float model (IntactKV's
+    lossless prefix: solvers/runtime_model.py). `rotate`: QuaRot's Hadamard rotations
     (solvers/rotated.py). `smooth`: SmoothQuant's scale migration instead (solvers/smooth.py)."""
 
     act_bits: int = FLOAT_BITS

@@ -53,8 +53,8 @@ def runtime_unservable(runtime: dict, layers: dict[str, QuantSpec], lowrank_rank
         out.append(f"KV cache: {kv['bits']}-bit int, asymmetric, dynamic per head and token: written as kv_cache_scheme, but "
                    f"vLLM's quantized KV caches are fp8 with static scales")
         if kv.get("prompt_tokens"):
-            out.append(f"float prompt cache (the first {kv['prompt_tokens']} tokens' keys and values kept float): no packed "
-                       f"format can say it; a client quantizes the whole cache")
+            out.append(f"float prompt cache (the first {kv['prompt_tokens']} tokens' keys and values computed by the float model "
+                       f"and kept float): no packed format can say it; a client quantizes the whole cache")
     if "rotate" in runtime:
         out.append("rotation: the online Hadamard transforms (down_proj's input, the cached keys) have no place in the packed "
                    "formats; the run is written dequantized with the rotations undone (its weight-only function)")

@@ -70,15 +70,26 @@ class FakeQuantKVCache:
     `key_rotation` (QuaRot's R3, head_dim x head_dim orthogonal): keys are quantized in the
     rotated basis, k -> Q(k R3) R3^T. Attention then computes q . Q(k R3) R3^T = (q R3) . Q(k R3),
     exactly what rotating queries and keys online after RoPE and caching the rotated keys
-    computes, without touching the attention code."""
+    computes, without touching the attention code.
 
-    def __init__(self, bits: int, group_size: int = 0, prompt_tokens: int = 0, key_rotation: torch.Tensor | None = None):
+    `prompt_states` (layer index -> keys, values [1, kv_heads, prompt_tokens, head_dim]): the
+    shared prompt's cache as the float model computed it (`RecordingCache`), used in place of
+    the first `prompt_tokens` positions of every sequence: the prompt is computed once, offline,
+    so its cache can be exact in value as well as in storage (IntactKV's lossless prefix). A
+    layer without an entry keeps its own prompt positions, unquantized. With `bits` 16 nothing
+    is quantized (a float cache with an exact prompt)."""
+
+    def __init__(self, bits: int, group_size: int = 0, prompt_tokens: int = 0, key_rotation: torch.Tensor | None = None,
+                 prompt_states: Mapping[int, tuple[torch.Tensor, torch.Tensor]] | None = None):
         self.bits = bits
         self.group_size = group_size
         self.prompt_tokens = prompt_tokens
         self.key_rotation = key_rotation
+        self.prompt_states = prompt_states
 
     def _quantize(self, states: torch.Tensor, rotation: torch.Tensor | None = None) -> torch.Tensor:
+        if self.bits >= FLOAT_BITS:
+            return states
         keep = min(self.prompt_tokens, states.shape[-2])
         rest = states[..., keep:, :]
         if rotation is not None:
@@ -89,7 +100,30 @@ class FakeQuantKVCache:
         return torch.cat([states[..., :keep, :], quantized], dim=-2) if keep else quantized
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
-        return self._quantize(key_states, self.key_rotation), self._quantize(value_states)
+        keys, values = self._quantize(key_states, self.key_rotation), self._quantize(value_states)
+        exact = None if self.prompt_states is None else self.prompt_states.get(layer_idx)
+        if exact is None:
+            return keys, values
+        return _with_prompt(keys, exact[0]), _with_prompt(values, exact[1])
+
+
+def _with_prompt(states: torch.Tensor, prompt: torch.Tensor) -> torch.Tensor:
+    """`states` [batch, heads, seq, dim] with its first positions replaced by `prompt` [1, heads, P, dim]."""
+    keep = min(prompt.shape[-2], states.shape[-2])
+    head = prompt[..., :keep, :].to(states.dtype).expand(states.shape[0], -1, -1, -1)
+    return torch.cat([head, states[..., keep:, :]], dim=-2)
+
+
+class RecordingCache:
+    """A float cache that keeps each layer's keys and values (as they would enter the cache) in
+    `states`: the float model's pass over the shared prompt fills FakeQuantKVCache.prompt_states."""
+
+    def __init__(self, states: dict[int, tuple[torch.Tensor, torch.Tensor]]):
+        self.states = states
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        self.states[layer_idx] = (key_states.detach(), value_states.detach())
+        return key_states, value_states
 
 
 @dataclass
@@ -107,10 +141,13 @@ class BlockRuntime:
     # runs: tuning trains it in place); absent: the full range
     act_clip: Mapping[str, torch.Tensor] = field(default_factory=dict)
 
-    def kv_cache(self) -> FakeQuantKVCache | None:
-        if not self.settings.quantizes_cache:
+    def kv_cache(self, prompt_states: Mapping[int, tuple[torch.Tensor, torch.Tensor]] | None = None) -> FakeQuantKVCache | None:
+        """The cache the block attends through; `prompt_states`: the float model's cache of the
+        shared prompt (see FakeQuantKVCache), given only by the streamed evaluation."""
+        if not self.settings.quantizes_cache and prompt_states is None:
             return None
-        return FakeQuantKVCache(self.settings.kv_bits, self.settings.kv_group_size, self.settings.prompt_kv_tokens, self.key_rotation)
+        return FakeQuantKVCache(self.settings.kv_bits, self.settings.kv_group_size, self.settings.prompt_kv_tokens, self.key_rotation,
+                                prompt_states)
 
     def without_quantizers(self) -> "BlockRuntime":
         """The same block with float activations and cache: only its online rotations, which

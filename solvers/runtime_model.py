@@ -9,9 +9,9 @@ from dataclasses import dataclass
 
 import torch
 
-from layerquant.runtime_quant import ACT_CLIP_SUFFIX, RuntimeQuant
+from layerquant.runtime_quant import ACT_CLIP_SUFFIX, FLOAT_BITS, RuntimeQuant
 from layerquant.solvers import architectures as arch_ops
-from layerquant.solvers.activations import BlockRuntime, with_act_clips
+from layerquant.solvers.activations import BlockRuntime, FakeQuantKVCache, RecordingCache, with_act_clips
 from layerquant.solvers.evaluation import stream_perplexity
 from layerquant.solvers.rotated import (
     Rotation,
@@ -93,17 +93,36 @@ class RuntimeModel:
         score_from: int = 0,
         batch_size: int = 8,
         between_blocks: Callable[[], None] | None = None,
+        float_block_weights: Callable[[int], dict[str, torch.Tensor]] | None = None,
     ) -> dict[str, float]:
         """Streamed perplexity of `windows`; `block_weights(index)` gives block `index`'s weights
         as the run uses them (already rotated, quantized layers dequantized). Only tokens at
-        positions >= `score_from` are scored (continuations after a shared prompt)."""
+        positions >= `score_from` are scored (continuations after a shared prompt).
+
+        With `settings.prompt_kv_tokens` P and `float_block_weights(index)` (block `index`'s
+        float weights as `block_weights` rotates them): the prompt-precision cache. The windows'
+        first P tokens (the shared prompt, the same in every window) go once through the float
+        blocks, and their keys and values take the place of the first P cache positions of every
+        window: the prompt is computed once, offline, so its cache is the float model's, kept in
+        float, while everything after it runs quantized."""
         runtime = self.block_runtime()
-        context = arch_ops.BlockContext(self.arch, self.config, windows.shape[1], kv_cache=None if runtime is None else runtime.kv_cache())
+        prompt = None if float_block_weights is None else self.shared_prompt(windows)
+        prompt_states: dict | None = None if prompt is None else {}
+        if runtime is not None:
+            cache = runtime.kv_cache(prompt_states)
+        elif prompt_states is not None:  # weight-only: a float cache whose prompt is the float model's
+            cache = FakeQuantKVCache(FLOAT_BITS, prompt_tokens=self.settings.prompt_kv_tokens, prompt_states=prompt_states)
+        else:
+            cache = None
+        context = arch_ops.BlockContext(self.arch, self.config, windows.shape[1], kv_cache=cache)
+        float_prompt = None if prompt is None else self._float_prompt_pass(prompt, embed_weight, runtime, prompt_states)
 
         def blocks():
             for index in range(n_blocks):
                 if between_blocks is not None:
                     between_blocks()
+                if float_prompt is not None:
+                    float_prompt(index, float_block_weights(index))
                 weights = block_weights(index)
                 block_runtime = runtime
                 if runtime is not None:  # trained activation clipping ratios come with the block's weights
@@ -125,3 +144,36 @@ class RuntimeModel:
 
         return stream_perplexity(windows, lambda tokens: self.embed(embed_weight, tokens), blocks(), logits, int(head.shape[0]),
                                  score_from=score_from)[0]
+
+    def shared_prompt(self, windows: torch.Tensor) -> torch.Tensor | None:
+        """The prompt [1, P] every window starts with (P = settings.prompt_kv_tokens; None when
+        0). Refuses windows that do not share it: their prompt caches would differ."""
+        length = self.settings.prompt_kv_tokens
+        if not length:
+            return None
+        if windows.shape[1] <= length:
+            raise ValueError(f"windows of {windows.shape[1]} tokens leave nothing after a {length}-token prompt; "
+                             "use longer windows or a shorter prompt_kv_tokens")
+        prompt = windows[:1, :length]
+        if not torch.equal(windows[:, :length], prompt.expand(windows.shape[0], -1)):
+            raise ValueError(f"the windows do not share their first {length} tokens: cut them with "
+                             "solvers.windows.prompt_windows (one shared prompt before each continuation)")
+        return prompt
+
+    def _float_prompt_pass(self, prompt: torch.Tensor, embed_weight: torch.Tensor, runtime: BlockRuntime | None,
+                           states: dict) -> Callable[[int, dict[str, torch.Tensor]], None]:
+        """A function that runs the prompt through float block `index` (online rotations, no
+        quantizers) and records the keys and values it caches in `states[index]`; called for
+        each block in order, before that block's quantized pass reads them."""
+        context = arch_ops.BlockContext(self.arch, self.config, prompt.shape[1], kv_cache=RecordingCache(states))
+        float_runtime = None if runtime is None else runtime.without_quantizers()
+        hidden = self.embed(embed_weight, prompt)
+
+        def run(index: int, weights: dict[str, torch.Tensor]) -> None:
+            nonlocal hidden
+            block = arch_ops.build_block(self.arch, self.config, index, weights)
+            if float_runtime is not None:
+                float_runtime.install(block)
+            hidden = arch_ops.run_block(block, context, index, hidden)
+
+        return run

@@ -232,8 +232,11 @@ def runtime_perplexity(ctx: RunContext, windows, block_refs: list[dict] | None, 
 
     embed = reader.embed_weight()
     head = reader.lm_head_weight() if reader.has(reader.arch.lm_head_name) else embed  # tied: one tensor, as above
+    # the shared prompt's cache comes from the float blocks (the prompt-precision cache)
+    float_weights = None if block_refs is None else lambda index: model.block_weights(reader.block_weights(index))
     return model.perplexity(windows, reader.n_blocks, block_weights, embed, reader.final_norm_weight(), head,
-                            score_from=cfg.prompt_kv_tokens, batch_size=batch_size, between_blocks=raise_if_cancelled)
+                            score_from=cfg.prompt_kv_tokens, batch_size=batch_size, between_blocks=raise_if_cancelled,
+                            float_block_weights=float_weights)
 
 
 @task(name="evaluate", task_run_name="validate / {variant} perplexity", cache_policy=NO_CACHE, persist_result=False,
@@ -279,6 +282,8 @@ def _evaluate(ctx: RunContext, variant: str, blocks: list[dict], windows: torch.
         settings["runtime_quant"] = runtime
     if ctx.config.prompt_kv_tokens:
         settings["score_from"] = ctx.config.prompt_kv_tokens
+        if variant == "quant":  # the prompt's cache is the float model's (older results kept the quantized model's)
+            settings["prompt_cache"] = "float-model"
     # a float result of a run-time model keeps no hidden states
     reference_sha = reference["hidden"]["sha256"] if reference is not None and "hidden" in reference else None
     key = evaluation_key(ctx.reader, variant, block_ids, windows, reference_sha, settings, ends_fp=ends_fp)

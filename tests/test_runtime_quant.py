@@ -242,6 +242,45 @@ def test_kv_cache_keeps_the_prompt_float_and_quantizes_the_rest():
     assert torch.equal(v[..., 5:, :], fake_quant_asymmetric(values[..., 5:, :], 3))
 
 
+def test_kv_cache_takes_the_float_models_prompt_states():
+    """The prompt-precision cache: the first positions of every sequence are the float model's
+    recorded keys and values (one shared prompt, broadcast over the batch); the rest quantized."""
+    keys, values = torch.randn(2, 4, 20, 8), torch.randn(2, 4, 20, 8)
+    exact = {0: (torch.randn(1, 4, 5, 8), torch.randn(1, 4, 5, 8))}
+    cache = FakeQuantKVCache(bits=4, prompt_tokens=5, prompt_states=exact)
+    k, v = cache.update(keys, values, 0)
+    assert torch.equal(k[..., :5, :], exact[0][0].expand(2, -1, -1, -1)) and torch.equal(v[..., :5, :], exact[0][1].expand(2, -1, -1, -1))
+    assert torch.equal(k[..., 5:, :], fake_quant_asymmetric(keys[..., 5:, :], 4))
+    own, _ = cache.update(keys, values, 1)  # a layer with no recorded prompt keeps its own prompt positions, float
+    assert torch.equal(own[..., :5, :], keys[..., :5, :])
+
+
+@pytest.mark.parametrize("rotate", [False, True], ids=["plain", "rotated"])
+def test_float_prompt_states_are_the_float_models_own(stories, rotate):
+    """The prompt's keys and values come from the float blocks as the run rotates them (R2
+    rotates values per head, R4 runs online): put into the float model itself they give its own
+    continuation perplexity, which a basis or position mismatch would not. With 4-bit
+    activations they replace the quantized model's own prompt cache, which moves the result."""
+    reader = stories["reader"]
+    windows = continuation_windows(stories["tokenizer"], stories["eval_text"], 8, 64, 64)
+    float_model = plan(reader, RuntimeQuant(rotate=rotate))
+    blocks = [float_model.block_weights(reader.block_weights(i)) for i in range(reader.n_blocks)]
+    reference = run_perplexity(reader, float_model, blocks, windows, score_from=64)
+    prompted = plan(reader, RuntimeQuant(rotate=rotate, prompt_kv_tokens=64))
+    assert run_perplexity(reader, prompted, blocks, windows, score_from=64) == pytest.approx(reference, rel=1e-6)
+    quantized = plan(reader, RuntimeQuant(rotate=rotate, act_bits=4, prompt_kv_tokens=64))
+    own_prompt = run_perplexity(reader, quantized, blocks, windows, score_from=64, float_prompt=False)
+    assert run_perplexity(reader, quantized, blocks, windows, score_from=64) != pytest.approx(own_prompt, rel=1e-4)
+
+
+def test_float_prompt_cache_needs_windows_that_share_the_prompt(stories):
+    reader = stories["reader"]
+    model = plan(reader, RuntimeQuant(kv_bits=4, prompt_kv_tokens=16))
+    blocks = [reader.block_weights(i) for i in range(reader.n_blocks)]
+    with pytest.raises(ValueError, match="do not share their first 16 tokens"):
+        run_perplexity(reader, model, blocks, stories["eval"][:4, :64], score_from=16)
+
+
 # -- real perplexities on stories260K ---------------------------------------------------------
 W4 = QuantSpec(bits=4, group_size=32)
 
@@ -262,7 +301,8 @@ def test_w4a8_within_two_percent_of_w4a16(stories):
 @pytest.mark.slow
 def test_rotation_lowers_low_bit_activation_perplexity(stories):
     """Measured (W4 g32 GPTQ): W4A4 6.73 -> 5.61 with rotation, W3A3 88.4 -> 33.9, W4A16 4.83,
-    float 4.55. W3A3 meets the issue's ">= 30% lower" outright (-62%). At W4A4 the perplexity
+    float 4.55. W3A3 meets the issue's ">= 30% lower" outright (-62%), and so does W4A4 with a
+    4-bit cache (QuaRot's W4A4 setting, -31%). At W4A4 with a float cache the perplexity
     falls 17%, not 30%: the 4-bit activations themselves cost only +39% over W4A16 on this
     model (its activations have no massive outliers for a rotation to remove), so the test
     holds W4A4 to what the rotation can remove here: at least 40% of the excess over W4A16
@@ -275,6 +315,11 @@ def test_rotation_lowers_low_bit_activation_perplexity(stories):
     plain3 = quantized_perplexity(stories, RuntimeQuant(act_bits=3), w3)
     rotated3 = quantized_perplexity(stories, RuntimeQuant(act_bits=3, rotate=True), w3)
     assert rotated3 <= 0.7 * plain3, (plain3, rotated3)
+    # QuaRot's own W4A4 setting quantizes the KV cache too (its "W4A4KV4"): there the rotation
+    # removes >= 30% (measured 11.57 -> 8.01, -30.8%)
+    plain_kv = quantized_perplexity(stories, RuntimeQuant(act_bits=4, kv_bits=4))
+    rotated_kv = quantized_perplexity(stories, RuntimeQuant(act_bits=4, kv_bits=4, rotate=True))
+    assert rotated_kv <= 0.7 * plain_kv, (plain_kv, rotated_kv)
 
 
 @pytest.mark.slow
@@ -306,8 +351,9 @@ def continuation_perplexity(stories, bits: int, prompt_kv_tokens: int) -> float:
 
 @pytest.mark.slow
 def test_float_prompt_cache_lowers_3bit_continuation_perplexity(stories):
-    """Measured: W3A3KV3 rotated, 93.83 with the whole cache at 3 bits, 83.25 with the 64-token
-    prompt's keys and values float (-11%; 95.78 -> 86.15 with 128 calibration windows)."""
+    """Measured: W3A3KV3 rotated, 91.72 with the whole cache at 3 bits, 85.40 with the 64-token
+    prompt's keys and values from the float model (-6.9%; the quantized model's own prompt
+    states kept float gave 83.27)."""
     full = continuation_perplexity(stories, 3, 0)
     kept = continuation_perplexity(stories, 3, 64)
     assert kept < 0.95 * full, (full, kept)
@@ -316,9 +362,9 @@ def test_float_prompt_cache_lowers_3bit_continuation_perplexity(stories):
 @pytest.mark.slow
 @pytest.mark.xfail(strict=True, reason=(
     "measured on stories260K: at 4 bits the float prompt cache does not lower continuation perplexity "
-    "(W4A4KV4 rotated: 8.03 all quantized -> 8.17 with the 64-token prompt float; 8.45 -> 8.53 with 128 "
-    "calibration windows). Continuation queries then under-attend the exact prompt keys next to the "
-    "quantized ones (see notes/bisup-readme.md)"))
+    "(W4A4KV4 rotated: 8.137 all quantized -> 8.248 with the 64-token prompt's cache from the float model, "
+    "8.179 with the quantized model's own prompt states kept float). Continuation queries then under-attend "
+    "the exact prompt keys next to the quantized ones (README, weight-activation section)"))
 def test_float_prompt_cache_lowers_4bit_continuation_perplexity(stories):
     """The issue's claim at 4 bits; strict: if it starts to hold, this test says so."""
     full = continuation_perplexity(stories, 4, 0)

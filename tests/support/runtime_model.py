@@ -68,9 +68,12 @@ def quantize_run(reader: CheckpointReader, model: RuntimeModel, calib: torch.Ten
 
 
 def run_perplexity(reader: CheckpointReader, model: RuntimeModel, blocks: list[dict[str, torch.Tensor]], windows: torch.Tensor,
-                   score_from: int = 0) -> float:
+                   score_from: int = 0, float_prompt: bool = True) -> float:
+    """With settings.prompt_kv_tokens, the shared prompt's cache is the float model's, as the
+    validation runs it (`float_prompt` False: the quantized model's own prompt states, kept float)."""
+    float_weights = (lambda i: model.block_weights(reader.block_weights(i))) if float_prompt else None
     return model.perplexity(windows, reader.n_blocks, lambda i: blocks[i], reader.embed_weight(), reader.final_norm_weight(),
-                            reader.lm_head_weight(), score_from=score_from)["ppl"]
+                            reader.lm_head_weight(), score_from=score_from, float_block_weights=float_weights)["ppl"]
 
 
 def plan(reader: CheckpointReader, settings: RuntimeQuant) -> RuntimeModel:
