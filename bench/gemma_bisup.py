@@ -86,6 +86,7 @@ CASES = dict([
     case(4, 16, 16, "rotate"), case(4, 8, 16, "smooth"), case(4, 4, 4, "smooth"), case(3, 3, 3, "smooth"),
     case(4, 8, 16, "rotate", True),
     case(4, 4, 4, "rotate", act_group=128), case(3, 3, 3, "rotate", act_group=128), case(3, 3, 3, "rotate", True, act_group=128),
+    case(4, 4, 4, "rotate", True, act_group=128),
 ])
 
 
