@@ -223,8 +223,19 @@ def runtime_perplexity(ctx: RunContext, windows, block_refs: list[dict] | None, 
     settings = cfg.runtime_quant() if block_refs is not None else RuntimeQuant()
     model = RuntimeModel.plan(reader.arch, reader.config, settings, tied_embeddings=not reader.has(reader.arch.lm_head_name))
 
+    # the float block the prompt pass read (it runs first), handed on to block_weights and dropped
+    # there: each block is read and rotated once, and no float copy outlives its quantized pass
+    prompt_block: dict[int, dict] = {}
+
+    def float_weights(index: int) -> dict:
+        prompt_block.clear()
+        prompt_block[index] = model.block_weights(reader.block_weights(index))
+        return prompt_block[index]
+
     def block_weights(index: int):
-        weights = model.block_weights(reader.block_weights(index))
+        weights = prompt_block.pop(index, None)
+        if weights is None:
+            weights = model.block_weights(reader.block_weights(index))
         if block_refs is not None:
             tensors, meta = ctx.store.get_tensors(ref_of(block_refs[index]))
             weights = apply_block_artifact(weights, BlockArtifact.decode(tensors, meta["layers"]))
@@ -233,10 +244,9 @@ def runtime_perplexity(ctx: RunContext, windows, block_refs: list[dict] | None, 
     embed = reader.embed_weight()
     head = reader.lm_head_weight() if reader.has(reader.arch.lm_head_name) else embed  # tied: one tensor, as above
     # the shared prompt's cache comes from the float blocks (the prompt-precision cache)
-    float_weights = None if block_refs is None else lambda index: model.block_weights(reader.block_weights(index))
     return model.perplexity(windows, reader.n_blocks, block_weights, embed, reader.final_norm_weight(), head,
                             score_from=cfg.prompt_kv_tokens, batch_size=batch_size, between_blocks=raise_if_cancelled,
-                            float_block_weights=float_weights)
+                            float_block_weights=None if block_refs is None else float_weights)
 
 
 @task(name="evaluate", task_run_name="validate / {variant} perplexity", cache_policy=NO_CACHE, persist_result=False,
