@@ -1,9 +1,12 @@
 """Helpers shared by the benchmarks: process-tree memory sampling and result rows."""
 from __future__ import annotations
 
+import codecs
 import json
 import os
+import re
 import shutil
+import signal
 import subprocess
 import threading
 import time
@@ -42,8 +45,10 @@ def _rss_mb(pid: int) -> float:
     return 0.0
 
 
-def run_measured(command: list[str], env: dict[str, str] | None = None, interval: float = 0.1, echo=None) -> dict:
+def run_measured(command: list[str], env: dict[str, str] | None = None, interval: float = 0.1, echo=None,
+                 timeout_s: float | None = None) -> dict:
     """Run `command`, sampling the summed RSS of its whole process tree every `interval` s.
+    After `timeout_s` seconds its whole process tree is killed (SIGKILL) and `timed_out` is True.
 
     stderr is read line by line as it arrives (passed to `echo` when given) and every line and
     memory sample is time-stamped, so a phase delimited by log lines can be cut out afterwards
@@ -67,20 +72,48 @@ def run_measured(command: list[str], env: dict[str, str] | None = None, interval
     def drain_stdout() -> None:
         out.append(process.stdout.read())
 
+    timed_out = threading.Event()
+
+    def kill_tree_when_late() -> None:
+        if not done.wait(timeout_s):
+            timed_out.set()
+            for pid in reversed(_tree_pids(process.pid)):  # children first: none is left orphaned and running
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+
     threads = [threading.Thread(target=sample, daemon=True), threading.Thread(target=drain_stdout, daemon=True)]
+    if timeout_s is not None:
+        threads.append(threading.Thread(target=kill_tree_when_late, daemon=True))
     for thread in threads:
         thread.start()
-    for line in process.stderr:
-        lines.append((time.perf_counter() - start, line.rstrip("\n")))
+    # tqdm progress bars end their updates with \r: split on it too, so each update is a line with its time
+    for line in _lines(process.stderr):
+        lines.append((time.perf_counter() - start, line))
         if echo is not None:
-            echo(line.rstrip("\n"))
+            echo(line)
     process.wait()
     done.set()
     for thread in threads:
         thread.join()
     return {"wall_s": round(time.perf_counter() - start, 2), "peak_rss_mb": round(max((mb for _, mb in samples), default=0.0), 1),
             "peak_rss_main_mb": round(main_peak[0], 1), "returncode": process.returncode, "stdout": "".join(out),
-            "stderr": "".join(text + "\n" for _, text in lines), "stderr_lines": lines, "samples": samples}
+            "stderr": "".join(text + "\n" for _, text in lines), "stderr_lines": lines, "samples": samples,
+            "timed_out": timed_out.is_set()}
+
+
+def _lines(stream):
+    """The text lines of a text-mode pipe as they arrive (whatever is available, not a whole
+    buffer's worth), split at \n and at \r; empty ones dropped."""
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    pending = ""
+    while chunk := stream.buffer.read1(65536):
+        *complete, pending = re.split(r"\r\n|\r|\n", pending + decoder.decode(chunk))
+        yield from (line for line in complete if line)
+    pending += decoder.decode(b"", final=True)
+    if pending:
+        yield pending
 
 
 def machine() -> str:
