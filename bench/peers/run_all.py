@@ -1,11 +1,12 @@
-"""Side by side with llm-compressor and GPTQModel (issue #7): the same models, calibration tokens and
-evaluation windows, each tool's GPTQ/RTN defaults, one evaluator (layerquant's) for all, on this machine.
+"""Side by side with llm-compressor, GPTQModel and AutoRound (issues #7, #17): the same models, calibration
+tokens and evaluation windows, each tool's defaults (GPTQ, RTN, AWQ, AutoRound), one evaluator (layerquant's)
+for all, on this machine.
 
 Run (from the repository root, one command):
     .venv/bin/python bench/peers/run_all.py [--models stories260K,gemma-3-270m] [--tools layerquant,llm-compressor,gptqmodel,auto-round]
-                                            [--force] [--only SUBSTR] [--render]
-Measured duration: see bench/README.md's "Side by side" section (first full run on 2 shared cores: about 5 min to
-build the peers venv if absent, ~2 min the GPTQModel venv, stories260K ~35 min, Gemma 3 270M several hours).
+                                            [--force] [--only SUBSTR] [--cases A,B] [--settle-load L] [--case-timeout S] [--render]
+Measured duration: see bench/README.md's "Side by side" section (the three peer venvs: ~3 min; stories260K
+~35 min; Gemma 3 270M several hours, most of it AutoRound's six cases; --case-timeout bounds a peer's case).
 Writes bench/results/peers.json (one row per case, kept after every case: a re-run skips the
 rows it finds unless --force), peers.md (table) and peers.png (perplexity vs average bits).
 
