@@ -44,7 +44,7 @@ def test_a_late_case_is_killed_with_its_children(bench_modules, tmp_path):
     common, _ = bench_modules
     pid_file = tmp_path / "grandchild.pid"
     child = ("import subprocess, sys, time\n"
-             f"p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])\n"
+             "p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])\n"
              f"open({str(pid_file)!r}, 'w').write(str(p.pid))\n"
              "sys.stderr.write('started\\n'); sys.stderr.flush()\n"
              "time.sleep(60)\n")
