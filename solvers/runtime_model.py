@@ -4,7 +4,7 @@ pieces of solvers/rotated.py and solvers/activations.py, for calibration (the em
 reconstruction (each block's weights and run-time hooks) and the streamed evaluation."""
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -94,6 +94,7 @@ class RuntimeModel:
         batch_size: int = 8,
         between_blocks: Callable[[], None] | None = None,
         float_block_weights: Callable[[int], dict[str, torch.Tensor]] | None = None,
+        prompt_states: Mapping[int, tuple[torch.Tensor, torch.Tensor]] | None = None,
     ) -> dict[str, float]:
         """Streamed perplexity of `windows`; `block_weights(index)` gives block `index`'s weights
         as the run uses them (already rotated, quantized layers dequantized). Only tokens at
@@ -104,10 +105,17 @@ class RuntimeModel:
         first P tokens (the shared prompt, the same in every window) go once through the float
         blocks, and their keys and values take the place of the first P cache positions of every
         window: the prompt is computed once, offline, so its cache is the float model's, kept in
-        float, while everything after it runs quantized."""
+        float, while everything after it runs quantized.
+
+        `prompt_states` (layer index -> keys, values [1, kv_heads, P, head_dim]) gives the prompt's
+        cache instead of the float model's (e.g. one calibrated for the quantized model; see
+        bench/stories_prompt_cache.py); the windows must still share their first P tokens."""
         runtime = self.block_runtime()
-        prompt = None if float_block_weights is None else self.shared_prompt(windows)
-        prompt_states: dict | None = None if prompt is None else {}
+        given = prompt_states is not None
+        if given and self.shared_prompt(windows) is None:
+            raise ValueError("prompt_states need settings.prompt_kv_tokens: the positions they stand for")
+        prompt = None if float_block_weights is None or given else self.shared_prompt(windows)
+        prompt_states = prompt_states if given else (None if prompt is None else {})
         if runtime is not None:
             cache = runtime.kv_cache(prompt_states)
         elif prompt_states is not None:  # weight-only: a float cache whose prompt is the float model's
@@ -159,6 +167,16 @@ class RuntimeModel:
             raise ValueError(f"the windows do not share their first {length} tokens: cut them with "
                              "solvers.windows.prompt_windows (one shared prompt before each continuation)")
         return prompt
+
+    def float_prompt_states(self, prompt: torch.Tensor, n_blocks: int, float_block_weights: Callable[[int], dict[str, torch.Tensor]],
+                            embed_weight: torch.Tensor) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+        """The float model's cache of `prompt` [1, P]: layer index -> (keys, values), as the
+        prompt-precision cache of `perplexity` holds them."""
+        states: dict = {}
+        run = self._float_prompt_pass(prompt, embed_weight, self.block_runtime(), states)
+        for index in range(n_blocks):
+            run(index, float_block_weights(index))
+        return states
 
     def _float_prompt_pass(self, prompt: torch.Tensor, embed_weight: torch.Tensor, runtime: BlockRuntime | None,
                            states: dict) -> Callable[[int, dict[str, torch.Tensor]], None]:
