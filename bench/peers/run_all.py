@@ -224,6 +224,8 @@ CASES = {
         ours("rtn-w3", bits=3, group_size=128, flags=["--method", "rtn", "--bits", "3"]),
         ours("uniform-3.25 (gptq-w3-g64)", bits=3, group_size=64, flags=["--bits", "3", "--group-size", "64"]),
         ours("uniform-2.5 (gptq-w2-g32)", bits=2, group_size=32, flags=["--bits", "2", "--group-size", "32"]),
+        # our answer to AutoRound's 200 iterations per block: GPTQ, then 50 refinement + 50 norm-tweaking steps
+        ours("gptq-w3+refine+normtweak", bits=3, group_size=128, flags=["--bits", "3", "--refine-steps", "50", "--norm-tweak-steps", "50"]),
     ],
 }
 
