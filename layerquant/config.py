@@ -17,8 +17,9 @@ from layerquant.tuning import BlockTuning
 
 # part of every artifact key: bumped whenever stored artifacts or the numbers in them change
 # (0.1.1: float32 batch Hessians, PB-LLM positions as indices when smaller; 0.1.2: batch Grams
-# summed over a fixed pairwise tree, not a running mean, so calibration shards merge exactly)
-CODE_VERSION = "0.1.2"
+# summed over a fixed pairwise tree, not a running mean, so calibration shards merge exactly;
+# 0.1.3: symmetric grids with a signed full-range scale)
+CODE_VERSION = "0.1.3"
 
 
 def asset_path(*parts: str) -> str:

@@ -42,7 +42,9 @@ class QuantSpec:
     Grid convention (all methods that produce integer codes):
         w_hat[r, c] = scale[r, g(c)] * (q[r, c] - zero[r, g(c)]),  q in [0, 2**bits - 1],
     groups run along input columns, g(c) = c // group_size, the last group may be shorter.
-    Symmetric grids use zero = 2**(bits-1) (not stored); asymmetric grids store an integer zero.
+    Symmetric grids use zero = 2**(bits-1) (not stored) and a signed scale that puts the group's
+    largest-magnitude weight on the level q = 0 (solvers/grid.py); asymmetric grids store an
+    integer zero.
     """
 
     bits: int = 4

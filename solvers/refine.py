@@ -113,7 +113,7 @@ class _Layer:
         """The current candidate at storage precision: fp16 scales, integer zeros."""
         with torch.no_grad():
             scale = self._scale().to(torch.float16).to(torch.float32)
-            scale = torch.where(scale > 0, scale, self.scale0)  # an fp16 underflow keeps the old scale
+            scale = torch.where(scale != 0, scale, self.scale0)  # an fp16 underflow keeps the old scale
             zeros = self.qw.zeros if self.zero is None else self._zero().to(torch.uint8)
         return replace(self.qw, scales=scale, zeros=zeros.clone())
 

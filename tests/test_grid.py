@@ -55,3 +55,26 @@ def test_clip_search_handles_zero_rows_and_ragged_chunks():
     scale, zero = fit_grid(w, 3, False, clip_search=True)
     assert scale.shape == (1001,) and torch.isfinite(scale).all() and scale[7] == 1.0 and zero[7] == 0.0
     assert torch.equal(scale, fit_grid(w.T.contiguous().T, 3, False, clip_search=True)[0])  # strided input, same grid
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_symmetric_grid_puts_the_largest_weight_on_the_outer_level(weight_groups, bits):
+    w = weight_groups["stories260K"]
+    scale, zero = fit_grid(w, bits, sym=True, clip_search=False)
+    half = 1 << (bits - 1)
+    assert (zero == half).all()
+    rows = torch.arange(w.shape[0])
+    extreme = w[rows, w.abs().argmax(dim=1)]
+    # the scale's sign mirrors the grid for a positive extreme, which then decodes to itself
+    # (up to the scale's fp16 rounding) on the level q = 0, i.e. q - zero = -2**(bits-1)
+    assert (torch.sign(scale) == -torch.sign(extreme)).all()
+    codes = torch.clamp(torch.round(w / scale[:, None]) + zero[:, None], 0, max_code(bits))
+    decoded = scale * (codes[rows, w.abs().argmax(dim=1)] - zero)
+    assert torch.allclose(decoded, extreme, rtol=1e-3, atol=0)
+    # and it beats the unsigned absmax / ((2**bits - 1) / 2) grid, which leaves half a step unused
+    # on each side, on real weights
+    unsigned = (w.abs().amax(dim=1) / (max_code(bits) / 2)).half().float()
+    unsigned_codes = torch.clamp(torch.round(w / unsigned[:, None]) + zero[:, None], 0, max_code(bits))
+    error = (scale[:, None] * (codes - zero[:, None]) - w).pow(2).sum()
+    unsigned_error = (unsigned[:, None] * (unsigned_codes - zero[:, None]) - w).pow(2).sum()
+    assert error < 0.95 * unsigned_error, (float(error), float(unsigned_error))

@@ -50,7 +50,8 @@ def test_refine_lowers_held_out_error_with_codes_fixed(real_block, spec):
         assert torch.equal(qw.codes, layers[name].codes)
         assert torch.equal(qw.zeros, layers[name].zeros)
         assert qw.scales.dtype == torch.float32 and torch.equal(qw.scales.half().float(), qw.scales)  # fp16 storage is exact
-        assert (qw.scales > 0).all()
+        # refinement scales by (1 + delta), delta > -1: no scale changes sign or vanishes
+        assert (torch.sign(qw.scales) == torch.sign(layers[name].scales)).all() and (qw.scales != 0).all()
         # what the stored tensors decode to is what was evaluated
         assert torch.equal(stored_weight(qw.to_tensors(), spec), qw.dequantize())
     assert any(not torch.equal(refined[n].scales, layers[n].scales) for n in layers)
