@@ -30,16 +30,19 @@ def quantize(store, **settings) -> dict:
 
 @pytest.mark.parametrize("bits", [2, 3, 4])
 def test_norm_tweaking_against_the_same_run_without_it(store, bits):
+    """Norm tweaking pays at 2 bits; at 3 and 4 bits on this model there is little left for it to
+    win since the signed full-range grid (3-bit g128 measured 2026-12-05: 6.508 plain, 6.544
+    tweaked, +0.6%; it was -1% or better on the older grid), so there it must stay within noise."""
     plain = quantize(store, bits=bits)
     tweaked = quantize(store, bits=bits, norm_tweak_steps=100)
     assert tweaked["avg_bits"] == plain["avg_bits"]  # norms are overrides, not extra weights
     for block in tweaked["blocks"]:
         stats = block["tuning"]["norm_tweak"]
         assert stats["loss_after"] <= stats["loss_before"]
-    if bits < 4:
+    if bits < 3:
         assert tweaked["ppl_quant"] < plain["ppl_quant"] * 0.99, (bits, plain["ppl_quant"], tweaked["ppl_quant"])
     else:
-        # at 4 bits there is little to win: not worse than two standard errors of the eval NLL
+        # not worse than two standard errors of the eval NLL
         noise = math.exp(2 * plain["nll_std_err"])
         assert tweaked["ppl_quant"] <= plain["ppl_quant"] * noise, (plain["ppl_quant"], tweaked["ppl_quant"], noise)
 
@@ -67,12 +70,13 @@ def test_refinement_in_the_next_norm_space_through_the_flow(store):
 
 
 def test_pbllm_near_two_bits_beats_plain_two_bit_gptq_of_larger_size(store):
-    """PB-LLM's claim against the GPTQ it was published against (min-max grid, no clip search,
-    as llm-compressor's GPTQ): 3% salient 8-bit weights, the rest binarized per row, every
-    position, sign and scale counted (2.14 bits), beat 2-bit group-64 GPTQ (2.26 bits). Our
-    default GPTQ searches the clip range and beats both at this size (README)."""
+    """PB-LLM's claim against the GPTQ it was published against (GPTQ's reference code: an
+    asymmetric min-max grid, no clip search): 3% salient 8-bit weights, the rest binarized per
+    row, every position, sign and scale counted (2.14 bits), beat 2-bit group-64 GPTQ (2.29
+    bits). Measured 2026-12-05: 97.7 against 241.4. Our default GPTQ (signed full-range
+    symmetric grid, clip search) beats both at this size: 72.0 at 2.26 bits."""
     partial = quantize(store, method="pbllm", salient_fraction=0.03, group_size=0)
-    plain_gptq = quantize(store, bits=2, group_size=64, clip_search=False)
+    plain_gptq = quantize(store, bits=2, group_size=64, clip_search=False, sym=False)
     assert partial["avg_bits"] < 2.2 and partial["avg_bits"] < plain_gptq["avg_bits"], (partial["avg_bits"], plain_gptq["avg_bits"])
     assert partial["ppl_quant"] < 0.7 * plain_gptq["ppl_quant"], (partial["ppl_quant"], plain_gptq["ppl_quant"])
 

@@ -377,11 +377,15 @@ def continuation_perplexity(stories, bits: int, prompt_kv_tokens: int) -> float:
 
 
 @pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason=(
+    "measured on stories260K since the signed full-range weight grid (2026-12-05): at 3 bits the float "
+    "prompt cache no longer lowers continuation perplexity (W3A3KV3 rotated: 88.54 all quantized -> 92.47 "
+    "with the 64-token prompt's cache from the float model, 88.75 with the quantized model's own prompt "
+    "states kept float). On the older grid it did (91.72 -> 85.40, own states 83.27), by a margin that "
+    "already shrank to -1.9% with 128 calibration windows; on 120 windows bench/stories_prompt_cache.py "
+    "found the float-model cache at 0.956 [0.914, 1.001] of the all-quantized perplexity"))
 def test_float_prompt_cache_lowers_3bit_continuation_perplexity(stories):
-    """Measured: W3A3KV3 rotated, 91.72 with the whole cache at 3 bits, 85.40 with the 64-token
-    prompt's keys and values from the float model (-6.9%; the quantized model's own prompt
-    states kept float gave 83.27). With the bench's 128 calibration windows the gain is smaller:
-    91.66 -> 89.91 (-1.9%, bench/results/stories_bisup.json)."""
+    """The issue's claim at 3 bits; strict: if it holds again, this test says so."""
     full = continuation_perplexity(stories, 3, 0)
     kept = continuation_perplexity(stories, 3, 64)
     assert kept < 0.95 * full, (full, kept)
