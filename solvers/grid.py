@@ -1,8 +1,9 @@
 """Uniform integer grids: fitting scales/zeros, quantizing to codes, dequantizing.
 
 One convention everywhere (see `QuantSpec`): w_hat = scale * (q - zero), q in [0, 2**bits - 1],
-groups along input columns; symmetric grids have zero = 2**(bits-1) and a signed scale. Scales are rounded to fp16 values at fit time, so a checkpoint that
-stores fp16 scales reproduces the fake-quantized weights exactly.
+groups along input columns; symmetric grids have zero = 2**(bits-1) and a signed scale. Scales
+are rounded to fp16 values at fit time, so a checkpoint that stores fp16 scales reproduces the
+fake-quantized weights exactly.
 """
 from __future__ import annotations
 
