@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from layerquant.solvers.grid import CLIP_NORM, CLIP_SHRINKS, _grid_from_range, fit_grid, max_code
+from layerquant.solvers.grid import CLIP_NORM, CLIP_SHRINKS, _grid_from_range, fit_grid, max_code, quantize_codes
 
 
 def chosen_error(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
@@ -68,13 +68,13 @@ def test_symmetric_grid_puts_the_largest_weight_on_the_outer_level(weight_groups
     # the scale's sign mirrors the grid for a positive extreme, which then decodes to itself
     # (up to the scale's fp16 rounding) on the level q = 0, i.e. q - zero = -2**(bits-1)
     assert (torch.sign(scale) == -torch.sign(extreme)).all()
-    codes = torch.clamp(torch.round(w / scale[:, None]) + zero[:, None], 0, max_code(bits))
+    codes = quantize_codes(w, scale[:, None], zero[:, None], bits)
     decoded = scale * (codes[rows, w.abs().argmax(dim=1)] - zero)
     assert torch.allclose(decoded, extreme, rtol=1e-3, atol=0)
     # and it beats the unsigned absmax / ((2**bits - 1) / 2) grid, which leaves half a step unused
     # on each side, on real weights
     unsigned = (w.abs().amax(dim=1) / (max_code(bits) / 2)).half().float()
-    unsigned_codes = torch.clamp(torch.round(w / unsigned[:, None]) + zero[:, None], 0, max_code(bits))
+    unsigned_codes = quantize_codes(w, unsigned[:, None], zero[:, None], bits)
     error = (scale[:, None] * (codes - zero[:, None]) - w).pow(2).sum()
     unsigned_error = (unsigned[:, None] * (unsigned_codes - zero[:, None]) - w).pow(2).sum()
     assert error < 0.95 * unsigned_error, (float(error), float(unsigned_error))
