@@ -4,7 +4,7 @@ for all, on this machine.
 
 Run (from the repository root, one command):
     .venv/bin/python bench/peers/run_all.py [--models stories260K,gemma-3-270m] [--tools layerquant,llm-compressor,gptqmodel,auto-round]
-                                            [--force] [--only SUBSTR] [--cases A,B] [--settle-load L] [--case-timeout S] [--render]
+                                            [--force] [--only SUBSTR] [--cases A,B] [--settle-load L] [--case-timeout S] [--results NAME] [--render]
 Measured duration: see bench/README.md's "Side by side" section (the three peer venvs: ~3 min; stories260K
 ~35 min; Gemma 3 270M several hours, most of it AutoRound's six cases; --case-timeout bounds a peer's case).
 Writes bench/results/peers.json (one row per case, kept after every case: a re-run skips the
@@ -445,23 +445,23 @@ def run_peer(case: dict, name: str, spec: dict, model: str, args) -> dict:
     return row
 
 
-def save_row(row: dict) -> list[dict]:
-    """Put `row` into peers.json in place of the row with the same (model, tool, method) and return
-    all rows. The file is re-read first and replaced atomically, so rows that another run of this
-    script (other tools or cases) wrote in the meantime are kept."""
+def save_row(row: dict, results: str) -> list[dict]:
+    """Put `row` into bench/results/<results>.json in place of the row with the same (model, tool,
+    method) and return all rows. The file is re-read first and replaced atomically, so rows that
+    another run of this script (other tools or cases) wrote in the meantime are kept."""
     key = (row["model"], row["tool"], row["method"])
     for attempt in range(5):
         try:
-            rows = load_rows("peers")
+            rows = load_rows(results)
             break
         except json.JSONDecodeError:  # caught another writer mid-write
             time.sleep(0.2 * (attempt + 1))
     else:
-        raise RuntimeError(f"{RESULTS / 'peers.json'} is not valid JSON")
+        raise RuntimeError(f"{RESULTS / (results + '.json')} is not valid JSON")
     rows = [r for r in rows if (r["model"], r["tool"], r["method"]) != key] + [row]
-    temporary = RESULTS / f".peers.json.{os.getpid()}"
+    temporary = RESULTS / f".{results}.json.{os.getpid()}"
     temporary.write_text(json.dumps(rows, indent=2) + "\n")
-    os.replace(temporary, RESULTS / "peers.json")
+    os.replace(temporary, RESULTS / f"{results}.json")
     return rows
 
 
@@ -619,6 +619,10 @@ def main() -> int:
     parser.add_argument("--case-timeout", type=float,
                         help="stop a peer's case after this many seconds; its row then says so, with the pace it had reached "
                              "and the time the whole case would take where the tool reports per-block progress (AutoRound)")
+    parser.add_argument("--results", default="peers",
+                        help="rows go to bench/results/<RESULTS>.json; only the default (peers) is rendered into the README "
+                             "table: another name keeps a side measurement (e.g. more windows) apart from it and prints "
+                             "our rows' paired comparisons instead")
     parser.add_argument("--render", action="store_true", help="only regenerate peers.md, peers.png and the README table from peers.json")
     args = parser.parse_args()
     if args.render:
@@ -637,7 +641,7 @@ def main() -> int:
     Path(args.out_root).mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     python = ensure_peers_venv()  # plot.py runs there
-    rows = load_rows("peers")
+    rows = load_rows(args.results)
     env = {**os.environ, "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120", "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
     failures = []
     for name in chosen:
@@ -674,7 +678,7 @@ def main() -> int:
                                      "group_size": None, "avg_bits": 32.0, "ppl": ppl_fp, "nll_std_err": result.get("nll_std_err"),
                                      "ppl_fp": ppl_fp, "wall_s": None, "peak_rss_mb": None, "eval_wall_s": eval_s, "command": shlex.join(command),
                                      "window_nll": result.get("window_nll"), "window_tokens": result.get("window_tokens"),
-                                     "machine": machine(), "date": datetime.now(timezone.utc).isoformat(timespec="seconds")})
+                                     "machine": machine(), "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}, args.results)
                     log(f"{name}: float {ppl_fp:.4f} ({eval_s:.0f} s)")
             log(f"{name} {case['tool']} {case['method']}")
             settled_s = settle(args.settle_load)
@@ -695,7 +699,7 @@ def main() -> int:
                                      "failed": str(exc) if isinstance(exc, CaseTimedOut) else failure_reason(str(exc)),
                                      **(exc.fields if isinstance(exc, CaseTimedOut) else {}),
                                      "case_wall_s": round(time.perf_counter() - case_started, 1), **at_start, "machine": machine(),
-                                     "date": datetime.now(timezone.utc).isoformat(timespec="seconds")})
+                                     "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}, args.results)
                 continue
             row = {**common_row, "tool": case["tool"], "method": case["method"], "ppl_fp": ppl_fp, **measured,
                    "case_wall_s": round(time.perf_counter() - case_started, 1), **at_start,
@@ -703,12 +707,15 @@ def main() -> int:
             if case["tool"] == "layerquant" and abs(measured["ppl_fp"] - ppl_fp) > 1e-6 * ppl_fp:
                 row["note"] = f"report's ppl_fp {measured['ppl_fp']:.6f} differs from `layerquant eval` {ppl_fp:.6f}"
             row["ppl_fp"] = ppl_fp
-            rows = save_row(row)  # after every case: an interruption loses nothing finished
+            rows = save_row(row, args.results)  # after every case: an interruption loses nothing finished
             log(f"  ppl {row['ppl']:.4f} at {row['avg_bits']:.3f} bits, quantization {row['wall_s']:.0f} s, "
                 f"peak {row['peak_rss_mb']:.0f} MB (case {row['case_wall_s']:.0f} s)")
-    rows = load_rows("peers")  # with whatever a concurrent run added
-    if rows:
+    rows = load_rows(args.results)  # with whatever a concurrent run added
+    if rows and args.results == "peers":
         render(rows, python)
+    for row in rows if args.results != "peers" else []:
+        if paired := paired_against_best_peer(row, rows):
+            log(f"{row['model']} {row['method']} on {row['eval_windows']} windows: ours / best peer {paired}")
     log(f"done in {time.perf_counter() - started:.0f} s; {len(failures)} failed case(s)")
     for failure in failures:
         log("  " + failure[:500])
