@@ -496,10 +496,13 @@ def failure_reason(message: str) -> str:
 
 
 def same_size(ours: dict, other: dict) -> bool:
-    """Whether a peer row is at our row's size: the same budget (for our bit plans), else the same
-    bits and group size (a peer's uniform-B row included)."""
+    """Whether a peer row is at our row's size: for our bit plans the same budget, or a peer's
+    uniform configuration of the plan's average bits (AutoRound's w2 g32 next to a 2.5-bit plan);
+    else the same bits and group size (a peer's uniform-B row included)."""
     if ours.get("budget") is not None:
-        return other.get("budget") == ours["budget"]
+        uniform_of_same_size = (other.get("budget") is None and other.get("avg_bits") is not None
+                                and abs(other["avg_bits"] - ours["avg_bits"]) < 0.005)
+        return other.get("budget") == ours["budget"] or uniform_of_same_size
     return (other.get("bits"), other.get("group_size")) == (ours.get("bits"), ours.get("group_size"))
 
 
@@ -548,6 +551,8 @@ def render(rows: list[dict], python: Path) -> None:
         wall = f"{row['wall_s']:.0f}" if row.get("wall_s") is not None else ""
         if any("calibration" not in item for item in row.get("reused") or []):
             wall += "*"
+        if row.get("shared_cores"):  # set by hand when another job ran beside the case
+            wall += " §"
         rss = f"{row['peak_rss_mb']:.0f}" if row.get("peak_rss_mb") else ""
         ratio = f"{row['ppl'] / row['ppl_fp']:.3f}x" if row.get("ppl_fp") else ""
         if row.get("ppl_ratio_ci95"):
@@ -569,7 +574,8 @@ def render(rows: list[dict], python: Path) -> None:
              "asymmetric AWQ rows; GPTQModel's file also stores packed zeros, but symmetric "
              "zeros are all 2^(bits-1), so they are not counted). Quantization wall time and peak RSS of the whole process tree, evaluation "
              "excluded (the float rows: llm-compressor's load + save only; GPTQModel's rows include its packing and our unpacking). "
-             "* = blocks or scores found cached in the store (see `reused` in peers.json). llm-compressor's and GPTQModel's "
+             "* = blocks or scores found cached in the store (see `reused` in peers.json). "
+             "§ = another job shared the cores during the case (the row's `shared_cores` says which): not an idle time. llm-compressor's and GPTQModel's "
              "uniform-B rows are their best uniform configuration that fits layerquant's budget B (they have no bit allocator). "
              "† GPTQModel 7.6.0's 3-bit packer crashes on layers whose width is not a multiple of 32 (stories260K's 172); "
              "bench/peers/gptqmodel_case.py pads that lossless packing step, the quantization is GPTQModel's own. "
