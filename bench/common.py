@@ -5,6 +5,7 @@ import codecs
 import json
 import os
 import re
+import resource
 import shutil
 import signal
 import subprocess
@@ -34,6 +35,20 @@ def _tree_pids(root: int) -> list[int]:
     return pids
 
 
+def _busy_cpu_s() -> float:
+    """CPU seconds the whole machine has spent busy since boot (all cores; /proc/stat's first line
+    without idle and iowait)."""
+    with open("/proc/stat") as handle:
+        fields = [int(v) for v in handle.readline().split()[1:]]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (fields + [0] * 8)[:8]
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def _cpu_s(who: int) -> float:
+    usage = resource.getrusage(who)
+    return usage.ru_utime + usage.ru_stime
+
+
 def _rss_mb(pid: int) -> float:
     try:
         with open(f"/proc/{pid}/status") as handle:
@@ -52,10 +67,14 @@ def run_measured(command: list[str], env: dict[str, str] | None = None, interval
 
     stderr is read line by line as it arrives (passed to `echo` when given) and every line and
     memory sample is time-stamped, so a phase delimited by log lines can be cut out afterwards
-    (bench/peers/measure.py's layerquant_phases). Returns wall_s, peak tree RSS, the main
-    process's own peak, return code, stdout, stderr (whole), stderr_lines as (seconds since
+    (bench/peers/measure.py's layerquant_phases). Returns wall_s, cpu_s (the tree's CPU time),
+    other_cpu_cores (the mean number of cores that other work on the machine kept busy meanwhile:
+    a time measured beside other work is not an idle one), peak tree RSS, the main process's own peak, return code, stdout, stderr (whole), stderr_lines as (seconds since
     start, text) and samples as (seconds since start, tree MB)."""
     start = time.perf_counter()
+    # other work on the machine while the case runs: the machine's busy CPU time minus the case's
+    # own (its waited-for process tree) and this runner's (the sampling threads)
+    busy_before, own_before, tree_before = _busy_cpu_s(), _cpu_s(resource.RUSAGE_SELF), _cpu_s(resource.RUSAGE_CHILDREN)
     process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, bufsize=1)
     samples: list[tuple[float, float]] = []
     main_peak = [0.0]
@@ -97,7 +116,10 @@ def run_measured(command: list[str], env: dict[str, str] | None = None, interval
     done.set()
     for thread in threads:
         thread.join()
-    return {"wall_s": round(time.perf_counter() - start, 2), "peak_rss_mb": round(max((mb for _, mb in samples), default=0.0), 1),
+    wall_s = time.perf_counter() - start
+    tree_cpu_s = _cpu_s(resource.RUSAGE_CHILDREN) - tree_before
+    other_cpu_s = _busy_cpu_s() - busy_before - tree_cpu_s - (_cpu_s(resource.RUSAGE_SELF) - own_before)
+    return {"wall_s": round(wall_s, 2), "cpu_s": round(tree_cpu_s, 2), "other_cpu_cores": round(max(other_cpu_s, 0.0) / wall_s, 2), "peak_rss_mb": round(max((mb for _, mb in samples), default=0.0), 1),
             "peak_rss_main_mb": round(main_peak[0], 1), "returncode": process.returncode, "stdout": "".join(out),
             "stderr": "".join(text + "\n" for _, text in lines), "stderr_lines": lines, "samples": samples,
             "timed_out": timed_out.is_set()}

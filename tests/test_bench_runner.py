@@ -1,9 +1,10 @@
 """The benchmark runner's process handling (bench/common.run_measured, bench/peers/run_all.timed_out):
-progress bars read as timed lines, a late case killed with its whole process tree, and the pace
-of a stopped AutoRound case read from its progress bar."""
+progress bars read as timed lines, a late case killed with its whole process tree, the pace
+of a stopped AutoRound case read from its progress bar, and other work beside a case measured."""
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -80,3 +81,22 @@ def test_a_stopped_autoround_case_reports_its_pace(bench_modules):
     assert "2 of 18 blocks" in str(stopped) and "0.5 h" in str(stopped)
     # no progress line finished a block: the row says only when it was stopped
     assert run_all.timed_out({"stderr_lines": lines[:1]}, 600, pattern, "autoround").fields == {"stopped_after_s": 600}
+
+
+SPIN = "import time\nwhile time.process_time() < {seconds}:\n    pass\n"
+
+
+def test_a_cases_own_cpu_and_other_work_beside_it_are_measured(bench_modules):
+    """A case that burns 1 s of CPU itself, then one that sleeps while a process outside its tree
+    burns 1.5 s: the first's CPU is its own (cpu_s), the second sees the other work."""
+    common, _ = bench_modules
+    own = common.run_measured([sys.executable, "-c", SPIN.format(seconds=1.0)])
+    assert own["cpu_s"] >= 1.0
+    beside = subprocess.Popen([sys.executable, "-c", SPIN.format(seconds=1.5)])
+    try:
+        idle_case = common.run_measured([sys.executable, "-c", "import time; time.sleep(2.0)"])
+    finally:
+        beside.wait()
+    assert idle_case["cpu_s"] < 0.5
+    # the spinner ran (almost) all of the 2 s beside the sleeping case: about 0.7 of a core or more
+    assert idle_case["other_cpu_cores"] >= 0.5, idle_case["other_cpu_cores"]

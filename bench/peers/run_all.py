@@ -99,6 +99,8 @@ TOOLS = {
                        # its tqdm bar, "Quantizing model.layers.3:  17%|...| 3/18 [...]": blocks finished of all
                        progress=r"Quantizing \S+:\s+\d+%\|[^|]*\| (\d+)/(\d+) "),
 }
+# a case's time is marked as not idle when other work kept more cores busy than this on average
+SHARED_CORES = 0.25
 # the peer kinds that are fed layerquant's calibration windows
 CALIBRATED = ("gptq", "awq", "autoround")
 ALL_TOOLS = ["layerquant", *TOOLS]
@@ -355,6 +357,7 @@ def run_ours(case: dict, name: str, spec: dict, model: str, args, env: dict) -> 
            "avg_bits": report["avg_bits"], "ppl": report["ppl_quant"], "nll_std_err": report.get("nll_std_err"), "ppl_fp": report["ppl_fp"],
            "wall_s": phases["quant_wall_s"], "peak_rss_mb": phases["quant_peak_rss_mb"], "eval_wall_s": phases["eval_wall_s"],
            "total_wall_s": measured["wall_s"], "peak_rss_total_mb": measured["peak_rss_mb"], "report_wall_s": report["wall_s"],
+           "other_cpu_cores": measured["other_cpu_cores"],
            "blocks_cached": report.get("blocks_cached", []), "reused": reused, "command": shlex.join(command),
            **report_divergence_fields(report)}
     if case.get("budget") is not None:
@@ -432,7 +435,7 @@ def run_peer(case: dict, name: str, spec: dict, model: str, args) -> dict:
            "group_size_overrides": case["special"] or None,
            "avg_bits": 32.0 if case["kind"] == "float" else peer_avg_bits(info), "ppl": result["ppl"], "nll_std_err": result.get("nll_std_err"),
            "wall_s": measured["wall_s"], "peak_rss_mb": measured["peak_rss_mb"], "eval_wall_s": eval_s,
-           "command": shlex.join(command), "eval_command": shlex.join(eval_command), "asym": bool(info.get("asym")),
+           "other_cpu_cores": measured["other_cpu_cores"], "command": shlex.join(command), "eval_command": shlex.join(eval_command), "asym": bool(info.get("asym")),
            **divergence_fields(result)}
     # what the tool reports about itself beyond the common keys (GPTQModel: its resolved quantize
     # config, packed file size, patched packing); the per-layer tables stay in its json
@@ -551,7 +554,7 @@ def render(rows: list[dict], python: Path) -> None:
         wall = f"{row['wall_s']:.0f}" if row.get("wall_s") is not None else ""
         if any("calibration" not in item for item in row.get("reused") or []):
             wall += "*"
-        if row.get("shared_cores"):  # set by hand when another job ran beside the case
+        if row.get("shared_cores") or (row.get("other_cpu_cores") or 0) > SHARED_CORES:
             wall += " §"
         rss = f"{row['peak_rss_mb']:.0f}" if row.get("peak_rss_mb") else ""
         ratio = f"{row['ppl'] / row['ppl_fp']:.3f}x" if row.get("ppl_fp") else ""
@@ -575,7 +578,8 @@ def render(rows: list[dict], python: Path) -> None:
              "zeros are all 2^(bits-1), so they are not counted). Quantization wall time and peak RSS of the whole process tree, evaluation "
              "excluded (the float rows: llm-compressor's load + save only; GPTQModel's rows include its packing and our unpacking). "
              "* = blocks or scores found cached in the store (see `reused` in peers.json). "
-             "§ = another job shared the cores during the case (the row's `shared_cores` says which): not an idle time. llm-compressor's and GPTQModel's "
+             f"§ = other work kept more than {SHARED_CORES} of a core busy on average during the case (the row's "
+             "`other_cpu_cores`, measured from 2026-12-05; before that, `shared_cores` says which job): not an idle time. llm-compressor's and GPTQModel's "
              "uniform-B rows are their best uniform configuration that fits layerquant's budget B (they have no bit allocator). "
              "† GPTQModel 7.6.0's 3-bit packer crashes on layers whose width is not a multiple of 32 (stories260K's 172); "
              "bench/peers/gptqmodel_case.py pads that lossless packing step, the quantization is GPTQModel's own. "
@@ -715,7 +719,7 @@ def main() -> int:
             row["ppl_fp"] = ppl_fp
             rows = save_row(row, args.results)  # after every case: an interruption loses nothing finished
             log(f"  ppl {row['ppl']:.4f} at {row['avg_bits']:.3f} bits, quantization {row['wall_s']:.0f} s, "
-                f"peak {row['peak_rss_mb']:.0f} MB (case {row['case_wall_s']:.0f} s)")
+                f"peak {row['peak_rss_mb']:.0f} MB (case {row['case_wall_s']:.0f} s; other work {row.get('other_cpu_cores', 0):.2f} cores)")
     rows = load_rows(args.results)  # with whatever a concurrent run added
     if rows and args.results == "peers":
         render(rows, python)
