@@ -45,6 +45,10 @@ How each tool is measured
 - llm-compressor and GPTQModel have no bit allocator: next to layerquant's `--budget 3.25 / 2.5`
   (ip-*) rows the best uniform configuration whose size fits the budget is run through every tool
   (uniform-3.25 / uniform-2.5), so the IP plan is compared with uniform GPTQ of the same size from each.
+- Other work on the machine: every case's row has other_cpu_cores (from 2026-12-05), the mean number of
+  cores that work outside the case kept busy while it ran (the machine's busy CPU time from /proc/stat
+  minus the case's process tree and this runner). The table marks a time measured beside more than
+  SHARED_CORES of it (§): such a time is not an idle one; quality figures do not depend on it.
 - --tools runs a subset of the tools; rows of the others are kept. Each row is merged into
   peers.json as its case ends (the file is re-read first), so two runs of this script on
   different cases do not overwrite each other's rows.
