@@ -69,8 +69,9 @@ def run_measured(command: list[str], env: dict[str, str] | None = None, interval
     memory sample is time-stamped, so a phase delimited by log lines can be cut out afterwards
     (bench/peers/measure.py's layerquant_phases). Returns wall_s, cpu_s (the tree's CPU time),
     other_cpu_cores (the mean number of cores that other work on the machine kept busy meanwhile:
-    a time measured beside other work is not an idle one), peak tree RSS, the main process's own peak, return code, stdout, stderr (whole), stderr_lines as (seconds since
-    start, text) and samples as (seconds since start, tree MB)."""
+    a time measured beside other work is not an idle one), peak tree RSS, the main process's own
+    peak, return code, stdout, stderr (whole), stderr_lines as (seconds since start, text) and
+    samples as (seconds since start, tree MB)."""
     start = time.perf_counter()
     # other work on the machine while the case runs: the machine's busy CPU time minus the case's
     # own (its waited-for process tree) and this runner's (the sampling threads)
@@ -119,7 +120,8 @@ def run_measured(command: list[str], env: dict[str, str] | None = None, interval
     wall_s = time.perf_counter() - start
     tree_cpu_s = _cpu_s(resource.RUSAGE_CHILDREN) - tree_before
     other_cpu_s = _busy_cpu_s() - busy_before - tree_cpu_s - (_cpu_s(resource.RUSAGE_SELF) - own_before)
-    return {"wall_s": round(wall_s, 2), "cpu_s": round(tree_cpu_s, 2), "other_cpu_cores": round(max(other_cpu_s, 0.0) / wall_s, 2), "peak_rss_mb": round(max((mb for _, mb in samples), default=0.0), 1),
+    return {"wall_s": round(wall_s, 2), "cpu_s": round(tree_cpu_s, 2), "other_cpu_cores": round(max(other_cpu_s, 0.0) / wall_s, 2),
+            "peak_rss_mb": round(max((mb for _, mb in samples), default=0.0), 1),
             "peak_rss_main_mb": round(main_peak[0], 1), "returncode": process.returncode, "stdout": "".join(out),
             "stderr": "".join(text + "\n" for _, text in lines), "stderr_lines": lines, "samples": samples,
             "timed_out": timed_out.is_set()}
