@@ -103,6 +103,8 @@ TOOLS = {
                        # its tqdm bar, "Quantizing model.layers.3:  17%|...| 3/18 [...]": blocks finished of all
                        progress=r"Quantizing \S+:\s+\d+%\|[^|]*\| (\d+)/(\d+) "),
 }
+# the results file rendered into peers.md, peers.png and the README table (bench/results/peers.json)
+TABLE_RESULTS = "peers"
 # a case's time is marked as not idle when other work kept more cores busy than this on average
 SHARED_CORES = 0.25
 # the peer kinds that are fed layerquant's calibration windows
@@ -609,7 +611,7 @@ def write_into_readme(table: str) -> None:
         return
     head, rest = text.split(README_BEGIN, 1)
     _, tail = rest.split(README_END, 1)
-    dates = sorted(r["date"][:10] for r in load_rows("peers"))
+    dates = sorted(r["date"][:10] for r in load_rows(TABLE_RESULTS))
     stamp = f"Measured {dates[0]} to {dates[-1]}." if dates else ""
     readme.write_text(f"{head}{README_BEGIN}\n{table}{stamp}\n\n![perplexity against average bits](results/peers.png)\n{README_END}{tail}")
 
@@ -633,14 +635,14 @@ def main() -> int:
     parser.add_argument("--case-timeout", type=float,
                         help="stop a peer's case after this many seconds; its row then says so, with the pace it had reached "
                              "and the time the whole case would take where the tool reports per-block progress (AutoRound)")
-    parser.add_argument("--results", default="peers",
+    parser.add_argument("--results", default=TABLE_RESULTS,
                         help="rows go to bench/results/<RESULTS>.json; only the default (peers) is rendered into the README "
                              "table: another name keeps a side measurement (e.g. more windows) apart from it and prints "
                              "our rows' paired comparisons instead")
     parser.add_argument("--render", action="store_true", help="only regenerate peers.md, peers.png and the README table from peers.json")
     args = parser.parse_args()
     if args.render:
-        render(load_rows("peers"), ensure_peers_venv())
+        render(load_rows(TABLE_RESULTS), ensure_peers_venv())
         return 0
     args.budget_stores_emptied = set()
     chosen = [m for m in args.models.split(",") if m]
@@ -725,11 +727,13 @@ def main() -> int:
             log(f"  ppl {row['ppl']:.4f} at {row['avg_bits']:.3f} bits, quantization {row['wall_s']:.0f} s, "
                 f"peak {row['peak_rss_mb']:.0f} MB (case {row['case_wall_s']:.0f} s; other work {row.get('other_cpu_cores', 0):.2f} cores)")
     rows = load_rows(args.results)  # with whatever a concurrent run added
-    if rows and args.results == "peers":
-        render(rows, python)
-    for row in rows if args.results != "peers" else []:
-        if paired := paired_against_best_peer(row, rows):
-            log(f"{row['model']} {row['method']} on {row['eval_windows']} windows: ours / best peer {paired}")
+    if args.results == TABLE_RESULTS:
+        if rows:
+            render(rows, python)
+    else:  # a side measurement: its comparisons go to the log, not to the table
+        for row in rows:
+            if paired := paired_against_best_peer(row, rows):
+                log(f"{row['model']} {row['method']} on {row['eval_windows']} windows: ours / best peer {paired}")
     log(f"done in {time.perf_counter() - started:.0f} s; {len(failures)} failed case(s)")
     for failure in failures:
         log("  " + failure[:500])
