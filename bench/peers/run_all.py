@@ -234,6 +234,10 @@ CASES = {
         ours("uniform-2.5 (gptq-w2-g32)", bits=2, group_size=32, flags=["--bits", "2", "--group-size", "32"]),
         # our answer to AutoRound's 200 iterations per block: GPTQ, then 50 refinement + 50 norm-tweaking steps
         ours("gptq-w3+refine+normtweak", bits=3, group_size=128, flags=["--bits", "3", "--refine-steps", "50", "--norm-tweak-steps", "50"]),
+        # GPTQ at AutoRound's other sizes (w4/w3 g32, w2 g128), for the paired comparison with it
+        ours("gptq-w4-g32", bits=4, group_size=32, flags=["--bits", "4", "--group-size", "32"]),
+        ours("gptq-w3-g32", bits=3, group_size=32, flags=["--bits", "3", "--group-size", "32"]),
+        ours("gptq-w2-g128", bits=2, group_size=128, flags=["--bits", "2"]),
         # the same tuning at 2 bits g32, where AutoRound is far ahead of plain GPTQ
         ours("gptq-w2-g32+refine+normtweak", bits=2, group_size=32,
              flags=["--bits", "2", "--group-size", "32", "--refine-steps", "50", "--norm-tweak-steps", "50"]),
