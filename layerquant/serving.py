@@ -37,7 +37,9 @@ def runtime_unservable(runtime: dict, layers: dict[str, QuantSpec], lowrank_rank
         per = f"per group of {group} channels" if group else "per token"
         if bits < VLLM_INT_ACT_BITS:
             out.append(f"activations: {bits}-bit int, dynamic {per}: written as input_activations, but vLLM has no kernel for "
-                       f"int activations below 8 bits (its 4-bit activations are NVFP4 floats)")
+                       f"int activations below 8 bits (its 4-bit activations are NVFP4 floats), and compressed-tensors' own "
+                       f"emulation scales by absmax / (2**{bits - 1} - 0.5) where the run used the signed full range "
+                       f"(each token's extreme on -2**{bits - 1})")
         elif group:
             out.append(f"activations: 8-bit int {per}: vLLM's int8 activation kernels take one scale per token")
         else:
