@@ -13,6 +13,11 @@ from layerquant.errors import InvalidSpec
 
 FLOAT_BITS = 16  # "not quantized": activations and cache stay in the model's float type
 ACT_BITS = (3, 4, 8, FLOAT_BITS)
+# activations this wide or wider use vLLM's dynamic int8 grid, absmax / (2**(bits-1) - 1), so a
+# packed A8 model is measured as served; narrower ones, which no serving kernel runs, the weights'
+# signed full range (solvers/activations.py), named in their keys since it changed on 2026-12-05
+ABSMAX_ACT_GRID_BITS = 8
+LOW_BIT_ACT_GRID = "signed-full-range"
 SMOOTH_ALPHA = 0.5  # SmoothQuant's migration strength (its paper's default)
 # a trained activation clipping ratio travels with its block's weights (and in the block
 # artifact, as an override) under "{first linear of its input group}.act_clip": one scalar per
@@ -77,6 +82,8 @@ class RuntimeQuant:
         out: dict = {}
         if self.quantizes_activations:
             out["act"] = {"bits": self.act_bits, "group_size": self.act_group_size}
+            if self.act_bits < ABSMAX_ACT_GRID_BITS:  # runs on the older absmax grid must not be reused
+                out["act"]["grid"] = LOW_BIT_ACT_GRID
         if self.quantizes_cache:
             out["kv"] = {"bits": self.kv_bits, "group_size": self.kv_group_size, "prompt_tokens": self.prompt_kv_tokens}
         if self.rotate:

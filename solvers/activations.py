@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch import nn
 
-from layerquant.runtime_quant import ACT_CLIP_MIN, ACT_CLIP_SUFFIX, FLOAT_BITS, RuntimeQuant
+from layerquant.runtime_quant import ABSMAX_ACT_GRID_BITS, ACT_CLIP_MIN, ACT_CLIP_SUFFIX, FLOAT_BITS, RuntimeQuant
 
 
 def fake_quant_symmetric(x: torch.Tensor, bits: int, group_size: int = 0, clip: torch.Tensor | None = None) -> torch.Tensor:
@@ -49,7 +49,7 @@ def fake_quant_symmetric(x: torch.Tensor, bits: int, group_size: int = 0, clip: 
 def _activation_scale(groups: torch.Tensor, bits: int) -> torch.Tensor:
     """One (signed, below 8 bits) scale per row of `groups`' last dimension (see fake_quant_symmetric)."""
     top = 2 ** (bits - 1) - 1
-    if bits >= 8:
+    if bits >= ABSMAX_ACT_GRID_BITS:
         return groups.abs().amax(dim=-1, keepdim=True).clamp(min=1e-8) / top
     extreme = groups.gather(-1, groups.abs().argmax(dim=-1, keepdim=True))
     # a row of zeros gets a tiny positive extreme, which still maps 0 to exactly 0

@@ -400,12 +400,11 @@ def continuation_perplexity(stories, bits: int, prompt_kv_tokens: int) -> float:
 
 @pytest.mark.slow
 @pytest.mark.xfail(strict=True, reason=(
-    "measured on stories260K since the signed full-range weight grid (2026-12-05): at 3 bits the float "
-    "prompt cache no longer lowers continuation perplexity (W3A3KV3 rotated: 88.54 all quantized -> 92.47 "
-    "with the 64-token prompt's cache from the float model, 88.75 with the quantized model's own prompt "
-    "states kept float). On the older grid it did (91.72 -> 85.40, own states 83.27), by a margin that "
-    "already shrank to -1.9% with 128 calibration windows; on 120 windows bench/stories_prompt_cache.py "
-    "found the float-model cache at 0.956 [0.914, 1.001] of the all-quantized perplexity"))
+    "measured on stories260K (2026-12-05, signed full-range weight and activation grids): at 3 bits the float "
+    "prompt cache lowers continuation perplexity by less than the 5% asked (W3A3KV3 rotated: 50.72 all quantized "
+    "-> 49.22 with the 64-token prompt's cache from the float model, -3.0%), and on 120 windows "
+    "(bench/stories_prompt_cache.py) by nothing measurable: 0.975 [0.939, 1.012], after fine-tuning 1.037 "
+    "[1.010, 1.066]. On the older grids it was 91.72 -> 85.40 here and 0.956 [0.914, 1.001] on 120 windows"))
 def test_float_prompt_cache_lowers_3bit_continuation_perplexity(stories):
     """The issue's claim at 3 bits; strict: if it holds again, this test says so."""
     full = continuation_perplexity(stories, 3, 0)
@@ -415,11 +414,11 @@ def test_float_prompt_cache_lowers_3bit_continuation_perplexity(stories):
 
 @pytest.mark.slow
 @pytest.mark.xfail(strict=True, reason=(
-    "measured on stories260K: at 4 bits the float prompt cache does not lower continuation perplexity "
-    "(W4A4KV4 rotated: 8.137 all quantized -> 8.248 with the 64-token prompt's cache from the float model, "
-    "8.179 with the quantized model's own prompt states kept float). Continuation queries then under-attend "
-    "the exact prompt keys next to the quantized ones. On 120 windows (bench/stories_prompt_cache.py) the paired "
-    "interval contains 1 for 7 of 8 rotation seeds x with/without fine-tuning, and an IntactKV-style calibrated "
+    "measured on stories260K (2026-12-05): at 4 bits the float prompt cache does not lower continuation perplexity "
+    "(W4A4KV4 rotated: 7.655 all quantized -> 7.858 with the 64-token prompt's cache from the float model). "
+    "Continuation queries then under-attend the exact prompt keys next to the quantized ones. On 120 windows "
+    "(bench/stories_prompt_cache.py) the paired ratio is 1.005-1.029 over rotation seeds 0-3 untuned (three "
+    "intervals above 1) and 0.987-1.016 after fine-tuning (all four contain 1); an IntactKV-style calibrated "
     "prompt cache does not help either (README, weight-activation section)"))
 def test_float_prompt_cache_lowers_4bit_continuation_perplexity(stories):
     """The issue's claim at 4 bits; strict: if it starts to hold, this test says so."""
@@ -434,7 +433,8 @@ def test_runtime_options_enter_the_run_id_only_when_set():
     assert "runtime_quant" not in plain.identity()
     assert RunConfig(kv_bits=16, prompt_kv_tokens=0, rotate=False).run_id() == plain.run_id()
     w4a4 = RunConfig(act_bits=4, rotate=True)
-    assert w4a4.identity()["runtime_quant"] == {"act": {"bits": 4, "group_size": 0}, "rotate": {"seed": 0}}
+    assert w4a4.identity()["runtime_quant"] == {"act": {"bits": 4, "group_size": 0, "grid": "signed-full-range"}, "rotate": {"seed": 0}}
+    assert RunConfig(act_bits=8).identity()["runtime_quant"] == {"act": {"bits": 8, "group_size": 0}}  # vLLM's grid, unchanged
     assert len({plain.run_id(), w4a4.run_id(), RunConfig(act_bits=4).run_id(), RunConfig(kv_bits=4).run_id(),
                 RunConfig(kv_bits=4, prompt_kv_tokens=64).run_id()}) == 5
 
@@ -467,7 +467,7 @@ def test_pipeline_runs_rotated_w4a4_and_writes_a_plain_folder(tmp_path, stories,
     settings = dict(bits=4, group_size=32, nsamples=32, seqlen=256, rotate=True)
     config = RunConfig(store=str(tmp_path / "store"), out=str(tmp_path / "out"), act_bits=4, **settings)
     report = quantize_flow(config.model_dump())
-    assert report["config"]["runtime_quant"] == {"act": {"bits": 4, "group_size": 0}, "rotate": {"seed": 0}}
+    assert report["config"]["runtime_quant"] == {"act": {"bits": 4, "group_size": 0, "grid": "signed-full-range"}, "rotate": {"seed": 0}}
     expected = quantized_perplexity(stories, RuntimeQuant(act_bits=4, rotate=True))
     assert report["ppl_quant"] == pytest.approx(expected, rel=1e-6)
     weight_only = plan(stories["reader"], RuntimeQuant(rotate=True))
