@@ -19,10 +19,12 @@ import torch
 
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE / "peers"))
 sys.path.insert(0, str(HERE.parent / "tests"))
 
 from common import commit, conditions, machine, write_rows  # noqa: E402
 from gemma_bisup import EVAL, EVAL_SEQLEN  # noqa: E402
+from run_all import gemma_folder  # noqa: E402
 from support.runtime_model import open_model, plan, quantize_run, run_perplexity, text_windows  # noqa: E402
 
 import layerquant.solvers.activations as activations  # noqa: E402
@@ -42,9 +44,6 @@ def absmax_grid(x: torch.Tensor, bits: int, group_size: int = 0, clip: torch.Ten
 
 
 def main() -> None:
-    sys.path.insert(0, str(HERE / "peers"))
-    from run_all import gemma_folder
-
     reader, tokenizer = open_model(gemma_folder())
     windows = text_windows(tokenizer, str(EVAL), WINDOWS, EVAL_SEQLEN)
     full_range = activations.fake_quant_symmetric

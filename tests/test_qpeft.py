@@ -167,8 +167,9 @@ def test_act_clip_enters_identities_only_when_set_and_needs_activations_and_refi
 @pytest.mark.slow
 def test_trained_activation_clipping_lowers_w4a4_and_w3a3_perplexity(stories, tuned_runs):
     """Measured, each against the same tuning without the ratios: W4A4 5.211 -> 5.180 (-0.6%),
-    W3A3 10.80 -> 10.31 (-4.5%) (with the activation grid before 2026-12-05, which left a code unused: W4A4 5.496 -> 5.294,
-    W3A3 18.63 -> 11.99, -36%; the full signed range took most of what clipping gave at 3 bits).
+    W3A3 10.80 -> 10.31 (-4.5%) (with the activation grid before 2026-12-05, which left a code
+    unused: W4A4 5.496 -> 5.294, W3A3 18.63 -> 11.99, -36%; the full signed range took most of what
+    clipping gave at 3 bits).
     The size does not change (a few scalars per block, run-time settings rather than weights)."""
     for bits, bound in ((4, 1.0), (3, 1.0)):
         plain_ppl, plain_bits, _ = tuned_run(stories, 0, bits, cache=tuned_runs)
