@@ -67,14 +67,17 @@ RESULTS = "gemma_bisup"
 TUNING = BlockTuning(refine_steps=50, norm_tweak_steps=50, act_clip=True)
 
 
-def case(w_bits: int, a_bits: int, kv_bits: int, transform: str = "none", tuned: bool = False, act_group: int = 0) -> tuple[str, dict]:
+def case(w_bits: int, a_bits: int, kv_bits: int, transform: str = "none", tuned: bool = False, act_group: int = 0,
+         clip_search: bool = False) -> tuple[str, dict]:
     """`act_group`: input channels per activation scale and head channels per KV scale (BiSup's
-    "W3A3-g128"); 0 = one scale per token (and head)."""
+    "W3A3-g128"); 0 = one scale per token (and head). `clip_search` ("+clip"): RuntimeQuant.clip_search."""
     name = "float" if w_bits == 16 else f"w{w_bits}a{a_bits}" + (f"kv{kv_bits}" if kv_bits < 16 else "")
     name += f"-g{act_group}" if act_group else ""
     name += "" if transform == "none" else f"+{transform}"
+    name += "+clip" if clip_search else ""
     name += "+tune" if tuned else ""
-    return name, {"w_bits": w_bits, "a_bits": a_bits, "kv_bits": kv_bits, "transform": transform, "tuned": tuned, "act_group": act_group}
+    settings = {"w_bits": w_bits, "a_bits": a_bits, "kv_bits": kv_bits, "transform": transform, "tuned": tuned, "act_group": act_group}
+    return name, settings | ({"clip_search": True} if clip_search else {})
 
 
 # in the order they are worth running: the issue's four settings plain and rotated first
@@ -87,6 +90,8 @@ CASES = dict([
     case(4, 8, 16, "rotate", True),
     case(4, 4, 4, "rotate", act_group=128), case(3, 3, 3, "rotate", act_group=128), case(3, 3, 3, "rotate", True, act_group=128),
     case(4, 4, 4, "rotate", True, act_group=128),
+    case(3, 3, 3, "rotate", act_group=128, clip_search=True), case(4, 4, 4, "rotate", act_group=128, clip_search=True),
+    case(3, 3, 3, "rotate", True, act_group=128, clip_search=True), case(4, 4, 4, "rotate", True, act_group=128, clip_search=True),
 ])
 
 
@@ -146,7 +151,8 @@ def measure(name: str, settings: dict, reader, calib, plain, continuation) -> di
     start = time.perf_counter()
     group = settings.get("act_group", 0)
     runtime = RuntimeQuant(act_bits=settings["a_bits"], kv_bits=settings["kv_bits"], act_group_size=group, kv_group_size=group,
-                           rotate=settings["transform"] == "rotate", smooth=settings["transform"] == "smooth")
+                           rotate=settings["transform"] == "rotate", smooth=settings["transform"] == "smooth",
+                           clip_search=settings.get("clip_search", False))
     model = plan(reader, runtime)
     spec = QuantSpec(bits=settings["w_bits"], group_size=GROUP) if settings["w_bits"] < 16 else None
     if settings["tuned"]:

@@ -47,6 +47,10 @@ def runtime_unservable(runtime: dict, layers: dict[str, QuantSpec], lowrank_rank
             if others:
                 out.append(f"activations: 8-bit per token with {len(others)} layers whose weights vLLM's W8A8 / W4A8 int schemes "
                            f"do not take (they need symmetric 8-bit per-channel or 4-bit weights), e.g. {others[0]}")
+        if act.get("clip_search"):
+            out.append(f"activation clipping search ({bits}-bit): each token's scale chosen among {_ratios(act['clip_search'])} "
+                       f"of its range for least rounding error; input_activations cannot say it, and a client quantizes each "
+                       f"token over its full range")
         if act_clip:
             out.append("activation clipping ratios (trained, one per quantized input): input_activations have no place for "
                        "them; a client quantizes each token over its full range")
@@ -54,6 +58,9 @@ def runtime_unservable(runtime: dict, layers: dict[str, QuantSpec], lowrank_rank
     if kv:
         out.append(f"KV cache: {kv['bits']}-bit int, asymmetric, dynamic per head and token: written as kv_cache_scheme, but "
                    f"vLLM's quantized KV caches are fp8 with static scales")
+        if kv.get("clip_search"):
+            out.append(f"KV cache clipping search: each entry's range chosen among {_ratios(kv['clip_search'])} of its min and max "
+                       f"for least rounding error; kv_cache_scheme cannot say it")
         if kv.get("prompt_tokens"):
             out.append(f"float prompt cache (the first {kv['prompt_tokens']} tokens' keys and values computed by the float model "
                        f"and kept float): no packed format can say it; a client quantizes the whole cache")
@@ -64,3 +71,7 @@ def runtime_unservable(runtime: dict, layers: dict[str, QuantSpec], lowrank_rank
         out.append(f"low-rank corrections (rank {lowrank_rank}): no packed format can say them; the run is written dequantized "
                    f"with each correction folded into its weight")
     return out
+
+
+def _ratios(ratios: list[float]) -> str:
+    return f"{len(ratios)} ratios from {max(ratios)} to {min(ratios)}"

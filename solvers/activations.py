@@ -8,16 +8,17 @@ really get) and the streamed evaluation.
 """
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
 
-from layerquant.runtime_quant import ABSMAX_ACT_GRID_BITS, ACT_CLIP_MIN, ACT_CLIP_SUFFIX, FLOAT_BITS, RuntimeQuant
+from layerquant.runtime_quant import ABSMAX_ACT_GRID_BITS, ACT_CLIP_MIN, ACT_CLIP_SUFFIX, CLIP_SEARCH_RATIOS, FLOAT_BITS, RuntimeQuant
 
 
-def fake_quant_symmetric(x: torch.Tensor, bits: int, group_size: int = 0, clip: torch.Tensor | None = None) -> torch.Tensor:
+def fake_quant_symmetric(x: torch.Tensor, bits: int, group_size: int = 0, clip: torch.Tensor | None = None,
+                         search: bool = False) -> torch.Tensor:
     """Round x to a symmetric signed `bits` grid, one scale per row of the last dimension (or per
     `group_size` channels of it): what a per-token dynamic int activation kernel computes.
 
@@ -31,18 +32,29 @@ def fake_quant_symmetric(x: torch.Tensor, bits: int, group_size: int = 0, clip: 
     `clip` (a scalar tensor, used clamped to [ACT_CLIP_MIN, 1]) shrinks every scale to clip x
     that scale: values beyond are clipped, the rest rounded more finely. When it requires grad
     (block tuning trains it), its gradient is LSQ's (the rounding passed straight through, the
-    clipped values pulling the other way) and x's is the identity."""
+    clipped values pulling the other way) and x's is the identity.
+
+    `search`: each row's scale further shrunk by the ratio of CLIP_SEARCH_RATIOS with the least
+    squared rounding error on that row (on top of `clip`); the choice itself passes no gradient."""
     shape = x.shape
     groups = x.reshape(*shape[:-1], -1, group_size) if group_size and shape[-1] % group_size == 0 else x.unsqueeze(-2)
     top = 2 ** (bits - 1) - 1
     full_scale = _activation_scale(groups.detach(), bits)
+    if search:
+        rows = groups.detach()
+        searched = full_scale if clip is None else full_scale * clip.detach().clamp(ACT_CLIP_MIN, 1.0)
+        full_scale = full_scale * _least_error_ratio(rows, lambda ratio: _round_symmetric(rows, searched * ratio, top))
     if clip is None or not (clip.requires_grad and torch.is_grad_enabled()):
         scale = full_scale if clip is None else full_scale * clip.detach().clamp(ACT_CLIP_MIN, 1.0)
-        return _straight_through(x, (torch.clamp(torch.round(groups / scale), -top - 1, top) * scale).reshape(shape))
+        return _straight_through(x, _round_symmetric(groups, scale, top).reshape(shape))
     scale = full_scale * clip.clamp(ACT_CLIP_MIN, 1.0)
     scaled = groups.detach() / scale
     codes = torch.clamp(scaled + (torch.round(scaled) - scaled).detach(), -top - 1, top)
     return (codes * scale).reshape(shape) + (x - x.detach())
+
+
+def _round_symmetric(groups: torch.Tensor, scale: torch.Tensor, top: int) -> torch.Tensor:
+    return torch.clamp(torch.round(groups / scale), -top - 1, top) * scale
 
 
 def _activation_scale(groups: torch.Tensor, bits: int) -> torch.Tensor:
@@ -56,16 +68,36 @@ def _activation_scale(groups: torch.Tensor, bits: int) -> torch.Tensor:
     return -extreme / (top + 1)
 
 
-def fake_quant_asymmetric(x: torch.Tensor, bits: int, group_size: int = 0) -> torch.Tensor:
-    """Round x to an unsigned `bits` grid between each row's (or group's) min and max."""
+def fake_quant_asymmetric(x: torch.Tensor, bits: int, group_size: int = 0, search: bool = False) -> torch.Tensor:
+    """Round x to an unsigned `bits` grid between each row's (or group's) min and max; with
+    `search`, between min and max times the ratio of CLIP_SEARCH_RATIOS with the least squared
+    rounding error on that row (both ends pulled toward zero, as QuaRot clips its cache)."""
     shape = x.shape
-    groups = x.reshape(*shape[:-1], -1, group_size) if group_size and shape[-1] % group_size == 0 else x.unsqueeze(-2)
-    low = groups.amin(dim=-1, keepdim=True)
-    high = groups.amax(dim=-1, keepdim=True)
+    groups = (x.reshape(*shape[:-1], -1, group_size) if group_size and shape[-1] % group_size == 0 else x.unsqueeze(-2)).detach()
     top = 2**bits - 1
-    scale = (high - low).clamp(min=1e-8) / top
-    codes = torch.clamp(torch.round((groups - low) / scale), 0, top)
-    return _straight_through(x, (codes * scale + low).reshape(shape))
+    row_min, row_max = groups.amin(dim=-1, keepdim=True), groups.amax(dim=-1, keepdim=True)
+
+    def rounded(ratio) -> torch.Tensor:
+        low, high = row_min * ratio, row_max * ratio
+        scale = (high - low).clamp(min=1e-8) / top
+        return torch.clamp(torch.round((groups - low) / scale), 0, top) * scale + low
+
+    return _straight_through(x, rounded(_least_error_ratio(groups, rounded) if search else 1.0).reshape(shape))
+
+
+def _least_error_ratio(groups: torch.Tensor, rounded: Callable[[torch.Tensor | float], torch.Tensor]) -> torch.Tensor:
+    """Per row of `groups` (last dimension), the ratio of CLIP_SEARCH_RATIOS whose `rounded(ratio)`
+    is nearest the row in squared error (the first on ties, so the full range when clipping
+    gains nothing); shaped to broadcast over the row."""
+    best_ratio = best_error = None
+    for ratio in CLIP_SEARCH_RATIOS:
+        error = (rounded(ratio) - groups).pow(2).sum(dim=-1, keepdim=True)
+        if best_error is None:
+            best_ratio, best_error = torch.full_like(error, ratio), error
+            continue
+        better = error < best_error
+        best_ratio, best_error = torch.where(better, ratio, best_ratio), torch.where(better, error, best_error)
+    return best_ratio
 
 
 def _straight_through(x: torch.Tensor, quantized: torch.Tensor) -> torch.Tensor:
@@ -95,11 +127,13 @@ class FakeQuantKVCache:
     the first `prompt_tokens` positions of every sequence: the prompt is computed once, offline,
     so its cache can be exact in value as well as in storage (IntactKV's lossless prefix). A
     layer without an entry keeps its own prompt positions, unquantized. With `bits` 16 nothing
-    is quantized (a float cache with an exact prompt)."""
+    is quantized (a float cache with an exact prompt). `search`: each entry's clipping ratio
+    searched as it is quantized (RuntimeQuant.clip_search)."""
 
     def __init__(self, bits: int, group_size: int = 0, prompt_tokens: int = 0, key_rotation: torch.Tensor | None = None,
-                 prompt_states: Mapping[int, tuple[torch.Tensor, torch.Tensor]] | None = None):
+                 prompt_states: Mapping[int, tuple[torch.Tensor, torch.Tensor]] | None = None, search: bool = False):
         self.bits = bits
+        self.search = search
         self.group_size = group_size
         self.prompt_tokens = prompt_tokens
         self.key_rotation = key_rotation
@@ -112,9 +146,9 @@ class FakeQuantKVCache:
         rest = states[..., keep:, :]
         if rotation is not None:
             rotation = rotation.to(dtype=states.dtype, device=states.device)
-            quantized = fake_quant_asymmetric(rest @ rotation, self.bits, self.group_size) @ rotation.T
+            quantized = fake_quant_asymmetric(rest @ rotation, self.bits, self.group_size, self.search) @ rotation.T
         else:
-            quantized = fake_quant_asymmetric(rest, self.bits, self.group_size)
+            quantized = fake_quant_asymmetric(rest, self.bits, self.group_size, self.search)
         return torch.cat([states[..., :keep, :], quantized], dim=-2) if keep else quantized
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
@@ -165,12 +199,12 @@ class BlockRuntime:
         if not self.settings.quantizes_cache and prompt_states is None:
             return None
         return FakeQuantKVCache(self.settings.kv_bits, self.settings.kv_group_size, self.settings.prompt_kv_tokens, self.key_rotation,
-                                prompt_states)
+                                prompt_states, self.settings.searches_cache)
 
     def without_quantizers(self) -> "BlockRuntime":
         """The same block with float activations and cache: only its online rotations, which
         belong to the float function of a rotated block (the float reference of tuning)."""
-        settings = replace(self.settings, act_bits=FLOAT_BITS, kv_bits=FLOAT_BITS)
+        settings = replace(self.settings, act_bits=FLOAT_BITS, kv_bits=FLOAT_BITS, clip_search=False)
         return replace(self, settings=settings)
 
     def install(self, block: nn.Module) -> list:
@@ -184,11 +218,11 @@ class BlockRuntime:
             if matrix is None and bits is None:
                 continue
             handles.append(block.get_submodule(name).register_forward_pre_hook(
-                _input_hook(matrix, bits, self.settings.act_group_size, self.act_clip.get(name))))
+                _input_hook(matrix, bits, self.settings.act_group_size, self.act_clip.get(name), self.settings.searches_activations)))
         return handles
 
 
-def _input_hook(matrix: torch.Tensor | None, bits: int | None, group_size: int, clip: torch.Tensor | None = None):
+def _input_hook(matrix: torch.Tensor | None, bits: int | None, group_size: int, clip: torch.Tensor | None = None, search: bool = False):
     cache: dict = {}
 
     def transform(_module, args):
@@ -199,7 +233,7 @@ def _input_hook(matrix: torch.Tensor | None, bits: int | None, group_size: int, 
                 cache[key] = matrix.to(dtype=x.dtype, device=x.device)
             x = x @ cache[key]
         if bits is not None:
-            x = fake_quant_symmetric(x, bits, group_size, clip)
+            x = fake_quant_symmetric(x, bits, group_size, clip, search)
         return (x, *args[1:])
 
     return transform
