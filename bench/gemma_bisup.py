@@ -70,7 +70,7 @@ TUNING = BlockTuning(refine_steps=50, norm_tweak_steps=50, act_clip=True)
 def case(w_bits: int, a_bits: int, kv_bits: int, transform: str = "none", tuned: bool = False, act_group: int = 0,
          clip_search: bool = False) -> tuple[str, dict]:
     """`act_group`: input channels per activation scale and head channels per KV scale (BiSup's
-    "W3A3-g128"); 0 = one scale per token (and head). `clip_search` ("+clip"): RuntimeQuant.clip_search."""
+    "W3A3-g128"); 0 = one scale per token (and head). `clip_search` ("+clip"): RuntimeQuant.token_clip_search."""
     name = "float" if w_bits == 16 else f"w{w_bits}a{a_bits}" + (f"kv{kv_bits}" if kv_bits < 16 else "")
     name += f"-g{act_group}" if act_group else ""
     name += "" if transform == "none" else f"+{transform}"
@@ -152,7 +152,7 @@ def measure(name: str, settings: dict, reader, calib, plain, continuation) -> di
     group = settings.get("act_group", 0)
     runtime = RuntimeQuant(act_bits=settings["a_bits"], kv_bits=settings["kv_bits"], act_group_size=group, kv_group_size=group,
                            rotate=settings["transform"] == "rotate", smooth=settings["transform"] == "smooth",
-                           clip_search=settings.get("clip_search", False))
+                           token_clip_search=settings.get("clip_search", False))
     model = plan(reader, runtime)
     spec = QuantSpec(bits=settings["w_bits"], group_size=GROUP) if settings["w_bits"] < 16 else None
     if settings["tuned"]:

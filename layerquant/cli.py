@@ -92,7 +92,7 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
                         help="QuaRot Hadamard rotations folded into the weights (+ online at down_proj and the cached keys)")
     parser.add_argument("--smooth", action=argparse.BooleanOptionalAction, default=None,
                         help="SmoothQuant scale migration (alpha 0.5) folded into norms and weights: the alternative to --rotate")
-    parser.add_argument("--clip-search", action=argparse.BooleanOptionalAction, default=None,
+    parser.add_argument("--token-clip-search", action=argparse.BooleanOptionalAction, default=None,
                         help="with --act-bits or --kv-bits 3 or 4: round each token (group, cache entry) with the clipped scale of "
                              "least squared error, searched from 1.0 to 0.6 of its range as it is quantized")
     parser.add_argument("--device", choices=["cpu", "cuda", "auto"],
@@ -163,7 +163,7 @@ def config_from_args(args: argparse.Namespace):
         prompt_kv_tokens=getattr(args, "prompt_kv_tokens", None),
         rotate=getattr(args, "rotate", None),
         smooth=getattr(args, "smooth", None),
-        clip_search=getattr(args, "clip_search", None),
+        token_clip_search=getattr(args, "token_clip_search", None),
         store=absolute_location(args.store or run_default("store")),
         out=absolute_location(getattr(args, "out", None)),
         workers=getattr(args, "workers", None),

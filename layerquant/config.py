@@ -131,7 +131,7 @@ class RunConfig(BaseModel):
     prompt_kv_tokens: int = Field(0, ge=0)
     rotate: bool = False
     smooth: bool = False
-    clip_search: bool = False  # below 8 bits: each token's scale of least rounding error (RuntimeQuant)
+    token_clip_search: bool = False  # below 8 bits: each token's scale of least rounding error (RuntimeQuant)
     # where artifacts and results go (not part of the run's identity)
     store: str = ".layerquant/store"
     out: str | None = None
@@ -254,7 +254,7 @@ class RunConfig(BaseModel):
     def runtime_quant(self) -> RuntimeQuant:
         return RuntimeQuant(act_bits=self.act_bits, act_group_size=self.act_group_size, kv_bits=self.kv_bits,
                             kv_group_size=self.kv_group_size, prompt_kv_tokens=self.prompt_kv_tokens, rotate=self.rotate,
-                            smooth=self.smooth, seed=self.seed, clip_search=self.clip_search)
+                            smooth=self.smooth, seed=self.seed, token_clip_search=self.token_clip_search)
 
     def needs_calibration(self) -> bool:
         """Whether the run needs calibration samples and block forwards at all: GPTQ and PB-LLM
@@ -295,7 +295,8 @@ class RunConfig(BaseModel):
         if not identity["act_clip"]:  # likewise
             del identity["act_clip"], identity["act_clip_lr"]
         # run-time quantization: in the identity only as far as it is on, so weight-only runs keep their ids
-        runtime_fields = ("act_bits", "act_group_size", "kv_bits", "kv_group_size", "prompt_kv_tokens", "rotate", "smooth", "clip_search")
+        runtime_fields = ("act_bits", "act_group_size", "kv_bits", "kv_group_size", "prompt_kv_tokens", "rotate", "smooth",
+                          "token_clip_search")
         for name in runtime_fields:
             del identity[name]
         runtime = self.runtime_quant().identity()

@@ -25,10 +25,10 @@ SMOOTH_ALPHA = 0.5  # SmoothQuant's migration strength (its paper's default)
 # quantizes their common input once
 ACT_CLIP_SUFFIX = ".act_clip"
 ACT_CLIP_MIN = 0.2  # a ratio is used clamped to [ACT_CLIP_MIN, 1]: at most 80% of a token's range cut off
-# `clip_search`: each token's (or group's) scale below 8 bits is the one, among its full-range
+# `token_clip_search`: each token's (or group's) scale below 8 bits is the one, among its full-range
 # scale times these ratios, with the least squared rounding error on that token. On Gemma 3 270M
 # the chosen ratios lie between 1.0 and 0.65 for 99% of 3-bit rows and 1.0 and 0.8 at 4 bits
-# (bench/runtime_clip_search.py), so the candidates stop at 0.6
+# (bench/gemma_runtime_floor.py --token-clip-search), so the candidates stop at 0.6
 CLIP_SEARCH_RATIOS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6)
 CLIP_SEARCH_BELOW_BITS = 8  # 8-bit activations keep vLLM's absmax grid (measured as served)
 
@@ -49,7 +49,7 @@ class RuntimeQuant:
     the evaluation, whose windows share one prompt, takes them from the float model (IntactKV's
     lossless prefix: solvers/runtime_model.py). `rotate`: QuaRot's Hadamard rotations
     (solvers/rotated.py). `smooth`: SmoothQuant's scale migration instead (solvers/smooth.py).
-    `clip_search`: below 8 bits, activations and cache entries are rounded with the per-token
+    `token_clip_search`: below 8 bits, activations and cache entries are rounded with the per-token
     (per-group) scale of least squared error among CLIP_SEARCH_RATIOS of the full range, found
     as they are quantized (an MSE clipping search, done once per token as a kernel would)."""
 
@@ -61,7 +61,7 @@ class RuntimeQuant:
     rotate: bool = False
     smooth: bool = False
     seed: int = 0  # the random signs of the residual rotation
-    clip_search: bool = False
+    token_clip_search: bool = False
 
     def __post_init__(self):
         for name in ("act_bits", "kv_bits"):
@@ -73,9 +73,9 @@ class RuntimeQuant:
         if self.smooth and self.rotate:
             raise InvalidSpec("smooth and rotate are alternatives: the rotation folds the norm scales that smoothing would move",
                               "choose one of --smooth and --rotate")
-        if self.clip_search and not (self.searches_activations or self.searches_cache):
-            raise InvalidSpec("clip_search chooses the scales of activations or a KV cache below 8 bits, and this run quantizes neither",
-                              "set act_bits or kv_bits to 3 or 4, or leave clip_search off")
+        if self.token_clip_search and not (self.searches_activations or self.searches_cache):
+            raise InvalidSpec("token_clip_search chooses the scales of activations or a KV cache below 8 bits, and this run quantizes neither",
+                              "set act_bits or kv_bits to 3 or 4, or leave token_clip_search off")
 
     @property
     def quantizes_activations(self) -> bool:
@@ -87,11 +87,11 @@ class RuntimeQuant:
 
     @property
     def searches_activations(self) -> bool:
-        return self.clip_search and self.act_bits < CLIP_SEARCH_BELOW_BITS
+        return self.token_clip_search and self.act_bits < CLIP_SEARCH_BELOW_BITS
 
     @property
     def searches_cache(self) -> bool:
-        return self.clip_search and self.kv_bits < CLIP_SEARCH_BELOW_BITS
+        return self.token_clip_search and self.kv_bits < CLIP_SEARCH_BELOW_BITS
 
     @property
     def enabled(self) -> bool:

@@ -128,7 +128,7 @@ class FakeQuantKVCache:
     so its cache can be exact in value as well as in storage (IntactKV's lossless prefix). A
     layer without an entry keeps its own prompt positions, unquantized. With `bits` 16 nothing
     is quantized (a float cache with an exact prompt). `search`: each entry's clipping ratio
-    searched as it is quantized (RuntimeQuant.clip_search)."""
+    searched as it is quantized (RuntimeQuant.token_clip_search)."""
 
     def __init__(self, bits: int, group_size: int = 0, prompt_tokens: int = 0, key_rotation: torch.Tensor | None = None,
                  prompt_states: Mapping[int, tuple[torch.Tensor, torch.Tensor]] | None = None, search: bool = False):
@@ -204,7 +204,7 @@ class BlockRuntime:
     def without_quantizers(self) -> "BlockRuntime":
         """The same block with float activations and cache: only its online rotations, which
         belong to the float function of a rotated block (the float reference of tuning)."""
-        settings = replace(self.settings, act_bits=FLOAT_BITS, kv_bits=FLOAT_BITS, clip_search=False)
+        settings = replace(self.settings, act_bits=FLOAT_BITS, kv_bits=FLOAT_BITS, token_clip_search=False)
         return replace(self, settings=settings)
 
     def install(self, block: nn.Module) -> list:

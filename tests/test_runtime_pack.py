@@ -140,6 +140,8 @@ def test_report_states_what_vllm_cannot_run():
     statements = runtime_unservable(RuntimeQuant(kv_bits=8, prompt_kv_tokens=64).identity(), w4)
     assert len(statements) == 2 and "fp8" in statements[0] and "first 64 tokens" in statements[1]
     assert "folded" in runtime_unservable({}, w4, lowrank_rank=4)[0]
+    statements = runtime_unservable(RuntimeQuant(act_bits=4, kv_bits=4, token_clip_search=True).identity(), w4)
+    assert [any("clipping search" in s for s in statements if s.startswith(part)) for part in ("activation", "KV")] == [True, True]
 
 
 def test_gptq_format_refuses_runtime_quantization():
