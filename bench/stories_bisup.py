@@ -3,6 +3,8 @@ without QuaRot rotation or SmoothQuant migration, and 4- and 3-bit KV caches wit
 
 Run: .venv/bin/python bench/stories_bisup.py   (about 12 minutes on 2 busy cores)
      .venv/bin/python bench/stories_bisup.py --tuning   (only the fine-tuning rows, ~25 minutes)
+     .venv/bin/python bench/stories_bisup.py --token-clip-search   (the rows below 8 bits again, with
+     RuntimeQuant.token_clip_search; rows marked "token_clip_search": true)
 Writes bench/results/stories_bisup.json; a run replaces the rows it measures and keeps the others.
 
 Fine-tuning rows (BiSup's quantization-aware PEFT, rotated, W{b}A{b}): block tuning 50 scale
@@ -46,7 +48,7 @@ from support.runtime_model import (  # noqa: E402
 
 PROMPT = 64
 RESULTS = Path(__file__).parent / "results" / "stories_bisup.json"
-KEY_FIELDS = ("w_bits", "a_bits", "kv_bits", "rotate", "smooth", "prompt_kv_tokens", "tuning")
+KEY_FIELDS = ("w_bits", "a_bits", "kv_bits", "rotate", "smooth", "prompt_kv_tokens", "tuning", "token_clip_search")
 # (weight bits, activation bits, low-rank rank, trained clipping ratios)
 TUNING_CASES = [(4, 4, 0, False), (4, 4, 2, False), (4, 4, 0, True), (4, 4, 2, True),
                 (3, 3, 0, False), (3, 3, 1, False), (3, 3, 2, False), (3, 3, 0, True), (3, 3, 2, True),
@@ -88,6 +90,7 @@ def tuning_rows(reader, calib, plain) -> list[dict]:
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--tuning", action="store_true", help="measure only the fine-tuning rows")
+    parser.add_argument("--token-clip-search", action="store_true", help="measure the rows below 8 bits with the token clipping search")
     args = parser.parse_args()
     torch.set_num_threads(1)
     reader, tokenizer = open_model(default_model())
@@ -104,15 +107,19 @@ def main() -> int:
             for prompt in ((0, PROMPT) if kv_bits < 16 else (0,)):
                 if (w_bits == 16 and a_bits == 16 and kv_bits == 16 and transform != "none") or (w_bits == 16 and transform == "smooth"):
                     continue  # both keep the float model's function (tests/test_runtime_quant.py)
+                if args.token_clip_search and min(a_bits, kv_bits) >= 8:
+                    continue  # nothing below 8 bits to search
                 start = time.perf_counter()
                 settings = RuntimeQuant(act_bits=a_bits, kv_bits=kv_bits, prompt_kv_tokens=prompt, rotate=transform == "rotate",
-                                        smooth=transform == "smooth")
+                                        smooth=transform == "smooth", token_clip_search=args.token_clip_search)
                 model = plan(reader, settings)
                 spec = QuantSpec(bits=w_bits, group_size=32) if w_bits < 16 else None
                 blocks = quantize_run(reader, model, calib, spec)
                 row = {"bench": "stories_bisup", "model": "stories260K", "w_bits": w_bits, "a_bits": a_bits, "kv_bits": kv_bits,
                        "rotate": transform == "rotate", "smooth": transform == "smooth", "prompt_kv_tokens": prompt, "method": "gptq" if spec else "float", "group_size": 32,
                        "nsamples": 128, "eval_windows": 40, "eval_seqlen": 256}
+                if args.token_clip_search:
+                    row["token_clip_search"] = True
                 if kv_bits == 16:
                     row["ppl"] = run_perplexity(reader, model, blocks, plain)
                 row["cont_ppl"] = run_perplexity(reader, model, blocks, continuation, score_from=PROMPT)
