@@ -2,7 +2,9 @@
 (rotated as the weight-activation runs are), on the windows of bench/gemma_bisup.py: the floor that
 no weight quantizer or fine-tuning of the weights starts below.
 
-Run: .venv/bin/python bench/gemma_runtime_floor.py [--token-clip-search]   (about 16 minutes on 2 idle cores)
+Run: .venv/bin/python bench/gemma_runtime_floor.py [--token-clip-search]
+(3-4 minutes a setting on 2 cores, up to twice that
+with the search beside other work)
 Writes bench/results/gemma_runtime_floor.json: perplexity on the first 6 BOS-prefixed 2048-token
 WikiText-2 test windows (float 17.507) with A3, KV3, A3 + KV3 and A4 + KV4, each with 128-channel
 groups (BiSup's "-g128": 128 input channels per activation scale, 128 head channels per KV scale).
@@ -14,8 +16,8 @@ from __future__ import annotations
 
 import sys
 import time
-from datetime import datetime, timezone
 from collections import Counter
+from datetime import datetime, timezone
 from pathlib import Path
 
 HERE = Path(__file__).parent
