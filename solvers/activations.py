@@ -40,12 +40,13 @@ def fake_quant_symmetric(x: torch.Tensor, bits: int, group_size: int = 0, clip: 
     groups = x.reshape(*shape[:-1], -1, group_size) if group_size and shape[-1] % group_size == 0 else x.unsqueeze(-2)
     top = 2 ** (bits - 1) - 1
     full_scale = _activation_scale(groups.detach(), bits)
+    fixed_clip = None if clip is None else clip.detach().clamp(ACT_CLIP_MIN, 1.0)
     if search:
         rows = groups.detach()
-        searched = full_scale if clip is None else full_scale * clip.detach().clamp(ACT_CLIP_MIN, 1.0)
+        searched = full_scale if fixed_clip is None else full_scale * fixed_clip
         full_scale = full_scale * _least_error_ratio(rows, lambda ratio: _round_symmetric(rows, searched * ratio, top))
     if clip is None or not (clip.requires_grad and torch.is_grad_enabled()):
-        scale = full_scale if clip is None else full_scale * clip.detach().clamp(ACT_CLIP_MIN, 1.0)
+        scale = full_scale if fixed_clip is None else full_scale * fixed_clip
         return _straight_through(x, _round_symmetric(groups, scale, top).reshape(shape))
     scale = full_scale * clip.clamp(ACT_CLIP_MIN, 1.0)
     scaled = groups.detach() / scale
