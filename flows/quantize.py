@@ -29,7 +29,7 @@ from layerquant.tasks.pack import pack_model
 from layerquant.tasks.planning import block_specs, check_settings, fit_higgs, plan_bits, replan_for_gate, score_block
 from layerquant.tasks.progress import BlockProgress
 from layerquant.tasks.shards import assemble_block, plan_shards, shard_finish, shard_stage, solve_unit_task
-from layerquant.tasks.validation import evaluate
+from layerquant.tasks.validation import evaluate, evaluate_prompt_cache
 
 
 def run_name() -> str:
@@ -137,12 +137,16 @@ def _run_stages(config, run_config, reader, run_id, progress, force_blocks, star
         evaluations[text_name] = (float_result, evaluate(config, "quant", blocks, text_index, float_result))
     raise_if_cancelled()
     ppl_fp, ppl_quant = next(iter(evaluations.values()))  # the first text is the headline
+    # the float prompt cache judged on the headline text: the same model with the prompt quantized too
+    prompt_cache = evaluate_prompt_cache(config, blocks, ppl_quant, embed_fp=embed_fp) if run_config.prompt_kv_tokens else None
+    raise_if_cancelled()
     if plan is not None:
         plan = plan | fit_higgs(config, ppl_fp["ppl"], plan["predicted_loss"])
     metas = [ArtifactRef.from_dict(b["block"]).meta for b in blocks]
     wall_s = time.perf_counter() - started
     task_timings = ([calibration["timing"]] if calibration is not None else []) + [b["timing"] for b in blocks] \
-        + [s.get("timing", {}) for s in scored] + [result["timing"] for pair in evaluations.values() for result in pair]
+        + [s.get("timing", {}) for s in scored] + [result["timing"] for pair in evaluations.values() for result in pair] \
+        + ([prompt_cache.pop("timing")] if prompt_cache is not None else [])
     report = build_report(
         metas,
         [reader.block_prefix(i) for i in range(n_blocks)],
@@ -172,6 +176,8 @@ def _run_stages(config, run_config, reader, run_id, progress, force_blocks, star
         },
         evaluations,
     )
+    if prompt_cache is not None:
+        report["prompt_cache"] = prompt_cache
     if run_config.max_ppl_increase is not None and report["ppl_quant"] > report["ppl_fp"] * (1 + run_config.max_ppl_increase):
         error = QualityGateFailed(report["ppl_fp"], report["ppl_quant"], run_config.max_ppl_increase)
         error.report = report  # the manifest keeps what was measured
@@ -238,6 +244,16 @@ def enforce_output_gate(config, threshold, index, inputs, specs, result, plan, s
     return result, specs, plan, events
 
 
+def prompt_cache_markdown(comparison: dict | None) -> str:
+    if comparison is None:
+        return ""
+    paired = comparison["paired"]
+    return (f"## Float prompt cache\n\nContinuations after {comparison['prompt_kv_tokens']}-token prompts ({comparison['prompts']}): "
+            f"perplexity {comparison['ppl_prompt_cache']:.4f} with the prompt's cache from the float model, "
+            f"{comparison['ppl_whole_cache_quantized']:.4f} with the whole cache quantized; ratio {paired['ratio']:.4f} "
+            f"[{paired['low']:.4f}, {paired['high']:.4f}] (paired 95% interval over the windows).\n\n")
+
+
 def publish_summary(run_id: str, report: dict[str, Any]) -> None:
     """What a person watching the Prefect UI wants: the plan and errors, and the headline."""
     create_table_artifact(
@@ -254,6 +270,7 @@ def publish_summary(run_id: str, report: dict[str, Any]) -> None:
             f"| average bits / weight | {report['avg_bits']:.3f} |\n| quantized size | {report['quantized_mb']:.2f} MiB |\n"
             f"| wall time | {report['wall_s']} s |\n| peak RSS | {report['peak_rss_mb']} MB |\n"
             f"| block forwards per block | {report['forwards_per_block']} |\n\n"
+            + prompt_cache_markdown(report.get("prompt_cache"))
             + evaluation_markdown(report) +
             "## Where the time went\n\n| phase | seconds | share |\n|---|---|---|\n"
             + "".join(f"| {name} | {seconds} | {100 * report['timing']['share'][name]:.1f}% |\n"

@@ -88,6 +88,9 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kv-bits", type=int, choices=[3, 4, 8, 16], help="KV cache per head and token (default 16 = float)")
     parser.add_argument("--kv-group-size", type=int, help="head channels per KV scale (default 0 = one per head and token)")
     parser.add_argument("--prompt-kv-tokens", type=int, metavar="P", help="the shared prompt: the first P tokens' keys and values computed by the float model and kept float; evaluation scores the continuations after it (default 0)")
+    parser.add_argument("--prompt-kv-eval", choices=["shared-prompt", "own-context"],
+                        help="with --prompt-kv-tokens, what the validation scores: continuations after one shared prompt (the "
+                             "text's first tokens; default), or each after its own preceding text, kept as the float model's cache")
     parser.add_argument("--rotate", action=argparse.BooleanOptionalAction, default=None,
                         help="QuaRot Hadamard rotations folded into the weights (+ online at down_proj and the cached keys)")
     parser.add_argument("--smooth", action=argparse.BooleanOptionalAction, default=None,
@@ -161,6 +164,7 @@ def config_from_args(args: argparse.Namespace):
         kv_bits=getattr(args, "kv_bits", None),
         kv_group_size=getattr(args, "kv_group_size", None),
         prompt_kv_tokens=getattr(args, "prompt_kv_tokens", None),
+        prompt_kv_eval=getattr(args, "prompt_kv_eval", None),
         rotate=getattr(args, "rotate", None),
         smooth=getattr(args, "smooth", None),
         token_clip_search=getattr(args, "token_clip_search", None),
@@ -224,6 +228,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     if report.get("status") == "cancelled":
         raise_cancelled()
     summary = {k: report[k] for k in ("run_id", "ppl_fp", "ppl_quant", "avg_bits", "wall_s", "peak_rss_mb")}
+    if "prompt_cache" in report:  # --prompt-kv-tokens: what the float prompt cache changed, on the same windows
+        summary["prompt_cache"] = report["prompt_cache"]
     if report["vllm_unservable"]:
         log.warning("%d layers cannot be served by vLLM (2/3-bit or PB-LLM), e.g. %s", len(report["vllm_unservable"]),
                     report["vllm_unservable"][0])

@@ -129,6 +129,9 @@ class RunConfig(BaseModel):
     kv_bits: Literal[3, 4, 8, 16] = FLOAT_BITS
     kv_group_size: int = Field(0, ge=0)
     prompt_kv_tokens: int = Field(0, ge=0)
+    # what the validation scores with prompt_kv_tokens: continuations after one shared prompt (the
+    # text's first tokens), or each after its own preceding text (solvers/windows.py context_windows)
+    prompt_kv_eval: Literal["shared-prompt", "own-context"] = "shared-prompt"
     rotate: bool = False
     smooth: bool = False
     token_clip_search: bool = False  # below 8 bits: each token's scale of least rounding error (RuntimeQuant)
@@ -288,6 +291,8 @@ class RunConfig(BaseModel):
             del identity["text_encoding"]
         if identity["text_column"] == "text":  # likewise
             del identity["text_column"]
+        if identity["prompt_kv_eval"] == "shared-prompt":  # likewise
+            del identity["prompt_kv_eval"]
         if identity["device"] == "cpu":  # a GPU's float arithmetic differs in the last bits: part of the result
             del identity["device"]
         if not identity["lowrank_rank"]:  # likewise: runs without a correction keep their ids
@@ -334,6 +339,9 @@ class RunConfig(BaseModel):
             raise InvalidSpec(f"a rotated run cannot be packed as {config.pack_format} yet: its codes live in the rotated basis and "
                               "the online Hadamards (down_proj, cached keys) have no place in that format",
                               "use --pack-format dequantized (the rotations undone in the written weights), or drop --rotate")
+        if config.prompt_kv_eval != "shared-prompt" and not config.prompt_kv_tokens:
+            raise InvalidSpec(f"prompt_kv_eval {config.prompt_kv_eval} says which prompts the float prompt cache is evaluated after, "
+                              "and prompt_kv_tokens is 0", "add --prompt-kv-tokens P (e.g. 64), or drop --prompt-kv-eval")
         if config.act_clip and (not config.refine_steps or not runtime.quantizes_activations):
             raise InvalidSpec("act_clip trains activation clipping ratios during scale refinement, so it needs both act_bits below "
                               f"16 and refine_steps (got act_bits={config.act_bits}, refine_steps={config.refine_steps})",

@@ -8,6 +8,7 @@ really get) and the streamed evaluation.
 """
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 
@@ -127,9 +128,10 @@ class FakeQuantKVCache:
     shared prompt's cache as the float model computed it (`RecordingCache`), used in place of
     the first `prompt_tokens` positions of every sequence: the prompt is computed once, offline,
     so its cache can be exact in value as well as in storage (IntactKV's lossless prefix). A
-    layer without an entry keeps its own prompt positions, unquantized. With `bits` 16 nothing
-    is quantized (a float cache with an exact prompt). `search`: each entry's clipping ratio
-    searched as it is quantized (RuntimeQuant.token_clip_search)."""
+    layer without an entry keeps its own prompt positions, unquantized. With one prompt per
+    sequence (batch dimension = the call's sequences), `for_rows` gives each batch its own. With
+    `bits` 16 nothing is quantized (a float cache with an exact prompt). `search`: each entry's
+    clipping ratio searched as it is quantized (RuntimeQuant.token_clip_search)."""
 
     def __init__(self, bits: int, group_size: int = 0, prompt_tokens: int = 0, key_rotation: torch.Tensor | None = None,
                  prompt_states: Mapping[int, tuple[torch.Tensor, torch.Tensor]] | None = None, search: bool = False):
@@ -152,6 +154,15 @@ class FakeQuantKVCache:
             quantized = fake_quant_asymmetric(rest, self.bits, self.group_size, self.search)
         return torch.cat([states[..., :keep, :], quantized], dim=-2) if keep else quantized
 
+    def for_rows(self, rows: slice) -> "FakeQuantKVCache":
+        """The cache for sequences `rows` of the call (run_block's batch): prompt states kept per
+        sequence are cut to those rows; a shared prompt's serve every batch as they are."""
+        if self.prompt_states is None or all(keys.shape[0] == 1 for keys, _ in self.prompt_states.values()):
+            return self
+        batch = copy.copy(self)
+        batch.prompt_states = {layer: (keys[rows], values[rows]) for layer, (keys, values) in self.prompt_states.items()}
+        return batch
+
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
         keys, values = self._quantize(key_states, self.key_rotation), self._quantize(value_states)
         exact = None if self.prompt_states is None else self.prompt_states.get(layer_idx)
@@ -161,7 +172,7 @@ class FakeQuantKVCache:
 
 
 def _with_prompt(states: torch.Tensor, prompt: torch.Tensor) -> torch.Tensor:
-    """`states` [batch, heads, seq, dim] with its first positions replaced by `prompt` [1, heads, P, dim]."""
+    """`states` [batch, heads, seq, dim] with its first positions replaced by `prompt` [1 or batch, heads, P, dim]."""
     keep = min(prompt.shape[-2], states.shape[-2])
     head = prompt[..., :keep, :].to(states.dtype).expand(states.shape[0], -1, -1, -1)
     return torch.cat([head, states[..., keep:, :]], dim=-2)
@@ -169,13 +180,20 @@ def _with_prompt(states: torch.Tensor, prompt: torch.Tensor) -> torch.Tensor:
 
 class RecordingCache:
     """A float cache that keeps each layer's keys and values (as they would enter the cache) in
-    `states`: the float model's pass over the shared prompt fills FakeQuantKVCache.prompt_states."""
+    `states`: the float model's pass over the prompt(s) fills FakeQuantKVCache.prompt_states.
+    A pass in batches (run_block) appends each batch's rows to what the layer has so far."""
 
     def __init__(self, states: dict[int, tuple[torch.Tensor, torch.Tensor]]):
         self.states = states
 
+    def for_rows(self, rows: slice) -> "RecordingCache":
+        return self
+
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
-        self.states[layer_idx] = (key_states.detach(), value_states.detach())
+        keys, values = key_states.detach(), value_states.detach()
+        if layer_idx in self.states:
+            keys, values = (torch.cat([before, now]) for before, now in zip(self.states[layer_idx], (keys, values)))
+        self.states[layer_idx] = (keys, values)
         return key_states, value_states
 
 

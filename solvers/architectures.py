@@ -67,7 +67,9 @@ class BlockContext:
         j = torch.arange(self.seq_len)[None, :]
         return ((j <= i) & (i - j < window))[None, None]
 
-    def block_kwargs(self, index: int) -> dict[str, Any]:
+    def block_kwargs(self, index: int, rows: slice | None = None) -> dict[str, Any]:
+        """The keyword arguments of block `index`'s forward; `rows`: which of the call's sequences
+        the batch holds (a cache with one prompt per sequence hands each batch its own rows)."""
         kind = self.layer_types[index]
         kwargs = {
             "attention_mask": self.masks[kind],
@@ -75,7 +77,7 @@ class BlockContext:
             "position_ids": self.position_ids,
         }
         if self.kv_cache is not None:
-            kwargs["past_key_values"] = self.kv_cache
+            kwargs["past_key_values"] = self.kv_cache if rows is None else self.kv_cache.for_rows(rows)
         return kwargs
 
 
@@ -98,11 +100,11 @@ def build_block(arch: Architecture, config, index: int, weights: dict[str, torch
 @torch.no_grad()
 def run_block(block: nn.Module, context: BlockContext, index: int, hidden: torch.Tensor, batch_size: int = 8) -> torch.Tensor:
     """Block outputs for hidden states [N, L, H], computed in batches of samples."""
-    kwargs = context.block_kwargs(index)
     outputs = []
     for start in range(0, hidden.shape[0], batch_size):
         raise_if_cancelled()  # Ctrl-C of a CLI run: stop between batches
-        out = block(hidden[start : start + batch_size], **kwargs)
+        rows = slice(start, start + batch_size)
+        out = block(hidden[rows], **context.block_kwargs(index, rows))
         outputs.append(out[0] if isinstance(out, tuple) else out)
     return torch.cat(outputs)
 

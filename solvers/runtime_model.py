@@ -105,7 +105,10 @@ class RuntimeModel:
         first P tokens (the shared prompt, the same in every window) go once through the float
         blocks, and their keys and values take the place of the first P cache positions of every
         window: the prompt is computed once, offline, so its cache is the float model's, kept in
-        float, while everything after it runs quantized.
+        float, while everything after it runs quantized. Windows that do not share their first P
+        tokens each get the float model's cache of their own (each window's context, e.g. a
+        document read before its continuation). Without `float_block_weights` the first P
+        positions keep the quantized model's own keys and values, unquantized.
 
         `prompt_states` (layer index -> keys, values [1, kv_heads, P, head_dim]) gives the prompt's
         cache instead of the float model's (e.g. one calibrated for the quantized model; see
@@ -114,7 +117,7 @@ class RuntimeModel:
         given = prompt_states is not None
         if given and self.shared_prompt(windows) is None:
             raise ValueError("prompt_states need settings.prompt_kv_tokens: the positions they stand for")
-        prompt = None if float_block_weights is None or given else self.shared_prompt(windows)
+        prompt = None if float_block_weights is None or given else self.prompts(windows)
         prompt_states = prompt_states if given else (None if prompt is None else {})
         if runtime is not None:
             cache = runtime.kv_cache(prompt_states)
@@ -130,6 +133,7 @@ class RuntimeModel:
                 if between_blocks is not None:
                     between_blocks()
                 if float_prompt is not None:
+                    prompt_states.pop(index - 1, None)  # the previous block has read its prompt cache: one layer's at a time
                     float_prompt(index, float_block_weights(index))
                 weights = block_weights(index)
                 block_runtime = runtime
@@ -153,25 +157,31 @@ class RuntimeModel:
         return stream_perplexity(windows, lambda tokens: self.embed(embed_weight, tokens), blocks(), logits, int(head.shape[0]),
                                  score_from=score_from)[0]
 
-    def shared_prompt(self, windows: torch.Tensor) -> torch.Tensor | None:
-        """The prompt [1, P] every window starts with (P = settings.prompt_kv_tokens; None when
-        0). Refuses windows that do not share it: their prompt caches would differ."""
+    def prompts(self, windows: torch.Tensor) -> torch.Tensor | None:
+        """The prompt whose float cache the windows use: [1, P] when every window starts with it,
+        else each window's own first P tokens [W, P] (P = settings.prompt_kv_tokens; None when 0)."""
         length = self.settings.prompt_kv_tokens
         if not length:
             return None
         if windows.shape[1] <= length:
             raise ValueError(f"windows of {windows.shape[1]} tokens leave nothing after a {length}-token prompt; "
                              "use longer windows or a shorter prompt_kv_tokens")
-        prompt = windows[:1, :length]
-        if not torch.equal(windows[:, :length], prompt.expand(windows.shape[0], -1)):
-            raise ValueError(f"the windows do not share their first {length} tokens: cut them with "
+        prompt = windows[:, :length]
+        return prompt[:1] if torch.equal(prompt, prompt[:1].expand_as(prompt)) else prompt
+
+    def shared_prompt(self, windows: torch.Tensor) -> torch.Tensor | None:
+        """The prompt [1, P] every window starts with (None when P is 0). Refuses windows that do
+        not share it: one given prompt cache cannot stand for several prompts."""
+        prompt = self.prompts(windows)
+        if prompt is not None and prompt.shape[0] > 1:
+            raise ValueError(f"the windows do not share their first {prompt.shape[1]} tokens: cut them with "
                              "solvers.windows.prompt_windows (one shared prompt before each continuation)")
         return prompt
 
     def float_prompt_states(self, prompt: torch.Tensor, n_blocks: int, float_block_weights: Callable[[int], dict[str, torch.Tensor]],
                             embed_weight: torch.Tensor) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
-        """The float model's cache of `prompt` [1, P]: layer index -> (keys, values), as the
-        prompt-precision cache of `perplexity` holds them."""
+        """The float model's cache of `prompt` [1, P] (or one prompt per window, [W, P]): layer
+        index -> (keys, values), as the prompt-precision cache of `perplexity` holds them."""
         states: dict = {}
         run = self._float_prompt_pass(prompt, embed_weight, self.block_runtime(), states)
         for index in range(n_blocks):

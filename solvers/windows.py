@@ -66,3 +66,20 @@ def prompt_windows(tokens: torch.Tensor, n_windows: int, seq_len: int, prompt_to
         prompt = torch.cat([torch.tensor([bos], dtype=torch.int64), prompt])
     rest = tokens[head:]
     return torch.stack([torch.cat([prompt, rest[i * body : (i + 1) * body]]) for i in range(n_windows)])
+
+
+def context_windows(tokens: torch.Tensor, n_windows: int, seq_len: int, prompt_tokens: int, bos: int | None,
+                    purpose: str = "evaluation") -> torch.Tensor:
+    """[n_windows, seq_len] int64: the continuations prompt_windows cuts, each after its own
+    prompt: `bos` + the text right before it (`prompt_tokens` in all; for the first continuation
+    the shared prompt itself). The shared prompt is one passage before continuations cut from
+    elsewhere in the text, which need not read it; here every prompt is context its continuation
+    reads, as a document or a conversation is before the answer."""
+    shared = prompt_windows(tokens, n_windows, seq_len, prompt_tokens, bos, purpose)
+    head = prompt_tokens - 1 if bos is not None else prompt_tokens
+    body = seq_len - prompt_tokens
+    # continuation i starts at text position head + i * body; its prompt is the head tokens before it
+    before = torch.stack([tokens[i * body : i * body + head] for i in range(n_windows)])
+    if bos is not None:
+        before = torch.cat([torch.full((n_windows, 1), bos, dtype=torch.int64), before], dim=1)
+    return torch.cat([before, shared[:, prompt_tokens:]], dim=1)

@@ -16,7 +16,7 @@ import torch
 from layerquant.config import CODE_VERSION, RunConfig
 from layerquant.infra.store import ArtifactStore, artifact_key, sha256_bytes
 from layerquant.infra.texts import load_tokenizer, read_text, tokenize
-from layerquant.solvers.windows import make_windows, prompt_windows
+from layerquant.solvers.windows import context_windows, make_windows, prompt_windows
 from layerquant.tasks.context import cached
 
 STAGE = "windows"
@@ -41,6 +41,8 @@ def window_settings(config: RunConfig, purpose: str, text_index: int = 0) -> dic
                     "selection": "first", "seed": 0}
         if config.prompt_kv_tokens:  # continuations after one shared prompt, scored from prompt_kv_tokens on
             settings["prompt_tokens"] = config.prompt_kv_tokens
+            if config.prompt_kv_eval == "own-context":  # absent otherwise: shared-prompt windows keep their keys
+                settings["prompt_context"] = "own"
         return settings
     raise ValueError(f"purpose must be one of {PURPOSES}, not {purpose!r}")
 
@@ -73,7 +75,10 @@ def all_token_windows(store: ArtifactStore, config: RunConfig, requests: list[tu
             windows[purpose, text_index] = store.get_tensors(hit)[0]["tokens"]
             continue
         tokens = tokenize(the_tokenizer(), text)
-        if "prompt_tokens" in settings:
+        if settings.get("prompt_context") == "own":
+            windows[purpose, text_index] = context_windows(tokens, settings["n"], settings["seqlen"], settings["prompt_tokens"],
+                                                           tokenizer.bos_token_id, purpose=purpose)
+        elif "prompt_tokens" in settings:
             windows[purpose, text_index] = prompt_windows(tokens, settings["n"], settings["seqlen"], settings["prompt_tokens"],
                                                           tokenizer.bos_token_id, purpose=purpose)
         else:

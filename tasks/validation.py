@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 
 import torch
 from prefect import get_run_logger, task
@@ -22,12 +23,12 @@ from prefect.cache_policies import NO_CACHE
 from layerquant.block_artifact import BlockArtifact
 from layerquant.runtime_quant import RuntimeQuant
 from layerquant.cancellation import raise_if_cancelled
-from layerquant.config import CODE_VERSION
+from layerquant.config import CODE_VERSION, RunConfig
 from layerquant.infra.checkpoint import CheckpointReader, tensors_fingerprint
 from layerquant.infra.memory import release_free_memory
 from layerquant.infra.store import ArtifactStore, artifact_key, sha256_bytes
 from layerquant.solvers import architectures as arch_ops
-from layerquant.solvers.evaluation import stream_perplexity
+from layerquant.solvers.evaluation import paired_ratio, stream_perplexity
 from layerquant.solvers.reconstruct import apply_block_artifact
 from layerquant.solvers.runtime_model import RuntimeModel
 from layerquant.tasks.context import RunContext, cached, ref_of, retry_transient
@@ -215,12 +216,17 @@ def runs_as_runtime_model(ctx: RunContext) -> bool:
     return bool(runtime.enabled or runtime.prompt_kv_tokens)
 
 
-def runtime_perplexity(ctx: RunContext, windows, block_refs: list[dict] | None, batch_size: int = 8) -> dict:
+def runtime_perplexity(ctx: RunContext, windows, block_refs: list[dict] | None, batch_size: int = 8,
+                       prompt_cache: bool = True) -> dict:
     """The quantized model exactly as it runs (rotated weights, online rotations, fake-quantized
     activations and KV cache), or the float model (block_refs None); with prompt_kv_tokens, only
-    the continuations after the shared prompt are scored."""
+    the continuations after the prompt (shared, or each window's own) are scored, and
+    `prompt_cache` False measures the same model with the prompt's cache quantized like the rest
+    (what the float prompt cache is judged against)."""
     reader, cfg = ctx.reader, ctx.config
     settings = cfg.runtime_quant() if block_refs is not None else RuntimeQuant()
+    if not prompt_cache:
+        settings = replace(settings, prompt_kv_tokens=0)
     model = RuntimeModel.plan(reader.arch, reader.config, settings, tied_embeddings=not reader.has(reader.arch.lm_head_name))
 
     # the float block the prompt pass read (it runs first), handed on to block_weights and dropped
@@ -243,10 +249,11 @@ def runtime_perplexity(ctx: RunContext, windows, block_refs: list[dict] | None, 
 
     embed = reader.embed_weight()
     head = reader.lm_head_weight() if reader.has(reader.arch.lm_head_name) else embed  # tied: one tensor, as above
-    # the shared prompt's cache comes from the float blocks (the prompt-precision cache)
+    # the prompt's cache comes from the float blocks (the prompt-precision cache; each window's own
+    # when the windows do not share one, --prompt-kv-eval own-context)
     return model.perplexity(windows, reader.n_blocks, block_weights, embed, reader.final_norm_weight(), head,
                             score_from=cfg.prompt_kv_tokens, batch_size=batch_size, between_blocks=raise_if_cancelled,
-                            float_block_weights=None if block_refs is None else float_weights)
+                            float_block_weights=None if block_refs is None or not prompt_cache else float_weights)
 
 
 @task(name="evaluate", task_run_name="validate / {variant} perplexity", cache_policy=NO_CACHE, persist_result=False,
@@ -260,6 +267,27 @@ def evaluate(config: dict, variant: str, blocks: list[dict], text_index: int = 0
     `embed_fp`: the embedding's fingerprint when the caller has it (the calibration's). The
     result carries "ends_fp" (reused from `reference`, so the model's ends are hashed once per
     run) and "timing": this call's seconds, a cached result's lookup included."""
+    return _timed_evaluation(config, variant, blocks, text_index, reference, embed_fp)
+
+
+@task(name="evaluate-prompt-cache", task_run_name="validate / whole cache quantized", cache_policy=NO_CACHE, persist_result=False,
+      retries=3, retry_delay_seconds=[2, 5, 10],
+      retry_condition_fn=retry_transient)
+def evaluate_prompt_cache(config: dict, blocks: list[dict], with_cache: dict, embed_fp: str | None = None) -> dict:
+    """A run with prompt_kv_tokens: the report's "prompt_cache". `with_cache` is the "quant"
+    evaluation of the headline text (the prompt's cache from the float model, kept float); this
+    evaluates the same quantized model with its whole cache quantized on the same windows and
+    compares the two ("paired": their ratio with the 95% interval from the per-window differences)."""
+    whole = _timed_evaluation(config, "quant-whole-cache", blocks, 0, None, embed_fp)
+    paired = paired_ratio(whole["window_nll"], with_cache["window_nll"], with_cache["window_tokens"])
+    run = RunConfig(**config)
+    return {"prompt_kv_tokens": run.prompt_kv_tokens, "prompts": run.prompt_kv_eval, "ppl_prompt_cache": with_cache["ppl"],
+            "ppl_whole_cache_quantized": whole["ppl"], "paired": {key: paired[key] for key in ("ratio", "low", "high")},
+            "timing": whole["timing"]}
+
+
+def _timed_evaluation(config: dict, variant: str, blocks: list[dict], text_index: int, reference: dict | None,
+                      embed_fp: str | None) -> dict:
     started = time.perf_counter()
     release_free_memory()  # the last block's freed buffers: the streamed model starts from live memory
     logger = get_run_logger()
@@ -273,6 +301,8 @@ def evaluate(config: dict, variant: str, blocks: list[dict], text_index: int = 0
 
 def _evaluate(ctx: RunContext, variant: str, blocks: list[dict], windows: torch.Tensor, reference: dict | None, ends_fp: str,
               logger) -> dict:
+    """variant "float", "quant" (see `evaluate`) or "quant-whole-cache" (runs with prompt_kv_tokens:
+    the quantized model with the prompt's cache quantized like the rest)."""
     as_runtime = runs_as_runtime_model(ctx)
     if variant == "float" and not as_runtime:
         # the float pass keeps its last hidden states: shared with every later evaluation of the
@@ -287,13 +317,14 @@ def _evaluate(ctx: RunContext, variant: str, blocks: list[dict], windows: torch.
         settings["evaluated_as"] = "runtime-model"
     else:
         block_ids = [ref_of(b["block"]).sha256 for b in blocks]
+    quantized = variant != "float"
     runtime = ctx.config.runtime_quant().identity()
-    if variant == "quant" and runtime:  # absent when off: weight-only runs keep their keys
+    if quantized and runtime:  # absent when off: weight-only runs keep their keys
         settings["runtime_quant"] = runtime
     if ctx.config.prompt_kv_tokens:
         settings["score_from"] = ctx.config.prompt_kv_tokens
-        if variant == "quant":  # the prompt's cache is the float model's (older results kept the quantized model's)
-            settings["prompt_cache"] = "float-model"
+        if quantized:  # the prompt's cache is the float model's (older results kept the quantized model's), or quantized
+            settings["prompt_cache"] = "float-model" if variant == "quant" else "quantized"
     # a float result of a run-time model keeps no hidden states
     reference_sha = reference["hidden"]["sha256"] if reference is not None and "hidden" in reference else None
     key = evaluation_key(ctx.reader, variant, block_ids, windows, reference_sha, settings, ends_fp=ends_fp)
@@ -303,7 +334,8 @@ def _evaluate(ctx: RunContext, variant: str, blocks: list[dict], windows: torch.
         logger.info("%s perplexity %.4f (cached)", variant, result["ppl"])
         return result
     if as_runtime:
-        result = runtime_perplexity(ctx, windows, [b["block"] for b in blocks] if variant == "quant" else None)
+        result = runtime_perplexity(ctx, windows, [b["block"] for b in blocks] if quantized else None,
+                                    prompt_cache=variant != "quant-whole-cache")
     else:
         reference_pair = None
         if reference_sha is not None:

@@ -10,7 +10,7 @@ import torch
 from layerquant.config import RunConfig
 from layerquant.infra.store import open_store
 from layerquant.infra.texts import load_tokenizer, read_text, tokenize
-from layerquant.solvers.windows import make_windows
+from layerquant.solvers.windows import context_windows, make_windows, prompt_windows
 from layerquant.tasks import token_windows as windows_module
 from layerquant.tasks.token_windows import all_token_windows, token_windows
 
@@ -60,3 +60,22 @@ def test_another_tokenizer_does_not_reuse_the_windows(tmp_path, stories_model, c
     token_windows(store, config, "evaluation")
     with pytest.raises(AssertionError, match="tokenizer of .*model loaded"):
         token_windows(store, config.model_copy(update={"model": str(other)}), "evaluation")
+
+
+def test_prompt_windows_share_one_prompt_and_own_context_windows_read_the_text_before(tmp_path, stories_model, calib_text, eval_text):
+    """--prompt-kv-tokens: every evaluation window is one shared prompt (BOS + the text's first
+    tokens) + a continuation; --prompt-kv-eval own-context: the same continuations, each after BOS
+    + the text right before it. Both stored under their own keys."""
+    config = _config(stories_model, tmp_path / "store", calib_text, eval_text, prompt_kv_tokens=16)
+    store = open_store(config.store)
+    shared = token_windows(store, config, "evaluation")
+    own = token_windows(store, config.model_copy(update={"prompt_kv_eval": "own-context"}), "evaluation")
+    tokenizer = load_tokenizer(stories_model)
+    tokens, bos = tokenize(tokenizer, read_text(eval_text)), tokenizer.bos_token_id
+    assert torch.equal(shared, prompt_windows(tokens, 8, 128, 16, bos)) and torch.equal(own, context_windows(tokens, 8, 128, 16, bos))
+    assert torch.equal(shared[:, 16:], own[:, 16:]) and torch.equal(shared[0], own[0])
+    assert (shared[:, :16] == shared[:1, :16]).all() and not (own[:, :16] == own[:1, :16]).all()
+    assert (own[:, 0] == bos).all()
+    for i in range(1, 8):  # continuation i starts at text position 15 + 112 i; its prompt is the 15 tokens before
+        start = 15 + 112 * i
+        assert torch.equal(own[i, 1:], tokens[start - 15 : start + 112])

@@ -14,7 +14,7 @@ from layerquant.runtime_quant import RuntimeQuant
 from layerquant.solvers.architectures import family_norm
 from layerquant.solvers.reconstruct import reconstruct_block, stored_weight
 from layerquant.solvers.runtime_model import RuntimeModel
-from layerquant.solvers.windows import make_windows, prompt_windows
+from layerquant.solvers.windows import context_windows, make_windows, prompt_windows
 from layerquant.specs import QuantSpec
 
 
@@ -31,6 +31,13 @@ def continuation_windows(tokenizer, text_path: str, n: int, prompt_tokens: int, 
     validation cuts them when prompt_kv_tokens is set)."""
     tokens = tokenize(tokenizer, read_text(text_path))
     return prompt_windows(tokens, n, prompt_tokens + continuation, prompt_tokens, tokenizer.bos_token_id, purpose="test")
+
+
+def own_context_windows(tokenizer, text_path: str, n: int, prompt_tokens: int, continuation: int) -> torch.Tensor:
+    """The continuations `continuation_windows` cuts, each after BOS and the text right before it
+    (solvers.windows.context_windows: what --prompt-kv-eval own-context evaluates)."""
+    tokens = tokenize(tokenizer, read_text(text_path))
+    return context_windows(tokens, n, prompt_tokens + continuation, prompt_tokens, tokenizer.bos_token_id, purpose="test")
 
 
 def next_norm(reader: CheckpointReader, model: RuntimeModel, index: int, tuning) -> torch.nn.Module | None:
