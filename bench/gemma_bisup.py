@@ -14,7 +14,11 @@ scored on the continuations only, with the whole cache quantized ("cont_ppl") an
 keys and values computed by the float model and kept float ("cont_ppl_float_prompt": BiSup's
 prompt-precision cache, as the validation runs it) on the same quantized weights and windows;
 "cont_ppl_own_prompt": the quantized model's own prompt states kept float (rows before 2026-12-04
-evening measured this as "cont_ppl_float_prompt"). The solver calls are those of a run, composed without Prefect
+evening measured this as "cont_ppl_float_prompt"). The same continuations each after the 63 test-text
+tokens right before it instead of the shared prompt (solvers.windows.context_windows,
+--prompt-kv-eval own-context; rows from 2026-12-05 afternoon on): "cont_own_ppl" (whole cache
+quantized; for the float case, the float model) and "cont_own_ppl_float_prompt" (each window's prompt
+cache from the float model, kept float). The solver calls are those of a run, composed without Prefect
 (tests/support/runtime_model.py, as bench/stories_bisup.py does).
 
 Tuning ("+tune"): BiSup's quantization-aware fine-tuning with the quantizers in the loop, block by
@@ -49,6 +53,7 @@ from common import commit, conditions, load_rows, machine, write_rows  # noqa: E
 from support.runtime_model import (  # noqa: E402
     continuation_windows,
     open_model,
+    own_context_windows,
     plan,
     quantize_run,
     quantize_run_artifacts,
@@ -146,7 +151,7 @@ def measure_peer(name: str, settings: dict, model_dir: str, calib, plain, scratc
         windows.unlink(missing_ok=True)
 
 
-def measure(name: str, settings: dict, reader, calib, plain, continuation) -> dict:
+def measure(name: str, settings: dict, reader, calib, plain, continuation, own_context) -> dict:
     row = base_row(name, settings, "layerquant")
     start = time.perf_counter()
     group = settings.get("act_group", 0)
@@ -166,11 +171,13 @@ def measure(name: str, settings: dict, reader, calib, plain, continuation) -> di
     row["ppl"] = run_perplexity(reader, model, blocks, plain)
     if settings["kv_bits"] < 16 or settings["w_bits"] == 16:
         row["cont_ppl"] = run_perplexity(reader, model, blocks, continuation, score_from=PROMPT)
+        row["cont_own_ppl"] = run_perplexity(reader, model, blocks, own_context, score_from=PROMPT)
     if settings["kv_bits"] < 16:  # the same weights and windows, the prompt's keys and values float
         prompt_model = plan(reader, dataclasses.replace(runtime, prompt_kv_tokens=PROMPT))
         row["cont_ppl_float_prompt"] = run_perplexity(reader, prompt_model, blocks, continuation, score_from=PROMPT)
         # the quantized model's own prompt states, kept float (what "float prompt" meant before 2026-12-04 evening)
         row["cont_ppl_own_prompt"] = run_perplexity(reader, prompt_model, blocks, continuation, score_from=PROMPT, float_prompt=False)
+        row["cont_own_ppl_float_prompt"] = run_perplexity(reader, prompt_model, blocks, own_context, score_from=PROMPT)
     row["seconds"] = round(time.perf_counter() - start, 1)
     return row
 
@@ -201,11 +208,12 @@ def main() -> int:
     calib = text_windows(tokenizer, str(CALIB), NSAMPLES, SEQLEN)
     plain = text_windows(tokenizer, str(EVAL), EVAL_WINDOWS, EVAL_SEQLEN)
     continuation = continuation_windows(tokenizer, str(EVAL), EVAL_WINDOWS, PROMPT, EVAL_SEQLEN - PROMPT)
+    own_context = own_context_windows(tokenizer, str(EVAL), EVAL_WINDOWS, PROMPT, EVAL_SEQLEN - PROMPT)
     for name in todo:
         if name in PEER_CASES:
             row = measure_peer(name, PEER_CASES[name], model_dir, calib, plain, args.scratch)
         else:
-            row = measure(name, CASES[name], reader, calib, plain, continuation)
+            row = measure(name, CASES[name], reader, calib, plain, continuation, own_context)
         rows = [r for r in load_rows(RESULTS) if r["case"] != name] + [row]
         write_rows(RESULTS, rows)  # after every case: an interrupted run keeps what it measured
         print(json.dumps(row), flush=True)
