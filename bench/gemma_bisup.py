@@ -18,7 +18,8 @@ evening measured this as "cont_ppl_float_prompt"). The same continuations each a
 tokens right before it instead of the shared prompt (solvers.windows.context_windows,
 --prompt-kv-eval own-context; rows from 2026-12-05 afternoon on): "cont_own_ppl" (whole cache
 quantized; for the float case, the float model) and "cont_own_ppl_float_prompt" (each window's prompt
-cache from the float model, kept float). The solver calls are those of a run, composed without Prefect
+cache from the float model, kept float); "cont_ppl_float_bos": the shared-prompt continuations with only
+BOS's keys and values from the float model, kept float (prompt_kv_tokens=1; IntactKV's pivot token). The solver calls are those of a run, composed without Prefect
 (tests/support/runtime_model.py, as bench/stories_bisup.py does).
 
 Tuning ("+tune"): BiSup's quantization-aware fine-tuning with the quantizers in the loop, block by
@@ -178,6 +179,9 @@ def measure(name: str, settings: dict, reader, calib, plain, continuation, own_c
         # the quantized model's own prompt states, kept float (what "float prompt" meant before 2026-12-04 evening)
         row["cont_ppl_own_prompt"] = run_perplexity(reader, prompt_model, blocks, continuation, score_from=PROMPT, float_prompt=False)
         row["cont_own_ppl_float_prompt"] = run_perplexity(reader, prompt_model, blocks, own_context, score_from=PROMPT)
+        # only BOS (the attention sink) from the float model, kept float: IntactKV's pivot token
+        bos_model = plan(reader, dataclasses.replace(runtime, prompt_kv_tokens=1))
+        row["cont_ppl_float_bos"] = run_perplexity(reader, bos_model, blocks, continuation, score_from=PROMPT)
     row["seconds"] = round(time.perf_counter() - start, 1)
     return row
 
