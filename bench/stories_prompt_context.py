@@ -21,7 +21,7 @@ run ("weights": "each its own") and against the kept-float run's weights with th
 quantized ("the kept-float run's": only the cache differs, not GPTQ's calibration; what
 tests/test_runtime_quant.py's prompt-cache tests measure, in the own context).
 
-Run: .venv/bin/python bench/stories_prompt_context.py   (about 5 minutes on one core)
+Run: .venv/bin/python bench/stories_prompt_context.py   (about 2 minutes on one thread)
 Writes bench/results/stories_prompt_context.json (all rows replaced).
 """
 from __future__ import annotations
@@ -48,7 +48,7 @@ from layerquant.specs import QuantSpec  # noqa: E402
 PROMPT, CONTINUATION, CALIB_WINDOWS = 64, 192, 32
 
 
-def context_windows(tokenizer, count: int) -> dict[str, tuple[torch.Tensor, int]]:
+def three_contexts(tokenizer, count: int) -> dict[str, tuple[torch.Tensor, int]]:
     """context -> (windows, first scored position): the same `count` continuations after the shared
     prompt, after their own preceding text, after BOS alone."""
     shared = continuation_windows(tokenizer, default_eval(), count, PROMPT, CONTINUATION)
@@ -129,7 +129,7 @@ def main() -> int:
     torch.manual_seed(0)
     reader, tokenizer = open_model(default_model())
     calib = text_windows(tokenizer, default_calib(), CALIB_WINDOWS, 256, "random")
-    contexts = context_windows(tokenizer, args.windows)
+    contexts = three_contexts(tokenizer, args.windows)
     rows = measure_float(reader, contexts)
     write_rows("stories_prompt_context", rows)
     for bits in (4, 3):
