@@ -139,6 +139,7 @@ def _run_stages(config, run_config, reader, run_id, progress, force_blocks, star
     ppl_fp, ppl_quant = next(iter(evaluations.values()))  # the first text is the headline
     # the float prompt cache judged on the headline text: the same model with the prompt quantized too
     prompt_cache = evaluate_prompt_cache(config, blocks, ppl_quant, embed_fp=embed_fp) if run_config.prompt_kv_tokens else None
+    prompt_cache_timing = [prompt_cache.pop("timing")] if prompt_cache is not None else []
     raise_if_cancelled()
     if plan is not None:
         plan = plan | fit_higgs(config, ppl_fp["ppl"], plan["predicted_loss"])
@@ -146,7 +147,7 @@ def _run_stages(config, run_config, reader, run_id, progress, force_blocks, star
     wall_s = time.perf_counter() - started
     task_timings = ([calibration["timing"]] if calibration is not None else []) + [b["timing"] for b in blocks] \
         + [s.get("timing", {}) for s in scored] + [result["timing"] for pair in evaluations.values() for result in pair] \
-        + ([prompt_cache.pop("timing")] if prompt_cache is not None else [])
+        + prompt_cache_timing
     report = build_report(
         metas,
         [reader.block_prefix(i) for i in range(n_blocks)],

@@ -23,7 +23,7 @@ from prefect.cache_policies import NO_CACHE
 from layerquant.block_artifact import BlockArtifact
 from layerquant.runtime_quant import RuntimeQuant
 from layerquant.cancellation import raise_if_cancelled
-from layerquant.config import CODE_VERSION, RunConfig
+from layerquant.config import CODE_VERSION
 from layerquant.infra.checkpoint import CheckpointReader, tensors_fingerprint
 from layerquant.infra.memory import release_free_memory
 from layerquant.infra.store import ArtifactStore, artifact_key, sha256_bytes
@@ -280,8 +280,7 @@ def evaluate_prompt_cache(config: dict, blocks: list[dict], with_cache: dict, em
     compares the two ("paired": their ratio with the 95% interval from the per-window differences)."""
     whole = _timed_evaluation(config, "quant-whole-cache", blocks, 0, None, embed_fp)
     paired = paired_ratio(whole["window_nll"], with_cache["window_nll"], with_cache["window_tokens"])
-    run = RunConfig(**config)
-    return {"prompt_kv_tokens": run.prompt_kv_tokens, "prompts": run.prompt_kv_eval, "ppl_prompt_cache": with_cache["ppl"],
+    return {"prompt_kv_tokens": config["prompt_kv_tokens"], "prompts": config["prompt_kv_eval"], "ppl_prompt_cache": with_cache["ppl"],
             "ppl_whole_cache_quantized": whole["ppl"], "paired": {key: paired[key] for key in ("ratio", "low", "high")},
             "timing": whole["timing"]}
 
