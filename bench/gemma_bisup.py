@@ -19,7 +19,9 @@ tokens right before it instead of the shared prompt (solvers.windows.context_win
 --prompt-kv-eval own-context; rows from 2026-12-05 afternoon on): "cont_own_ppl" (whole cache
 quantized; for the float case, the float model) and "cont_own_ppl_float_prompt" (each window's prompt
 cache from the float model, kept float); "cont_ppl_float_bos": the shared-prompt continuations with only
-BOS's keys and values from the float model, kept float (prompt_kv_tokens=1; IntactKV's pivot token). The solver calls are those of a run, composed without Prefect
+BOS's keys and values from the float model, kept float (prompt_kv_tokens=1; IntactKV's pivot token);
+"ppl_float_bos" (rows from 2026-12-05 evening on): "ppl"'s windows with the same (every window starts
+with BOS, so this is the plain perplexity of a model served with BOS's cache entry precomputed in float). The solver calls are those of a run, composed without Prefect
 (tests/support/runtime_model.py, as bench/stories_bisup.py does).
 
 Tuning ("+tune"): BiSup's quantization-aware fine-tuning with the quantizers in the loop, block by
@@ -170,6 +172,8 @@ def measure(name: str, settings: dict, reader, calib, plain, continuation, own_c
         blocks = quantize_run(reader, model, calib, spec)
     row["quantize_s"] = round(time.perf_counter() - start, 1)
     row["ppl"] = run_perplexity(reader, model, blocks, plain)
+    if settings["kv_bits"] < 16:  # the same windows with BOS's keys and values from the float model, kept float
+        row["ppl_float_bos"] = run_perplexity(reader, plan(reader, dataclasses.replace(runtime, prompt_kv_tokens=1)), blocks, plain)
     if settings["kv_bits"] < 16 or settings["w_bits"] == 16:
         row["cont_ppl"] = run_perplexity(reader, model, blocks, continuation, score_from=PROMPT)
         row["cont_own_ppl"] = run_perplexity(reader, model, blocks, own_context, score_from=PROMPT)
