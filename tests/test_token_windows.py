@@ -79,3 +79,14 @@ def test_prompt_windows_share_one_prompt_and_own_context_windows_read_the_text_b
     for i in range(1, 8):  # continuation i starts at text position 15 + 112 i; its prompt is the 15 tokens before
         start = 15 + 112 * i
         assert torch.equal(own[i, 1:], tokens[start - 15 : start + 112])
+
+
+def test_a_one_token_prompt_is_bos_and_its_windows_are_the_plain_ones(tmp_path, stories_model, calib_text, eval_text):
+    """--prompt-kv-tokens 1 keeps only BOS's keys and values float (the attention sink, IntactKV's
+    pivot token): its evaluation windows are then exactly the plain ones, so the run's perplexity
+    is comparable with a run without it on the same windows (bench/gemma_bisup.py's ppl_float_bos)."""
+    config = _config(stories_model, tmp_path / "store", calib_text, eval_text)
+    store = open_store(config.store)
+    plain = token_windows(store, config, "evaluation")
+    sink = token_windows(store, config.model_copy(update={"prompt_kv_tokens": 1}), "evaluation")
+    assert torch.equal(sink, plain) and (sink[:, 0] == load_tokenizer(stories_model).bos_token_id).all()
