@@ -2,7 +2,8 @@
 and without QuaRot rotation (or SmoothQuant migration), BiSup's fine-tuning and its float prompt cache.
 
 Run: .venv/bin/python bench/gemma_bisup.py [--cases a,b] [--force]
-(1-4 minutes per untuned case, more with tuning, on 2 cores; finished cases are kept and skipped)
+(on 2 cores: 2-4 minutes per untuned case without a quantized cache, 15-25 with one, 40-100 with
+tuning; finished cases are kept and skipped)
 Writes bench/results/gemma_bisup.json, one row per case, each with the load average at its start.
 
 Protocol: the peers' Gemma protocol (bench/peers/run_all.py): calibration = the first 32 x 512
