@@ -22,8 +22,9 @@ quantized; for the float case, the float model) and "cont_own_ppl_float_prompt" 
 cache from the float model, kept float); "cont_ppl_float_bos": the shared-prompt continuations with only
 BOS's keys and values from the float model, kept float (prompt_kv_tokens=1; IntactKV's pivot token);
 "ppl_float_bos" (rows from 2026-12-05 evening on): "ppl"'s windows with the same (every window starts
-with BOS, so this is the plain perplexity of a model served with BOS's cache entry precomputed in float). The solver calls are those of a run, composed without Prefect
-(tests/support/runtime_model.py, as bench/stories_bisup.py does).
+with BOS, so this is the plain perplexity of a model served with BOS's cache entry precomputed in
+float). The solver calls are those of a run, composed without Prefect (tests/support/runtime_model.py,
+as bench/stories_bisup.py does).
 
 Tuning ("+tune"): BiSup's quantization-aware fine-tuning with the quantizers in the loop, block by
 block: 50 scale-refinement steps with trained activation clipping ratios, then 50 norm-tweaking
@@ -173,8 +174,10 @@ def measure(name: str, settings: dict, reader, calib, plain, continuation, own_c
         blocks = quantize_run(reader, model, calib, spec)
     row["quantize_s"] = round(time.perf_counter() - start, 1)
     row["ppl"] = run_perplexity(reader, model, blocks, plain)
-    if settings["kv_bits"] < 16:  # the same windows with BOS's keys and values from the float model, kept float
-        row["ppl_float_bos"] = run_perplexity(reader, plan(reader, dataclasses.replace(runtime, prompt_kv_tokens=1)), blocks, plain)
+    # only BOS (the attention sink) from the float model, kept float: IntactKV's pivot token
+    bos_model = plan(reader, dataclasses.replace(runtime, prompt_kv_tokens=1)) if settings["kv_bits"] < 16 else None
+    if bos_model is not None:  # the same windows
+        row["ppl_float_bos"] = run_perplexity(reader, bos_model, blocks, plain)
     if settings["kv_bits"] < 16 or settings["w_bits"] == 16:
         row["cont_ppl"] = run_perplexity(reader, model, blocks, continuation, score_from=PROMPT)
         row["cont_own_ppl"] = run_perplexity(reader, model, blocks, own_context, score_from=PROMPT)
@@ -184,8 +187,6 @@ def measure(name: str, settings: dict, reader, calib, plain, continuation, own_c
         # the quantized model's own prompt states, kept float (what "float prompt" meant before 2026-12-04 evening)
         row["cont_ppl_own_prompt"] = run_perplexity(reader, prompt_model, blocks, continuation, score_from=PROMPT, float_prompt=False)
         row["cont_own_ppl_float_prompt"] = run_perplexity(reader, prompt_model, blocks, own_context, score_from=PROMPT)
-        # only BOS (the attention sink) from the float model, kept float: IntactKV's pivot token
-        bos_model = plan(reader, dataclasses.replace(runtime, prompt_kv_tokens=1))
         row["cont_ppl_float_bos"] = run_perplexity(reader, bos_model, blocks, continuation, score_from=PROMPT)
     row["seconds"] = round(time.perf_counter() - start, 1)
     return row
