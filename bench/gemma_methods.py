@@ -27,9 +27,10 @@ from common import conditions, load_rows, machine, run_layerquant_case, write_ro
 
 HERE = Path(__file__).parent
 DATA = HERE / "data"
-PROTOCOL = ["--calib", str(DATA / "wikitext2_valid_tokens.txt"), "--eval", str(DATA / "wikitext2_test_gptq_join.txt"),
-            "--nsamples", "32", "--seqlen", "512", "--calib-selection", "first", "--eval-windows", "6", "--eval-seqlen", "2048",
-            "--group-size", "128"]
+# the peers' Gemma windows (bench/gemma_recipes.py runs its recipes on them too)
+WINDOWS = ["--calib", str(DATA / "wikitext2_valid_tokens.txt"), "--eval", str(DATA / "wikitext2_test_gptq_join.txt"),
+           "--nsamples", "32", "--seqlen", "512", "--calib-selection", "first", "--eval-windows", "6", "--eval-seqlen", "2048"]
+PROTOCOL = [*WINDOWS, "--group-size", "128"]
 TUNED = ["--refine-steps", "100", "--norm-tweak-steps", "100"]
 # the tuned rows of 2026-11-22 compared outputs in the residual space (the default then)
 RESIDUAL = ["--tuning-space", "residual"]
