@@ -53,7 +53,7 @@ def main() -> int:
         rows.append({
             "bench": RESULTS, "case": name, "tool": "layerquant", "tool_version": version("layerquant"), "model": "gemma-3-270m",
             "command": ["layerquant", "quantize", "--model", "<gemma-3-270m>", "--recipe", f"recipes/{name}.yaml",
-                        *(Path(flag).name if flag.startswith(str(HERE)) else flag for flag in WINDOWS)],
+                        *(str(Path(flag).relative_to(HERE.parent)) if flag.startswith(str(HERE)) else flag for flag in WINDOWS)],
             "runtime_quant": report["config"].get("runtime_quant"), "avg_bits": report["avg_bits"],
             "ppl": report["ppl_quant"], "ppl_fp": report["ppl_fp"], "ppl_over_float": report["ppl_quant"] / report["ppl_fp"],
             "prompt_cache": report.get("prompt_cache"), "eval_text": "wikitext2_test_gptq_join", "eval_windows": 6, "eval_seqlen": 2048,
