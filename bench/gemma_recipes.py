@@ -28,9 +28,17 @@ sys.path.insert(0, str(HERE))
 from common import commit, conditions, empty_store, load_rows, machine, run_layerquant_case, write_rows  # noqa: E402
 from gemma_methods import WINDOWS  # noqa: E402
 
-RECIPES = HERE.parent / "recipes"
+ROOT = HERE.parent
+RECIPES = ROOT / "recipes"
 RESULTS = "gemma_recipes"
 NAMES = ("gemma-3-w4a4kv4",)
+
+
+def shown(flag: str, model: str) -> str:
+    """A flag as the row records it: paths relative to the checkout, the local model folder by name."""
+    if flag == model:
+        return "<gemma-3-270m>"
+    return str(Path(flag).relative_to(ROOT)) if flag.startswith(str(ROOT)) else flag
 
 
 def main() -> int:
@@ -52,8 +60,7 @@ def main() -> int:
         report = result["report"]
         rows.append({
             "bench": RESULTS, "case": name, "tool": "layerquant", "tool_version": version("layerquant"), "model": "gemma-3-270m",
-            "command": ["layerquant", "quantize", "--model", "<gemma-3-270m>", "--recipe", f"recipes/{name}.yaml",
-                        *(str(Path(flag).relative_to(HERE.parent)) if flag.startswith(str(HERE)) else flag for flag in WINDOWS)],
+            "command": ["layerquant", "quantize", *(shown(flag, model) for flag in flags)],
             "runtime_quant": report["config"].get("runtime_quant"), "avg_bits": report["avg_bits"],
             "ppl": report["ppl_quant"], "ppl_fp": report["ppl_fp"], "ppl_over_float": report["ppl_quant"] / report["ppl_fp"],
             "prompt_cache": report.get("prompt_cache"), "eval_text": "wikitext2_test_gptq_join", "eval_windows": 6, "eval_seqlen": 2048,

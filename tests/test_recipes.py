@@ -20,4 +20,3 @@ def test_recipes_are_shipped():
 def test_recipe_is_a_valid_run_config(recipe):
     config = RunConfig.from_sources(recipe=str(recipe))
     assert config.run_id()
-
